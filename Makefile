@@ -1,0 +1,64 @@
+# Developer and CI entry points.  `make test` is all a fresh clone needs:
+# it builds .venv, starts the servers the tests talk to, and runs pytest.
+#
+#   make venv        .venv with the project installed editable, with [dev]
+#   make services    redis, memcached and postgresql answering on loopback
+#   make test        pytest $(PYTEST_ARGS)
+#   make demo        ormcache demo $(DEMO_ARGS)
+#   make bench       python -m bench $(BENCH_ARGS)
+#   make typecheck   mypy (configured in pyproject.toml)
+#   make clean       remove .venv and caches
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SERVICES ?=
+PYTEST_ARGS ?=
+DEMO_ARGS ?=
+BENCH_ARGS ?=
+
+# Debian packages pylibmc (the memcached driver) compiles against.
+PYLIBMC_BUILD_DEPS := libmemcached-dev zlib1g-dev
+
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: venv services test demo bench typecheck clean
+
+venv: $(STAMP)
+
+# Re-install only when pyproject.toml is newer than the stamp.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if [ ! -d /usr/include/libmemcached ] || [ ! -f /usr/include/zlib.h ]; then \
+	    if [ "$$(id -u)" -eq 0 ]; then \
+	        echo "installing $(PYLIBMC_BUILD_DEPS) (needed to build pylibmc)"; \
+	        export DEBIAN_FRONTEND=noninteractive; \
+	        apt-get update -qq && \
+	        apt-get install -y -qq --no-install-recommends $(PYLIBMC_BUILD_DEPS); \
+	    else \
+	        echo "pylibmc needs headers; install them with:" \
+	             "sudo apt-get install $(PYLIBMC_BUILD_DEPS)" >&2; \
+	    fi; \
+	fi
+	$(BIN)/python -m pip install -e '.[dev]'
+	@touch $@
+
+services:
+	bash scripts/services.sh $(SERVICES)
+
+test: venv services
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: venv
+	$(BIN)/ormcache demo $(DEMO_ARGS)
+
+bench: venv services
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+typecheck: venv
+	$(BIN)/python -m mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
+	find . -path ./.git -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +

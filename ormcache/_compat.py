@@ -1,0 +1,55 @@
+"""Every private SQLAlchemy and dogpile.cache call ormcache makes, in one place.
+
+Supported: SQLAlchemy 2.0.30 to 2.1.x, dogpile.cache 1.3 to 1.5.  When either
+project changes one of these, this is the only module to adapt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.cache_key import CacheKey
+from sqlalchemy.sql.elements import BindParameter
+
+__all__ = [
+    "autoflush",
+    "bind_value",
+    "generate_cache_key",
+    "session_connections",
+]
+
+
+def generate_cache_key(statement: Any) -> CacheKey | None:
+    """The statement's structural cache key (memoized by SQLAlchemy), or
+    None when the statement cannot be cached (it says so itself)."""
+    return statement._generate_cache_key()  # type: ignore[no-any-return]
+
+
+def bind_value(bindparam: BindParameter[Any]) -> Any:
+    """The value a bound parameter carries, calling a ``callable_``."""
+    return bindparam.effective_value
+
+
+def autoflush(session: Session) -> None:
+    """Flush the way a query does before it runs (honours
+    ``Session.autoflush`` and ``no_autoflush``)."""
+    session._autoflush()
+
+
+def session_connections(session: Session) -> Iterator[Connection]:
+    """The connections the session's current transaction holds, without
+    starting a transaction or checking a connection out of the pool."""
+    trans = session.get_transaction()
+    if trans is None:
+        return
+    seen: set[int] = set()
+    while trans is not None:
+        for entry in trans._connections.values():
+            conn = entry[0]
+            if id(conn) not in seen:
+                seen.add(id(conn))
+                yield conn
+        trans = trans.parent

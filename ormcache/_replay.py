@@ -1,0 +1,179 @@
+"""Running a cached result through SQLAlchemy's own ORM loading.
+
+A cached entry holds the DBAPI cursor's ``description`` and raw rows: plain
+values, cheap to store and to load, never ORM objects.  On a hit the
+statement is executed as usual, except that the ``do_execute`` dialect
+event hands SQLAlchemy a cursor that replays those rows instead of asking
+the database.  Everything the ORM does with rows (identity map, pending
+changes left alone, eager loaders, inheritance, loader options) is then
+exactly what it does without the cache.
+
+On a miss the same event runs the statement, keeps the rows, and records
+whether the query's snapshot began after ormcache read the version tokens
+(:func:`snapshot_is_fresh`).
+
+The payloads travel in execution options and are used once, by the first
+statement that runs with them: loaders such as ``subqueryload`` copy the
+parent's execution options into their own statements.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+__all__ = ["CAPTURE", "REPLAY", "Capture", "Replay", "instrument", "snapshot_is_fresh"]
+
+CAPTURE = "_ormcache_capture"
+REPLAY = "_ormcache_replay"
+
+_READ_COMMITTED = frozenset({"READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"})
+
+
+class Capture:
+    """Filled in by the statement's execution on a miss."""
+
+    __slots__ = ("used", "description", "rows", "fresh")
+
+    def __init__(self) -> None:
+        self.used = False
+        self.description: tuple[tuple[Any, ...], ...] | None = None
+        self.rows: list[tuple[Any, ...]] | None = None
+        self.fresh = False
+
+
+class Replay:
+    __slots__ = ("used", "description", "rows")
+
+    def __init__(self, description: Sequence[Any], rows: Sequence[Any]) -> None:
+        self.used = False
+        self.description = description
+        self.rows = rows
+
+
+class ReplayCursor:
+    """Just enough of a DBAPI cursor for SQLAlchemy's result fetching."""
+
+    __slots__ = ("description", "_rows", "_pos", "rowcount", "arraysize", "lastrowid")
+
+    def __init__(self, description: Sequence[Any], rows: Sequence[Any]) -> None:
+        self.description = description
+        self._rows = rows
+        self._pos = 0
+        self.rowcount = len(rows)
+        self.arraysize = 1
+        self.lastrowid = None
+
+    def fetchone(self) -> Any:
+        if self._pos < len(self._rows):
+            row = self._rows[self._pos]
+            self._pos += 1
+            return row
+        return None
+
+    def fetchmany(self, size: int | None = None) -> list[Any]:
+        size = self.arraysize if size is None else size
+        rows = self._rows[self._pos : self._pos + size]
+        self._pos += len(rows)
+        return list(rows)
+
+    def fetchall(self) -> list[Any]:
+        rows = self._rows[self._pos :]
+        self._pos = len(self._rows)
+        return list(rows)
+
+    def close(self) -> None:
+        self._rows = ()
+
+    def __iter__(self) -> Any:
+        return iter(self.fetchall())
+
+
+class FetchedCursor(ReplayCursor):
+    """Rows fetched from the database on a miss, handed on to SQLAlchemy."""
+
+    __slots__ = ()
+
+
+def in_transaction(context: Any) -> bool | None:
+    """Whether the DBAPI connection holds an open transaction, or None when
+    the driver cannot tell."""
+    dbapi_conn = context.root_connection.connection.dbapi_connection
+    if dbapi_conn is None:
+        return None
+    state = getattr(dbapi_conn, "in_transaction", None)  # sqlite3
+    if isinstance(state, bool):
+        return state
+    get_status = getattr(dbapi_conn, "get_transaction_status", None)  # psycopg2
+    if get_status is not None:
+        return bool(get_status() != 0)
+    info = getattr(dbapi_conn, "info", None)  # psycopg 3
+    status = getattr(info, "transaction_status", None)
+    if status is not None:
+        return int(status) != 0
+    return None
+
+
+def snapshot_is_fresh(context: Any) -> bool:
+    """Whether a SELECT about to run on ``context`` sees every transaction
+    committed before now: it starts a new transaction, or the isolation
+    level gives each statement its own snapshot (READ COMMITTED)."""
+    if in_transaction(context) is False:
+        return True
+    level = context.execution_options.get("isolation_level")
+    if level is None:
+        dialect = context.dialect
+        level = getattr(dialect, "_on_connect_isolation_level", None) or getattr(
+            dialect, "default_isolation_level", None
+        )
+    if context.dialect.name == "sqlite":
+        # pysqlite's default (legacy) transaction control begins a
+        # transaction only before DML, which ormcache never fills from; an
+        # explicit BEGIN keeps a snapshot, hence in_transaction above.
+        return False
+    return isinstance(level, str) and level.upper() in _READ_COMMITTED
+
+
+def _do_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+    options = context.execution_options
+    replay = options.get(REPLAY)
+    if replay is not None and not replay.used:
+        replay.used = True
+        cursor.close()
+        context.cursor = ReplayCursor(replay.description, replay.rows)
+        return True
+    capture = options.get(CAPTURE)
+    if capture is not None and not capture.used:
+        capture.used = True
+        capture.fresh = snapshot_is_fresh(context)
+        context.dialect.do_execute(cursor, statement, parameters, context)
+        description = cursor.description
+        if description is None:
+            return True
+        rows = cursor.fetchall()
+        capture.description = tuple(tuple(col[:7]) for col in description)
+        capture.rows = rows
+        cursor.close()
+        context.cursor = FetchedCursor(capture.description, rows)
+        return True
+    return False
+
+
+_instrumented: weakref.WeakSet[Any] = weakref.WeakSet()
+_lock = threading.Lock()
+
+
+def instrument(engine: Engine) -> None:
+    """Install the replay hook on ``engine``'s dialect, once."""
+    dialect = engine.dialect
+    if dialect in _instrumented:
+        return
+    with _lock:
+        if dialect not in _instrumented:
+            event.listen(engine, "do_execute", _do_execute)
+            _instrumented.add(dialect)

@@ -1,0 +1,464 @@
+"""The OrmCache object: regions from settings, attached to sessions.
+
+::
+
+    cache = OrmCache.from_settings({
+        "regions": {"default": {"backend": "memory", "expiration_time": 300}},
+    })
+    cache.attach(Session)
+    session.scalars(select(Template).options(FromCache("default"))).all()
+
+:meth:`OrmCache.attach` installs one ``do_orm_execute`` listener.  For a
+statement that carries :class:`~ormcache.FromCache` (or a lazy load that a
+:class:`~ormcache.RelationshipCache` names) it:
+
+1. autoflushes, as the query itself would, so that pending changes are in
+   the database (and have moved versions) before the cache is consulted;
+2. bypasses the cache when the session's transaction wrote one of the
+   statement's tables (read your own writes);
+3. reads the entry and its version tokens in one backend round trip;
+4. on a hit, replays the cached rows through SQLAlchemy's ORM loading;
+   on a miss, runs the query and stores its rows when that is safe
+   (see :mod:`ormcache.invalidation`).
+
+A backend that fails is logged and skipped: the query is answered by the
+database, and a write never fails because of the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import date, datetime, time as dt_time, timedelta
+from decimal import Decimal
+from typing import Any
+
+from dogpile.cache.api import NO_VALUE
+from dogpile.cache.region import CacheRegion
+from sqlalchemy import event, inspect
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+from sqlalchemy.orm.attributes import QueryableAttribute
+from sqlalchemy.orm.base import instance_state
+from sqlalchemy.orm.query import Query
+from sqlalchemy.sql.base import Executable
+
+from . import _compat, invalidation
+from ._replay import CAPTURE, REPLAY, Capture, Replay, instrument
+from ._store import Store
+from .exc import CacheKeyError, ConfigurationError, UnknownRegionError
+from .invalidation import UNKNOWN, VersionKeys, is_pending, new_token, pending_expired, pending_token
+from .keys import ShapeCache, database_id, parameter_values, query_key, table_name
+from .options import FromCache
+from .settings import Settings, load_settings, make_region, settings_from_config
+
+__all__ = ["OrmCache"]
+
+log = logging.getLogger("ormcache")
+
+_IMMUTABLE = (
+    int,
+    float,
+    str,
+    bytes,
+    bool,
+    type(None),
+    Decimal,
+    datetime,
+    date,
+    dt_time,
+    timedelta,
+    uuid.UUID,
+)
+
+#: entry layout: (created, tokens, description, rows, pickled)
+_CREATED, _TOKENS, _DESCRIPTION, _ROWS, _PICKLED = range(5)
+
+
+class OrmCache:
+    """Query caching for SQLAlchemy ORM sessions.
+
+    Build one with :meth:`from_settings` (a dict or a TOML file) or
+    :meth:`from_config` (dogpile's prefixed INI-style dict), then
+    :meth:`attach` it to a ``Session`` class, a ``sessionmaker`` or a
+    ``scoped_session``.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        regions: Mapping[str, CacheRegion] | None = None,
+    ) -> None:
+        self.settings = settings
+        built = dict(regions or {})
+        for name in built:
+            if name not in settings.regions:
+                raise UnknownRegionError(name, settings.regions)
+        for name, spec in settings.regions.items():
+            if name not in built:
+                built[name] = make_region(spec)
+        self._regions: dict[str, CacheRegion] = built
+        self._stores = {name: Store(name, region) for name, region in built.items()}
+        self._keys = VersionKeys(settings.namespace)
+        self._shapes = ShapeCache()
+        self._databases: dict[str, Any] = {}
+        self._attached: list[Any] = []
+        invalidation.register(self)
+
+    # -- construction ----------------------------------------------------
+
+    @classmethod
+    def from_settings(cls, source: Mapping[str, Any] | str | os.PathLike[str]) -> OrmCache:
+        """Build from a settings mapping, or the path of a TOML file whose
+        ``[ormcache]`` table holds them."""
+        return cls(load_settings(source))
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], prefix: str = "ormcache.") -> OrmCache:
+        """Build from dogpile's prefixed INI-style dict, e.g.
+        ``{"ormcache.default.backend": "memory"}``."""
+        return cls(settings_from_config(config, prefix))
+
+    # -- regions ---------------------------------------------------------
+
+    def region(self, name: str) -> CacheRegion:
+        """The dogpile :class:`~dogpile.cache.region.CacheRegion` behind a
+        region name."""
+        try:
+            return self._regions[name]
+        except KeyError:
+            raise UnknownRegionError(name, self._regions) from None
+
+    @property
+    def regions(self) -> Mapping[str, CacheRegion]:
+        return dict(self._regions)
+
+    def _store(self, name: str) -> Store:
+        try:
+            return self._stores[name]
+        except KeyError:
+            raise UnknownRegionError(name, self._stores) from None
+
+    # -- sessions --------------------------------------------------------
+
+    def attach(self, target: Any) -> OrmCache:
+        """Cache the queries of sessions made by ``target``: a ``Session``
+        subclass, a ``sessionmaker``, a ``scoped_session`` or one
+        ``Session``.  Returns ``self``."""
+        if not event.contains(target, "do_orm_execute", self._do_orm_execute):
+            event.listen(target, "do_orm_execute", self._do_orm_execute)
+            self._attached.append(target)
+        return self
+
+    def detach(self, target: Any) -> None:
+        """Undo :meth:`attach`."""
+        if event.contains(target, "do_orm_execute", self._do_orm_execute):
+            event.remove(target, "do_orm_execute", self._do_orm_execute)
+        self._attached = [t for t in self._attached if t is not target]
+
+    def close(self) -> None:
+        """Detach from every session factory and stop following writes.
+        The regions and their backends stay usable."""
+        for target in list(self._attached):
+            self.detach(target)
+        invalidation.unregister(self)
+
+    # -- the read path ---------------------------------------------------
+
+    def _do_orm_execute(self, orm_context: ORMExecuteState) -> Any:
+        option = None
+        for opt in orm_context.user_defined_options:
+            if isinstance(opt, FromCache):
+                option = opt._for_execution(orm_context)
+                if option is not None:
+                    break
+        if option is None or not orm_context.is_select:
+            return None
+        store = self._store(option.region)
+
+        statement = orm_context.statement
+        exec_options = orm_context.execution_options
+        if (
+            exec_options.get("stream_results")
+            or exec_options.get("yield_per")
+            or getattr(statement, "_for_update_arg", None) is not None
+        ):
+            return None
+
+        session = orm_context.session
+        if orm_context.load_options._autoflush:
+            _compat.autoflush(session)
+
+        cache_key = _compat.generate_cache_key(statement)
+        if cache_key is None:
+            return None
+        bind_arguments = orm_context.bind_arguments
+        bind = session.get_bind(**bind_arguments)
+        instrument(bind.engine)
+        dialect = bind.dialect
+        db = database_id(bind)
+        shape = self._shapes.shape(cache_key, statement, dialect)
+        schema_map = exec_options.get("schema_translate_map")
+        if schema_map is None:
+            schema_map = bind.get_execution_options().get("schema_translate_map")
+        default_schema = dialect.default_schema_name
+        tables = tuple(
+            table_name(name, schema, schema_map, default_schema)
+            for name, schema in shape.tables
+        )
+        shard = bind_arguments.get("shard_id", exec_options.get("identity_token"))
+
+        fill = True
+        written = self._session_writes(session, db)
+        if written:
+            if UNKNOWN in written or not tables or not written.isdisjoint(tables):
+                return None
+            fill = False
+
+        try:
+            params = (
+                None
+                if option.cache_key is not None
+                else parameter_values(cache_key, orm_context.parameters)
+            )
+            key = query_key(
+                self.settings.namespace,
+                option.region,
+                db,
+                shard,
+                schema_map,
+                shape.sql,
+                params,
+                option.cache_key,
+            )
+        except CacheKeyError as err:
+            log.warning("not caching: %s", err)
+            return None
+        self._databases.setdefault(db, dialect)
+
+        deps = self._keys.deps(option.region, db, tables)
+        values = store.get_many([key, *deps])
+        if values is None:
+            return None
+        entry = values[0]
+        tokens = values[1:]
+        now = time.time()
+        if entry is not NO_VALUE and self._valid(store, option, entry, tokens, now):
+            rows = entry[_ROWS]
+            if entry[_PICKLED]:
+                rows = pickle.loads(rows)
+            return orm_context.invoke_statement(
+                execution_options={REPLAY: Replay(entry[_DESCRIPTION], rows)}
+            )
+
+        # a miss: make sure every token exists, then query
+        current: list[str] = []
+        for dep, token in zip(deps, tokens):
+            if token is NO_VALUE:
+                token = new_token()
+                if store.add(dep, token) is not True:
+                    fill = False
+            elif is_pending(token):
+                fill = False
+                if pending_expired(token, now):
+                    store.set(dep, new_token())
+            current.append(token)
+
+        capture = Capture()
+        result = orm_context.invoke_statement(execution_options={CAPTURE: capture})
+        if (
+            fill
+            and capture.rows is not None
+            and capture.fresh
+            and not self._session_writes(session, db)
+        ):
+            rows_value: Any = capture.rows
+            pickled = not _plain(rows_value)
+            if pickled:
+                rows_value = pickle.dumps(rows_value, pickle.HIGHEST_PROTOCOL)
+            else:
+                rows_value = tuple(rows_value)
+            store.set(key, (now, tuple(current), capture.description, rows_value, pickled))
+        return result
+
+    def _valid(
+        self, store: Store, option: FromCache, entry: Any, tokens: list[Any], now: float
+    ) -> bool:
+        try:
+            created = entry[_CREATED]
+            if tuple(tokens) != entry[_TOKENS]:
+                return False
+        except (TypeError, IndexError):
+            return False
+        expiration = option.expiration_time
+        if expiration is None:
+            expiration = store.region.expiration_time
+        if expiration is not None and expiration >= 0 and now - created > expiration:
+            return False
+        if store.region.region_invalidator.is_invalidated(created):
+            return False
+        return True
+
+    @staticmethod
+    def _session_writes(session: Session, db: str) -> set[str] | None:
+        written: set[str] | None = None
+        for conn in _compat.session_connections(session):
+            if database_id(conn) != db:
+                continue
+            tables = invalidation.written_tables(conn, db)
+            if tables:
+                written = set(tables) if written is None else written | tables
+        return written
+
+    # -- invalidation ----------------------------------------------------
+
+    def _pre_invalidate(self, db: str, tables: Iterable[str]) -> None:
+        keys = self._keys.written(db, tables)
+        token = pending_token()
+        mapping = dict.fromkeys(keys, token)
+        for store in self._stores.values():
+            store.set_many(mapping)
+
+    def _post_invalidate(self, db: str, tables: Iterable[str]) -> None:
+        keys = self._keys.written(db, tables)
+        mapping = dict.fromkeys(keys, new_token())
+        for store in self._stores.values():
+            store.set_many(mapping)
+
+    def _bump(self, keys: Iterable[str], stores: Iterable[Store] | None = None) -> None:
+        mapping = dict.fromkeys(keys, new_token())
+        for store in stores if stores is not None else self._stores.values():
+            store.set_many(mapping)
+
+    def invalidate(self, target: Any, **kw: Any) -> None:
+        """Drop cached results.
+
+        ``target`` is one of:
+
+        * a statement (``select()`` or legacy ``Query``) carrying
+          :class:`FromCache`: drops what that statement, with its bound
+          parameters, cached; pass ``params={...}`` for parameters given at
+          execute time, and ``session=`` or ``bind=`` to name the database
+          (by default every database this process has cached from);
+        * a mapped class: every result that read its tables, in every
+          database and every process;
+        * a mapped instance: results that read its tables;
+        * a relationship attribute (``Store.templates``): results that read
+          the related tables, including lazy loads that
+          :class:`RelationshipCache` cached.
+        """
+        if isinstance(target, Query):
+            target = target.statement
+        if isinstance(target, QueryableAttribute):
+            prop = target.property
+            mapper = getattr(prop, "mapper", None)
+            if mapper is None:
+                raise ConfigurationError(
+                    f"{target!r} is not a relationship; pass a mapped class, "
+                    "an instance or a statement"
+                )
+            tables = _mapper_tables(mapper)
+            secondary = getattr(prop, "secondary", None)
+            if secondary is not None and getattr(secondary, "name", None):
+                tables.add(table_name(secondary.name, getattr(secondary, "schema", None)))
+            self._bump(self._keys.model(t) for t in tables)
+            return
+        if isinstance(target, Executable):
+            self._invalidate_statement(target, **kw)
+            return
+        mapper = _mapper_of(target)
+        if mapper is None:
+            raise ConfigurationError(
+                f"cannot invalidate {target!r}: pass a mapped class, an "
+                "instance, a relationship attribute or a statement"
+            )
+        self._bump(self._keys.model(t) for t in _mapper_tables(mapper))
+
+    def _invalidate_statement(
+        self,
+        statement: Any,
+        *,
+        params: Mapping[str, Any] | None = None,
+        session: Session | None = None,
+        bind: Engine | Connection | None = None,
+        shard: Any = None,
+    ) -> None:
+        options = [
+            opt for opt in getattr(statement, "_with_options", ()) if isinstance(opt, FromCache)
+        ]
+        if not options:
+            raise ConfigurationError(
+                "this statement carries no FromCache option: ormcache does not "
+                "know which region it was cached in"
+            )
+        option = options[0]
+        store = self._store(option.region)
+        cache_key = _compat.generate_cache_key(statement)
+        if cache_key is None:
+            return
+        if session is not None:
+            bind = session.get_bind(clause=statement)
+        targets: list[tuple[str, Any]]
+        if bind is not None:
+            targets = [(database_id(bind), bind.dialect)]
+        else:
+            targets = list(self._databases.items())
+        for db, dialect in targets:
+            shape = self._shapes.shape(cache_key, statement, dialect)
+            values = None if option.cache_key is not None else parameter_values(cache_key, params)
+            key = query_key(
+                self.settings.namespace,
+                option.region,
+                db,
+                shard,
+                None,
+                shape.sql,
+                values,
+                option.cache_key,
+            )
+            store.delete(key)
+
+    def invalidate_region(self, name: str) -> None:
+        """Drop everything region ``name`` holds, in every process that
+        shares its backend (dogpile's ``region.invalidate()`` reaches only
+        the calling process)."""
+        store = self._store(name)
+        self._bump([self._keys.region(name)], [store])
+
+    def invalidate_all(self) -> None:
+        """Drop everything ormcache cached, in every region."""
+        self._bump([self._keys.all])
+
+
+def _plain(rows: list[Any]) -> bool:
+    for row in rows:
+        for value in row:
+            if not isinstance(value, _IMMUTABLE):
+                return False
+    return True
+
+
+def _mapper_of(target: Any) -> Mapper[Any] | None:
+    insp = inspect(target, raiseerr=False)
+    if insp is None:
+        return None
+    if isinstance(insp, Mapper):
+        return insp
+    mapper = getattr(insp, "mapper", None)
+    return mapper if isinstance(mapper, Mapper) else None
+
+
+def _mapper_tables(mapper: Mapper[Any]) -> set[str]:
+    tables = set()
+    for t in mapper.tables:
+        name = getattr(t, "name", None)
+        if name:
+            tables.add(table_name(name, getattr(t, "schema", None)))
+    return tables
+
+
+_ = instance_state  # re-exported for the fast path

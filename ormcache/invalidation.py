@@ -1,0 +1,364 @@
+"""Invalidation: version tokens per (database, table), moved by writes.
+
+Every cached result records the version tokens of what it depends on, read
+*before* its query ran; it is served only while every one of those tokens
+is still current.  A write replaces tokens, so invalidating a table costs
+one backend write however many entries depend on it.
+
+Keys (``ns`` is the settings' namespace)::
+
+    ns:v:all                everything (invalidate_all)
+    ns:v:r:REGION           one region (invalidate_region)
+    ns:v:g:TABLE            a table in every database (invalidate(Model))
+    ns:v:d:DB:*             writes on DB whose tables are unknown
+    ns:v:d:DB:+             any write on DB (results whose tables are unknown)
+    ns:v:d:DB:t:TABLE       writes to TABLE on DB
+
+The protocol, for a writer W and a reader R:
+
+1. When W's statement changing TABLE has run (inside its transaction), W
+   replaces TABLE's token with a *pending* token (``p…:deadline``).  From
+   then on no entry made before is valid, and no reader stores a result
+   under a pending token.
+2. After W's transaction commits or rolls back, W replaces the pending
+   token with a fresh one.  A process that dies in between leaves the
+   pending token, which stops being honoured at its deadline; readers then
+   replace it, and nothing made before it was written is ever valid again.
+3. R reads the tokens in the same backend round trip as the entry.  On a
+   miss it queries, and stores the rows under the tokens it read before
+   the query, only if none was pending or missing, the query's snapshot
+   began after the read (see ``_replay.snapshot_is_fresh``), and its own
+   transaction wrote nothing.
+
+Tokens are random (64 bits), never counters: after a backend restart,
+FLUSHALL or eviction a missing token validates nothing, and a new one never
+repeats an old one.  A missing token is created with an atomic ``add``
+where the backend offers one (memory, Redis, memcached); elsewhere the
+reader creates it and does not store that time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+import weakref
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import Pool
+from sqlalchemy.sql import util as sql_util
+
+from .keys import database_id, digest, table_name
+
+if TYPE_CHECKING:
+    from .core import OrmCache
+
+__all__ = [
+    "UNKNOWN",
+    "VersionKeys",
+    "is_pending",
+    "new_token",
+    "pending_token",
+]
+
+#: stands for "tables not known": the whole database was (maybe) written
+UNKNOWN = "*"
+
+#: seconds a pending token is honoured when its writer never finishes
+PENDING_TTL = 60.0
+
+_WRITTEN = "ormcache.written"  # conn.info: {db: set of tables}, this transaction
+_DONE = "ormcache.done"  # conn.info: {db: set of tables} committed, not yet announced
+
+
+def new_token() -> str:
+    """A fresh version token: 16 hex digits."""
+    return os.urandom(8).hex()
+
+
+def pending_token(ttl: float = PENDING_TTL) -> str:
+    """A pending token, honoured until ``ttl`` seconds from now."""
+    return f"p{os.urandom(6).hex()}:{time.time() + ttl:.0f}"
+
+
+def is_pending(token: str) -> bool:
+    return token[0] == "p"
+
+
+def pending_expired(token: str, now: float) -> bool:
+    return float(token.rpartition(":")[2]) <= now
+
+
+class VersionKeys:
+    """Names of version keys under one namespace."""
+
+    __slots__ = ("ns", "all", "_memo")
+
+    def __init__(self, namespace: str) -> None:
+        self.ns = namespace
+        self.all = f"{namespace}:v:all"
+        self._memo: dict[Any, str] = {}
+
+    def region(self, name: str) -> str:
+        return f"{self.ns}:v:r:{_short(name)}"
+
+    def model(self, table: str) -> str:
+        return f"{self.ns}:v:g:{_short(table)}"
+
+    def db_unknown(self, db: str) -> str:
+        return f"{self.ns}:v:d:{_db(db)}:*"
+
+    def db_any(self, db: str) -> str:
+        return f"{self.ns}:v:d:{_db(db)}:+"
+
+    def table(self, db: str, table: str) -> str:
+        return f"{self.ns}:v:d:{_db(db)}:t:{_short(table)}"
+
+    def deps(self, region: str, db: str, tables: tuple[str, ...]) -> list[str]:
+        """The version keys a result of ``tables`` on ``db`` depends on."""
+        memo_key = (region, db, tables)
+        keys = self._memo.get(memo_key)
+        if keys is None:
+            keys = [self.all, self.region(region), self.db_unknown(db)]
+            if tables:
+                for t in tables:
+                    keys.append(self.model(t))
+                    keys.append(self.table(db, t))
+            else:
+                keys.append(self.db_any(db))
+            if len(self._memo) > 10000:
+                self._memo.clear()
+            self._memo[memo_key] = keys  # type: ignore[assignment]
+        return keys  # type: ignore[return-value]
+
+    def written(self, db: str, tables: Iterable[str]) -> list[str]:
+        """The version keys a write to ``tables`` on ``db`` moves."""
+        keys = [self.db_any(db)]
+        for t in tables:
+            keys.append(self.db_unknown(db) if t == UNKNOWN else self.table(db, t))
+        return keys
+
+
+def _short(name: str) -> str:
+    if len(name) <= 64 and name.isascii() and ":" not in name and " " not in name:
+        return name
+    return digest(name, 8)
+
+
+_db_memo: dict[str, str] = {}
+
+
+def _db(db: str) -> str:
+    short = _db_memo.get(db)
+    if short is None:
+        short = _db_memo[db] = digest(db, 8)
+    return short
+
+
+# -- write tracking -------------------------------------------------------
+#
+# One set of listeners for the whole process, installed by the first
+# OrmCache.  They record, per DBAPI connection, which tables the current
+# transaction wrote, and tell every live OrmCache.
+
+_caches: weakref.WeakSet[OrmCache] = weakref.WeakSet()
+_install_lock = threading.Lock()
+_installed = False
+
+
+def register(cache: OrmCache) -> None:
+    global _installed
+    with _install_lock:
+        _caches.add(cache)
+        if not _installed:
+            event.listen(Engine, "after_cursor_execute", _after_cursor_execute)
+            event.listen(Engine, "commit", _on_commit)
+            event.listen(Engine, "rollback", _on_rollback)
+            event.listen(Engine, "begin", _on_begin)
+            event.listen(Pool, "checkin", _on_checkin)
+            _installed = True
+
+
+def unregister(cache: OrmCache) -> None:
+    with _install_lock:
+        _caches.discard(cache)
+
+
+def written_tables(conn: Connection, db: str) -> set[str] | None:
+    """Tables the connection's open transaction wrote on ``db``."""
+    written = conn.info.get(_WRITTEN)
+    if not written:
+        return None
+    return written.get(db)  # type: ignore[no-any-return]
+
+
+def _after_cursor_execute(
+    conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+) -> None:
+    if context is None:
+        return
+    if not (
+        context.isinsert
+        or context.isupdate
+        or context.isdelete
+        or context.isddl
+        or context.is_text
+    ):
+        return
+    tables = _written_by(context, statement, conn)
+    if tables is None:
+        return
+    db = database_id(conn)
+    info = conn.info
+    written = info.setdefault(_WRITTEN, {})
+    seen = written.setdefault(db, set())
+    new = tables - seen
+    if new:
+        seen |= new
+        for cache in list(_caches):
+            cache._pre_invalidate(db, new)
+    from ._replay import in_transaction
+
+    if in_transaction(context) is False:
+        # autocommit: the write is committed already
+        _announce(info, committed=True)
+
+
+def _on_commit(conn: Connection) -> None:
+    info = conn.info
+    written = info.pop(_WRITTEN, None)
+    if written:
+        done = info.setdefault(_DONE, {})
+        for db, tables in written.items():
+            done.setdefault(db, set()).update(tables)
+
+
+def _on_rollback(conn: Connection) -> None:
+    info = conn.info
+    written = info.pop(_WRITTEN, None)
+    if written:
+        done = info.setdefault(_DONE, {})
+        for db, tables in written.items():
+            done.setdefault(db, set()).update(tables)
+    _announce(info, committed=False)
+
+
+def _on_begin(conn: Connection) -> None:
+    _announce(conn.info, committed=True)
+
+
+def _on_checkin(dbapi_connection: Any, connection_record: Any) -> None:
+    if connection_record is None:
+        return
+    info = connection_record.info
+    if _WRITTEN in info:
+        # returned to the pool without commit or rollback: the pool's reset
+        # rolls it back
+        _on_rollback_info(info)
+    _announce(info, committed=True)
+
+
+def _on_rollback_info(info: dict[str, Any]) -> None:
+    written = info.pop(_WRITTEN, None)
+    if written:
+        done = info.setdefault(_DONE, {})
+        for db, tables in written.items():
+            done.setdefault(db, set()).update(tables)
+
+
+def _announce(info: dict[str, Any], committed: bool) -> None:
+    done = info.pop(_DONE, None)
+    if not done:
+        return
+    for cache in list(_caches):
+        for db, tables in done.items():
+            cache._post_invalidate(db, tables)
+
+
+_TEXT_READ = frozenset(
+    "select show explain describe desc values pragma begin commit rollback "
+    "savepoint release set analyze vacuum checkpoint listen notify fetch "
+    "declare close discard reset start end".split()
+)
+_TEXT_WRITE = re.compile(
+    r"""^\s*(?:
+        insert\s+(?:or\s+\w+\s+)?into |
+        replace\s+into |
+        update(?:\s+or\s+\w+)?(?:\s+only)? |
+        delete\s+from(?:\s+only)? |
+        merge\s+into |
+        truncate(?:\s+table)?(?:\s+only)? |
+        alter\s+table(?:\s+if\s+exists)?(?:\s+only)? |
+        drop\s+table(?:\s+if\s+exists)? |
+        create\s+(?:temp\w*\s+)?table(?:\s+if\s+not\s+exists)?
+    )\s+((?:[`"\[]?[\w$]+[`"\]]?\.)?[`"\[]?[\w$]+[`"\]]?)""",
+    re.IGNORECASE | re.VERBOSE,
+)
+_COMMENT = re.compile(r"^\s*(?:--[^\n]*\n|/\*.*?\*/)", re.DOTALL)
+
+
+def text_tables(sql: str, default_schema: str | None = None) -> set[str] | None:
+    """The tables a textual statement writes: an empty set for a read,
+    ``{UNKNOWN}`` when it may write and its target cannot be told."""
+    stripped = sql
+    while True:
+        m = _COMMENT.match(stripped)
+        if not m:
+            break
+        stripped = stripped[m.end() :]
+    first = stripped.lstrip().split(None, 1)
+    if not first:
+        return set()
+    word = first[0].lower().rstrip(";(")
+    if word in _TEXT_READ:
+        return set()
+    if word == "with":
+        lowered = stripped.lower()
+        if re.search(r"\b(insert|update|delete|merge)\b", lowered):
+            return {UNKNOWN}
+        return set()
+    m = _TEXT_WRITE.match(stripped)
+    if m is None:
+        return {UNKNOWN}
+    name = re.sub(r'[`"\[\]]', "", m.group(1))
+    schema, _, bare = name.rpartition(".")
+    return {table_name(bare, schema or None, None, default_schema)}
+
+
+def _written_by(context: Any, statement: str, conn: Connection) -> set[str] | None:
+    dialect = context.dialect
+    schema_map = context.execution_options.get("schema_translate_map")
+    default_schema = dialect.default_schema_name
+    compiled = context.compiled
+    if context.is_text or compiled is None:
+        tables = text_tables(statement, default_schema)
+        return tables or None
+    stmt = compiled.statement
+    found: list[Any] = []
+    if context.isddl:
+        element = getattr(stmt, "element", None)
+        target = getattr(element, "table", None)
+        if target is None and element is not None and hasattr(element, "c"):
+            target = element
+        if target is not None and getattr(target, "name", None):
+            found = [target]
+        else:
+            name = getattr(stmt, "table_name", None) or getattr(element, "table_name", None)
+            if name:
+                return {table_name(name, getattr(stmt, "schema", None), schema_map, default_schema)}
+            return {UNKNOWN}
+    else:
+        target = getattr(stmt, "table", None)
+        if target is None:
+            return {UNKNOWN}
+        found = sql_util.find_tables(target, include_joins=True, include_aliases=True)
+        if not found:
+            return {UNKNOWN}
+    return {
+        table_name(t.name, getattr(t, "schema", None), schema_map, default_schema)
+        for t in found
+    }

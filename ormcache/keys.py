@@ -1,0 +1,216 @@
+"""Cache keys: what makes two executions of a query the same result.
+
+A key covers everything that changes what a SELECT returns:
+
+* the statement's SQL, compiled once per statement *shape* (SQLAlchemy's
+  structural cache key) and remembered in a bounded LRU;
+* every bound parameter, including those given at execute time, expanding
+  ``IN`` lists and values captured by lambda statements;
+* the database the statement runs on (:func:`database_id`), the shard or
+  identity token, and the ``schema_translate_map``;
+* the region and the key namespace.
+
+The parts are hashed, so a key is always ``len(namespace) + 35`` characters,
+well inside memcached's 250-byte limit.  The private SQLAlchemy calls hide in
+:mod:`ormcache._compat`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import uuid
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.sql import util as sql_util
+from sqlalchemy.util import LRUCache
+
+from . import _compat
+from .exc import CacheKeyError
+
+__all__ = [
+    "StatementShape",
+    "ShapeCache",
+    "database_id",
+    "digest",
+    "table_name",
+]
+
+#: Execution option naming a database explicitly.  Set it on an engine when
+#: its URL alone does not say which database it is (for example two hosts
+#: that each keep their own copy of the same SQLite file path)::
+#:
+#:     engine = create_engine(url).execution_options(ormcache_database="eu-1")
+DATABASE_OPTION = "ormcache_database"
+
+_PROCESS = uuid.uuid4().hex[:12]
+_engine_ids: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
+_engine_ids_lock = threading.Lock()
+
+
+def digest(text: str, size: int = 16) -> str:
+    """A stable hex digest of ``text`` (``2 * size`` characters)."""
+    return hashlib.blake2b(
+        text.encode("utf-8", "surrogatepass"), digest_size=size
+    ).hexdigest()
+
+
+def database_id(bind: Engine | Connection) -> str:
+    """A string naming the database ``bind`` talks to, the same in every
+    process that reaches the same database.
+
+    * A file SQLite database is its real path; an in-memory one is private to
+      its engine (each ``create_engine("sqlite://")`` is a new database); a
+      named shared-cache memory database (``file:NAME?mode=memory``) is
+      shared by the engines of one process.
+    * A server database is ``dialect://host:port/database``: the user name
+      and password do not change which database it is.
+    * The execution option ``ormcache_database`` overrides all of this.
+    """
+    engine = bind.engine
+    try:
+        return _engine_ids[engine]
+    except KeyError:
+        pass
+    with _engine_ids_lock:
+        ident = _engine_ids.get(engine)
+        if ident is None:
+            ident = _engine_ids[engine] = _compute_database_id(engine)
+        return ident
+
+
+def _compute_database_id(engine: Engine) -> str:
+    explicit = engine.get_execution_options().get(DATABASE_OPTION)
+    if explicit:
+        return f"named:{explicit}"
+    url = engine.url
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        database = url.database or ""
+        if url.query.get("uri") in ("true", "1", "True") or database.startswith(
+            "file:"
+        ):
+            path, _, query = database.partition("?")
+            path = path.removeprefix("file:")
+            if "mode=memory" in query:
+                if "cache=shared" in query and path:
+                    return f"sqlite-shm:{_PROCESS}:{path}"
+                return f"sqlite-mem:{uuid.uuid4().hex}"
+            database = path
+        if not database or database == ":memory:":
+            return f"sqlite-mem:{uuid.uuid4().hex}"
+        return "sqlite:" + os.path.realpath(database)
+    host = url.host or ""
+    port = url.port or ""
+    return f"{backend}://{host}:{port}/{url.database or ''}"
+
+
+def table_name(
+    name: str,
+    schema: str | None,
+    schema_translate_map: Mapping[str | None, str | None] | None = None,
+    default_schema: str | None = None,
+) -> str:
+    """The name versions are kept under for a table: lower case,
+    schema-qualified unless in the default schema."""
+    if schema_translate_map and schema in schema_translate_map:
+        schema = schema_translate_map[schema]
+    if schema and schema != default_schema:
+        return f"{schema}.{name}".lower()
+    return name.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class StatementShape:
+    """What ormcache knows of one statement shape, kept per process."""
+
+    sql: str
+    #: tables read, as :func:`table_name` gives them, schema untranslated;
+    #: empty when they cannot be known (textual SQL)
+    tables: tuple[tuple[str, str | None], ...]
+
+
+class ShapeCache:
+    """A bounded map from SQLAlchemy's structural cache key to
+    :class:`StatementShape` (SQLAlchemy's own recipe keeps an unbounded
+    dict)."""
+
+    def __init__(self, capacity: int = 1000) -> None:
+        self._shapes: LRUCache[Any, StatementShape] = LRUCache(capacity)
+
+    def shape(self, cache_key: Any, statement: Any, dialect: Dialect) -> StatementShape:
+        shape = self._shapes.get(cache_key.key)
+        if shape is None:
+            shape = self._shapes[cache_key.key] = _describe(statement, dialect)
+        return shape
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+
+def _describe(statement: Any, dialect: Dialect) -> StatementShape:
+    compiled = statement.compile(dialect=dialect)
+    core = getattr(getattr(compiled, "compile_state", None), "statement", None)
+    if core is None:
+        core = compiled.statement
+    found = sql_util.find_tables(
+        core,
+        check_columns=True,
+        include_aliases=True,
+        include_joins=True,
+        include_selects=True,
+    )
+    tables = sorted(
+        {
+            (t.name, getattr(t, "schema", None))
+            for t in found
+            if getattr(t, "name", None)
+        },
+        key=lambda t: (t[0], t[1] or ""),
+    )
+    return StatementShape(sql=str(compiled), tables=tuple(tables))
+
+
+def parameter_values(cache_key: Any, parameters: Mapping[str, Any] | None) -> tuple[Any, ...]:
+    """The values of every bound parameter, in statement order; values given
+    at execute time win over those in the statement."""
+    params = parameters or {}
+    if not cache_key.bindparams:
+        return tuple((k, params[k]) for k in sorted(params))
+    return tuple(
+        params[bp.key] if bp.key in params else _compat.bind_value(bp)
+        for bp in cache_key.bindparams
+    )
+
+
+def query_key(
+    namespace: str,
+    region: str,
+    database: str,
+    shard: Any,
+    schema_translate_map: Mapping[Any, Any] | None,
+    sql: str,
+    params: tuple[Any, ...] | None,
+    user_key: str | None,
+) -> str:
+    """The backend key of one query result.
+
+    Raises :class:`~ormcache.exc.CacheKeyError` when a parameter has no
+    stable text form (its ``repr`` shows a memory address)."""
+    schema = sorted(schema_translate_map.items(), key=repr) if schema_translate_map else None
+    if user_key is not None:
+        text = repr((region, database, shard, schema, "user", user_key))
+    else:
+        text = repr((region, database, shard, schema, sql, params))
+        if " at 0x" in text:
+            raise CacheKeyError(
+                "a bound parameter of this statement has no stable text form "
+                f"(its repr shows a memory address): {text[-200:]!r}; pass "
+                "FromCache(cache_key=...) to name the result yourself"
+            )
+    return f"{namespace}:q:{digest(text)}"

@@ -1,0 +1,150 @@
+"""Query options that ask for a cached result.
+
+:class:`FromCache` caches the statement it is attached to;
+:class:`RelationshipCache` caches the lazy loads of a relationship on the
+objects the statement loads.  Both are SQLAlchemy
+:class:`~sqlalchemy.orm.UserDefinedOption` objects, read by the
+``do_orm_execute`` listener that :meth:`ormcache.OrmCache.attach` installs::
+
+    stmt = select(Template).where(Template.id == 5).options(FromCache("default"))
+    template = session.scalars(stmt).one()
+
+    session.get(Template, 5, options=[FromCache("default")])
+
+    stmt = select(Store).options(RelationshipCache(Store.templates, "default"))
+
+Unlike SQLAlchemy's own recipe, these options take part in SQLAlchemy's
+compiled-statement cache key.  SQLAlchemy leaves user-defined options out of
+that key (changelog #7394) and pairs cached and current options by position,
+so a ``RelationshipCache`` added to a statement shape that was compiled
+before without it would otherwise be silently dropped.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import ORMExecuteState, RelationshipProperty
+from sqlalchemy.orm.interfaces import UserDefinedOption
+
+__all__ = ["FromCache", "RelationshipCache"]
+
+
+def _expiration(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise sa_exc.ArgumentError(
+            f"expiration_time must be a number of seconds >= 0, a timedelta "
+            f"or None, not {value!r}"
+        )
+    return float(value)
+
+
+class FromCache(UserDefinedOption):
+    """Load the statement's result from a cache region.
+
+    :param region: name of a region declared in the settings.
+    :param cache_key: a string that names the result instead of the
+      statement and its parameters (useful for a huge ``IN`` list).  The
+      database, shard and region are still part of the key.
+    :param expiration_time: seconds after which an entry is not served,
+      overriding the region's ``expiration_time``.
+    """
+
+    __slots__ = ("region", "cache_key", "expiration_time")
+
+    propagate_to_loaders = False
+    _is_has_cache_key = True
+
+    def __init__(
+        self,
+        region: str = "default",
+        *,
+        cache_key: str | None = None,
+        expiration_time: float | timedelta | None = None,
+    ) -> None:
+        if not isinstance(region, str) or not region:
+            raise sa_exc.ArgumentError(f"region must be a region name, not {region!r}")
+        if cache_key is not None and not isinstance(cache_key, str):
+            raise sa_exc.ArgumentError(f"cache_key must be a string, not {cache_key!r}")
+        self.region = region
+        self.cache_key = cache_key
+        self.expiration_time = _expiration(expiration_time)
+
+    def _gen_cache_key(self, anon_map: Any, bindparams: Any) -> tuple[Any, ...]:
+        # The class alone: enough to keep statements with and without the
+        # option apart in the compiled cache, so that SQLAlchemy pairs
+        # cached and current options correctly.  Region and key are read
+        # from the current option at execution time.
+        return (self.__class__,)
+
+    def _for_execution(self, orm_context: ORMExecuteState) -> FromCache | None:
+        return self
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.region!r})"
+
+
+class RelationshipCache(FromCache):
+    """Load a relationship's lazy loads from a cache region.
+
+    :param attribute: the relationship, e.g. ``Store.templates``.
+    :param region: name of a region declared in the settings.
+
+    Chain several with :meth:`and_`.
+    """
+
+    __slots__ = ("_relationships",)
+
+    propagate_to_loaders = True
+
+    def __init__(
+        self,
+        attribute: Any,
+        region: str = "default",
+        *,
+        cache_key: str | None = None,
+        expiration_time: float | timedelta | None = None,
+    ) -> None:
+        super().__init__(region, cache_key=cache_key, expiration_time=expiration_time)
+        prop = getattr(attribute, "property", None)
+        if not isinstance(prop, RelationshipProperty):
+            raise sa_exc.ArgumentError(
+                f"RelationshipCache needs a relationship attribute such as "
+                f"Store.templates, not {attribute!r}"
+            )
+        self._relationships: dict[tuple[type, str], RelationshipCache] = {
+            (prop.parent.class_, prop.key): self
+        }
+
+    def and_(self, option: RelationshipCache) -> RelationshipCache:
+        """Also cache the relationship of ``option``; returns ``self``."""
+        self._relationships.update(option._relationships)
+        return self
+
+    def _gen_cache_key(self, anon_map: Any, bindparams: Any) -> tuple[Any, ...]:
+        return (
+            self.__class__,
+            tuple(sorted((c.__module__, c.__qualname__, k) for c, k in self._relationships)),
+        )
+
+    def _for_execution(self, orm_context: ORMExecuteState) -> FromCache | None:
+        path = orm_context.loader_strategy_path
+        if not path or not orm_context.is_relationship_load:
+            return None
+        mapper, prop = path[-2:]
+        key = prop.key
+        for cls in mapper.class_.__mro__:
+            option = self._relationships.get((cls, key))
+            if option is not None:
+                return option
+        return None
+
+    def __repr__(self) -> str:
+        names = ", ".join(f"{c.__name__}.{k}" for c, k in self._relationships)
+        return f"RelationshipCache({names}, {self.region!r})"

@@ -1,0 +1,510 @@
+"""Settings: which cache regions exist and how to build them.
+
+ormcache reads its settings from one of three places, and all three give
+the same immutable :class:`Settings`:
+
+* a mapping, passed to :func:`load_settings`::
+
+      settings = load_settings(
+          {
+              "regions": {
+                  "default": {"backend": "memory", "expiration_time": 300},
+                  "shared": {
+                      "backend": "redis",
+                      "arguments": {"url": "redis://:${REDIS_PASSWORD}@cache:6379/0"},
+                  },
+              },
+              "cache_all": "default",
+              "uncached_tables": ["audit_log"],
+          }
+      )
+
+* a TOML file, passed to :func:`load_settings` as a path; the settings live
+  in its ``[ormcache]`` table::
+
+      [ormcache]
+      cache_all = "default"
+
+      [ormcache.regions.default]
+      backend = "memory"
+      expiration_time = 300
+
+* the flat, prefixed dictionary an INI file gives, passed to
+  :func:`settings_from_config`; it is read the way dogpile.cache's
+  :meth:`~dogpile.cache.region.CacheRegion.configure_from_config` reads it,
+  one region per name::
+
+      ormcache.default.backend = memory
+      ormcache.default.expiration_time = 300
+      ormcache.shared.backend = redis
+      ormcache.shared.arguments.url = redis://cache:6379/0
+      ormcache.cache_all = default
+
+A region names a dogpile backend, either by its full registered name
+(``"dogpile.cache.redis"``) or by one of the :data:`SHORT_BACKEND_NAMES`
+(``"redis"``), an optional ``expiration_time`` in seconds and optional
+``arguments`` for the backend. Any string value may refer to an environment
+variable as ``${NAME}``, alone or inside a longer string; ``$${`` stands for
+a literal ``${``. Values taken from the environment stay strings, except an
+``expiration_time``, which is read as a number.
+
+Settings are only parsed here; :func:`make_region` turns one
+:class:`RegionSettings` into a configured dogpile
+:class:`~dogpile.cache.region.CacheRegion`. Backend drivers (redis,
+pylibmc) are imported then and not before, and no connection is opened
+until the region is first used.
+
+Every mistake raises :class:`~ormcache.exc.ConfigurationError`, whose
+``region`` and ``key`` attributes name what is at fault.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from dataclasses import field
+from importlib.metadata import entry_points
+from types import MappingProxyType
+from typing import Any
+
+from dogpile.cache import make_region as _dogpile_make_region
+from dogpile.cache.backends import _backend_loader
+from dogpile.cache.exception import PluginNotFound
+from dogpile.cache.region import CacheRegion
+from dogpile.util import coerce_string_conf
+
+from .exc import ConfigurationError
+from .exc import UnknownRegionError
+
+__all__ = [
+    "RegionSettings",
+    "SHORT_BACKEND_NAMES",
+    "Settings",
+    "load_settings",
+    "make_region",
+    "settings_from_config",
+]
+
+SHORT_BACKEND_NAMES: Mapping[str, str] = MappingProxyType(
+    {
+        "memory": "dogpile.cache.memory",
+        "memory_pickle": "dogpile.cache.memory_pickle",
+        "dbm": "dogpile.cache.dbm",
+        "redis": "dogpile.cache.redis",
+        "redis_sentinel": "dogpile.cache.redis_sentinel",
+        "redis_cluster": "dogpile.cache.redis_cluster",
+        "memcached": "dogpile.cache.pylibmc",
+        "null": "dogpile.cache.null",
+    }
+)
+"""Short backend names accepted in settings, and the dogpile backend each
+stands for."""
+
+_TOP_LEVEL_KEYS = ("cache_all", "namespace", "regions", "uncached_tables")
+_REGION_KEYS = ("arguments", "backend", "expiration_time")
+_SEQUENCES = (list, tuple, set, frozenset)  # copied; subclasses are not
+_NAMESPACE = re.compile(r"[!-~]{1,32}")  # printable ASCII, no whitespace
+# "$${" (a literal "${"), "${NAME}", or a malformed "${"
+_ENV_REFERENCE = re.compile(r"\$\$\{|\$\{(?P<name>[A-Za-z_]\w*)\}|\$\{", re.ASCII)
+
+
+@dataclass(frozen=True)
+class RegionSettings:
+    """One cache region: a dogpile backend and how to configure it.
+
+    ``arguments`` is copied into a read-only mapping, so neither the caller
+    nor a backend can change it later:
+
+        >>> spec = RegionSettings("default", "dogpile.cache.memory", 300, {})
+        >>> make_region(spec).expiration_time
+        300
+    """
+
+    name: str
+    backend: str
+    """Full dogpile backend name, e.g. ``"dogpile.cache.redis"``."""
+    expiration_time: float | None
+    """Seconds before a value is regenerated; ``None`` never expires."""
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+    """Passed to the backend's constructor."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "arguments", MappingProxyType(_copy(self.arguments)))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated ormcache settings; build them with :func:`load_settings`.
+
+    >>> settings = load_settings({"regions": {"default": {"backend": "memory"}}})
+    >>> settings.region("default").backend
+    'dogpile.cache.memory'
+    >>> settings.namespace
+    'ormcache'
+    """
+
+    regions: Mapping[str, RegionSettings]
+    """Declared regions by name, in declaration order."""
+    cache_all: str | None = None
+    """Region that "cache everything" mode uses; ``None`` turns it off."""
+    uncached_tables: frozenset[str] = frozenset()
+    """Tables whose rows are never cached."""
+    namespace: str = "ormcache"
+    """Prefix of every cache key."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "regions", MappingProxyType(dict(self.regions)))
+        object.__setattr__(self, "uncached_tables", frozenset(self.uncached_tables))
+        if self.cache_all is not None and self.cache_all not in self.regions:
+            declared = ", ".join(repr(name) for name in self.regions) or "none"
+            raise ConfigurationError(
+                "names a region that is not declared; declare it under "
+                f"regions or name a declared one: {declared}",
+                region=self.cache_all,
+                key="cache_all",
+            )
+        if not isinstance(self.namespace, str) or not _NAMESPACE.fullmatch(
+            self.namespace
+        ):
+            raise ConfigurationError(
+                f"{self.namespace!r} cannot prefix cache keys; use 1 to 32 "
+                "ASCII characters without whitespace, e.g. 'myapp'",
+                key="namespace",
+            )
+
+    def region(self, name: str) -> RegionSettings:
+        """Return the settings of region ``name``.
+
+        Raises :class:`~ormcache.exc.UnknownRegionError`, also a
+        :class:`KeyError`, when no such region is declared.
+        """
+        try:
+            return self.regions[name]
+        except KeyError:
+            raise UnknownRegionError(name, self.regions) from None
+
+
+def load_settings(source: Mapping[str, Any] | str | os.PathLike[str]) -> Settings:
+    """Validate settings given as a mapping, or read from a TOML file.
+
+    A path names a TOML file whose ``[ormcache]`` table holds the settings.
+    The mapping is never modified:
+
+        >>> settings = load_settings({"regions": {"r": {"backend": "null"}}})
+        >>> settings.region("r").backend
+        'dogpile.cache.null'
+    """
+    if isinstance(source, (str, os.PathLike)):
+        return _parse(_read_toml(source))
+    if isinstance(source, Mapping):
+        return _parse(source)
+    raise ConfigurationError(
+        f"cannot read settings from {type(source).__name__}; pass a mapping "
+        "or the path of a TOML file"
+    )
+
+
+def settings_from_config(
+    config: Mapping[str, Any], prefix: str = "ormcache."
+) -> Settings:
+    """Validate settings given as a flat, prefixed INI-style dictionary.
+
+    Keys are ``<prefix><region>.backend``, ``<prefix><region>.expiration_time``
+    and ``<prefix><region>.arguments.<name>``, plus ``<prefix>cache_all``,
+    ``<prefix>namespace`` and ``<prefix>uncached_tables`` (comma-separated).
+    Argument values are coerced the way dogpile's ``configure_from_config``
+    coerces them (``"10"`` to ``10``, ``"true"`` to ``True``); keys without
+    the prefix are ignored:
+
+        >>> settings = settings_from_config(
+        ...     {
+        ...         "ormcache.local.backend": "memory",
+        ...         "ormcache.local.expiration_time": "60",
+        ...         "ormcache.uncached_tables": "audit_log, sessions",
+        ...         "sqlalchemy.url": "sqlite://",
+        ...     }
+        ... )
+        >>> settings.region("local").expiration_time, sorted(settings.uncached_tables)
+        (60, ['audit_log', 'sessions'])
+    """
+    tree: dict[str, Any] = {}
+    regions: dict[str, dict[str, Any]] = {}
+    for flat_key, value in config.items():
+        if not flat_key.startswith(prefix):
+            continue
+        rest = flat_key[len(prefix) :]
+        if rest in ("cache_all", "namespace"):
+            tree[rest] = value
+            continue
+        if rest == "uncached_tables":
+            if isinstance(value, str):
+                value = [t.strip() for t in value.split(",") if t.strip()]
+            tree[rest] = value
+            continue
+        region, _, setting = rest.partition(".")
+        spec = regions.setdefault(region, {}) if region else {}
+        if region and setting in ("backend", "expiration_time"):
+            spec[setting] = value
+        elif region and setting.startswith("arguments.") and setting != "arguments.":
+            spec.setdefault("arguments", {})[setting[len("arguments.") :]] = value
+        else:
+            raise ConfigurationError(
+                f"unknown setting; use {prefix}<region>.backend, "
+                f"{prefix}<region>.expiration_time, "
+                f"{prefix}<region>.arguments.<name>, {prefix}cache_all, "
+                f"{prefix}namespace or {prefix}uncached_tables",
+                region=region or None,
+                key=flat_key,
+            )
+    tree["regions"] = {
+        name: {
+            **coerce_string_conf(spec),
+            "arguments": coerce_string_conf(spec.get("arguments", {})),
+        }
+        for name, spec in regions.items()
+    }
+    return _parse(tree)
+
+
+def make_region(spec: RegionSettings) -> CacheRegion:
+    """Build a configured dogpile region from ``spec``.
+
+    Backend drivers are imported here; no server is contacted until the
+    region is used. Whatever dogpile or the backend raises is re-raised as
+    :class:`~ormcache.exc.ConfigurationError`, the original as its cause:
+
+        >>> region = make_region(RegionSettings("local", "dogpile.cache.memory", None))
+        >>> region.get_or_create("answer", lambda: 42)
+        42
+    """
+    try:
+        return _dogpile_make_region(name=spec.name).configure(
+            spec.backend,
+            expiration_time=spec.expiration_time,
+            arguments=_copy(spec.arguments),
+        )
+    except PluginNotFound as err:
+        raise ConfigurationError(
+            f"dogpile.cache has no backend {spec.backend!r}; use one of "
+            f"{_short_names()} or a registered dogpile backend name",
+            region=spec.name,
+            key="backend",
+        ) from err
+    except ImportError as err:
+        raise ConfigurationError(
+            f"backend {spec.backend!r} needs a driver that is not installed "
+            f"({err}); install it, e.g. pip install 'ormcache[redis]' or "
+            "'ormcache[memcached]'",
+            region=spec.name,
+            key="backend",
+        ) from err
+    except Exception as err:
+        raise ConfigurationError(
+            f"backend {spec.backend!r} rejected its arguments: "
+            f"{type(err).__name__}: {err}; fix the region's arguments",
+            region=spec.name,
+            key="arguments",
+        ) from err
+
+
+def _read_toml(path: str | os.PathLike[str]) -> Mapping[str, Any]:
+    try:
+        with open(path, "rb") as file:
+            document = tomllib.load(file)
+    except OSError as err:
+        raise ConfigurationError(
+            f"cannot read settings file {os.fspath(path)!r}: "
+            f"{err.strerror or err}; check the path"
+        ) from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigurationError(
+            f"settings file {os.fspath(path)!r} is not valid TOML: {err}"
+        ) from err
+    table = document.get("ormcache")
+    if not isinstance(table, dict):
+        raise ConfigurationError(
+            f"settings file {os.fspath(path)!r} has no [ormcache] table; "
+            "put the settings under [ormcache] and the regions under "
+            "[ormcache.regions.<name>]"
+        )
+    return table
+
+
+def _parse(tree: Mapping[str, Any]) -> Settings:
+    unknown = [key for key in tree if key not in _TOP_LEVEL_KEYS]
+    if unknown:
+        raise ConfigurationError(
+            f"unknown setting; accepted settings are {', '.join(_TOP_LEVEL_KEYS)}",
+            key=str(unknown[0]),
+        )
+    regions = tree.get("regions")
+    if not isinstance(regions, Mapping) or not regions:
+        raise ConfigurationError(
+            "declare at least one region, e.g. "
+            "{'regions': {'default': {'backend': 'memory'}}}",
+            key="regions",
+        )
+    parsed = {}
+    for name, spec in regions.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(
+                f"region names must be non-empty strings, not {name!r}",
+                key="regions",
+            )
+        parsed[name] = _region_settings(name, spec)
+
+    cache_all = _interpolate(tree.get("cache_all"), None, "cache_all")
+    if cache_all is not None and not isinstance(cache_all, str):
+        raise ConfigurationError(
+            f"must be a region name, not {cache_all!r}", key="cache_all"
+        )
+    tables = _interpolate(tree.get("uncached_tables", ()), None, "uncached_tables")
+    if not isinstance(tables, (list, tuple, set, frozenset)) or not all(
+        isinstance(table, str) and table for table in tables
+    ):
+        raise ConfigurationError(
+            f"must be a list of table names, e.g. ['audit_log'], not {tables!r}",
+            key="uncached_tables",
+        )
+    namespace = _interpolate(tree.get("namespace", "ormcache"), None, "namespace")
+    return Settings(parsed, cache_all, frozenset(tables), namespace)
+
+
+def _region_settings(name: str, spec: Any) -> RegionSettings:
+    if not isinstance(spec, Mapping):
+        raise ConfigurationError(
+            f"must be a mapping with at least a 'backend' key, not "
+            f"{type(spec).__name__}",
+            region=name,
+        )
+    for key in spec:
+        if key not in _REGION_KEYS:
+            raise ConfigurationError(
+                f"unknown region setting; accepted are {', '.join(_REGION_KEYS)}",
+                region=name,
+                key=str(key),
+            )
+    if "backend" not in spec:
+        raise ConfigurationError(
+            f"is required; name a dogpile backend, e.g. one of {_short_names()}",
+            region=name,
+            key="backend",
+        )
+    arguments = _interpolate(spec.get("arguments", {}), name, "arguments")
+    if not isinstance(arguments, Mapping):
+        raise ConfigurationError(
+            f"must be a mapping of backend arguments, not {arguments!r}",
+            region=name,
+            key="arguments",
+        )
+    return RegionSettings(
+        name=name,
+        backend=_backend(name, _interpolate(spec["backend"], name, "backend")),
+        expiration_time=_expiration_time(
+            name, _interpolate(spec.get("expiration_time"), name, "expiration_time")
+        ),
+        arguments=arguments,
+    )
+
+
+def _backend(region: str, value: Any) -> str:
+    if isinstance(value, str) and value in SHORT_BACKEND_NAMES:
+        return SHORT_BACKEND_NAMES[value]
+    if isinstance(value, str) and _is_registered(value):
+        return value
+    raise ConfigurationError(
+        f"unknown backend {value!r}; use one of {_short_names()} or a backend "
+        "name registered with dogpile.cache, e.g. 'dogpile.cache.redis'",
+        region=region,
+        key="backend",
+    )
+
+
+def _is_registered(name: str) -> bool:
+    # dogpile's registry, without importing any backend module; plus
+    # third-party backends declared as "dogpile.cache" entry points.
+    loader = _backend_loader
+    return (
+        name in loader._unloaded
+        or name in loader.impls
+        or any(ep.name == name for ep in entry_points(group=loader.group))
+    )
+
+
+def _expiration_time(region: str, value: Any) -> float | None:
+    number: Any = value
+    if isinstance(value, datetime.timedelta):
+        number = value.total_seconds()
+    elif isinstance(value, str):
+        try:
+            number = int(value)
+        except ValueError:
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+    if number is None or (
+        isinstance(number, (int, float))
+        and not isinstance(number, bool)
+        and math.isfinite(number)
+        and number >= 0
+    ):
+        return number
+    raise ConfigurationError(
+        f"{value!r} is not a number of seconds; use a number >= 0, a "
+        "timedelta, or leave it out (or None) for values that never expire",
+        region=region,
+        key="expiration_time",
+    )
+
+
+def _interpolate(value: Any, region: str | None, key: str) -> Any:
+    """Copy ``value``, replacing ``${NAME}`` in every string it holds."""
+    if isinstance(value, str):
+
+        def replace(match: re.Match[str]) -> str:
+            name = match.group("name")
+            if match.group() == "$${":
+                return "${"
+            if name is None:
+                raise ConfigurationError(
+                    f"malformed environment reference in {value!r}; write "
+                    "${NAME}, or $${ for a literal ${",
+                    region=region,
+                    key=key,
+                )
+            if name not in os.environ:
+                raise ConfigurationError(
+                    f"environment variable {name!r} is not set; set it, or "
+                    "write $${ for a literal ${",
+                    region=region,
+                    key=key,
+                )
+            return os.environ[name]
+
+        return _ENV_REFERENCE.sub(replace, value)
+    if isinstance(value, Mapping):
+        return {k: _interpolate(v, region, f"{key}.{k}") for k, v in value.items()}
+    if type(value) in _SEQUENCES:
+        return type(value)(
+            _interpolate(v, region, f"{key}[{i}]") for i, v in enumerate(value)
+        )
+    return value
+
+
+def _copy(value: Any) -> Any:
+    """Copy plain containers all the way down; share any other object."""
+    if isinstance(value, Mapping):
+        return {k: _copy(v) for k, v in value.items()}
+    if type(value) in _SEQUENCES:
+        return type(value)(_copy(v) for v in value)
+    return value
+
+
+def _short_names() -> str:
+    return ", ".join(repr(name) for name in SHORT_BACKEND_NAMES)

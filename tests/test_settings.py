@@ -1,0 +1,626 @@
+from __future__ import annotations
+
+import copy
+import datetime
+import doctest
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dogpile.cache.backends.file import DBMBackend
+from dogpile.cache.backends.memcached import PylibmcBackend
+from dogpile.cache.backends.memory import MemoryBackend
+from dogpile.cache.backends.memory import MemoryPickleBackend
+from dogpile.cache.backends.redis import RedisBackend
+
+from ormcache import settings as settings_module
+from ormcache.exc import ConfigurationError
+from ormcache.exc import UnknownRegionError
+from ormcache.settings import SHORT_BACKEND_NAMES
+from ormcache.settings import RegionSettings
+from ormcache.settings import Settings
+from ormcache.settings import load_settings
+from ormcache.settings import make_region
+from ormcache.settings import settings_from_config
+
+SETTINGS_DICT: dict[str, Any] = {
+    "regions": {
+        "default": {"backend": "memory", "expiration_time": 300},
+        "shared": {
+            "backend": "redis",
+            "expiration_time": 3600,
+            "arguments": {
+                "url": "redis://127.0.0.1:1/0",
+                "distributed_lock": True,
+                "thread_local_lock": False,
+                "lock_timeout": 30,
+                "socket_timeout": 0.5,
+            },
+        },
+    },
+    "cache_all": "default",
+    "uncached_tables": ["audit_log", "sessions"],
+    "namespace": "myapp",
+}
+
+SETTINGS_TOML = """
+[other]
+unrelated = true
+
+[ormcache]
+cache_all = "default"
+uncached_tables = ["audit_log", "sessions"]
+namespace = "myapp"
+
+[ormcache.regions.default]
+backend = "memory"
+expiration_time = 300
+
+[ormcache.regions.shared]
+backend = "redis"
+expiration_time = 3600
+
+[ormcache.regions.shared.arguments]
+url = "redis://127.0.0.1:1/0"
+distributed_lock = true
+thread_local_lock = false
+lock_timeout = 30
+socket_timeout = 0.5
+"""
+
+SETTINGS_FLAT = {
+    "sqlalchemy.url": "sqlite://",
+    "ormcache.default.backend": "memory",
+    "ormcache.default.expiration_time": "300",
+    "ormcache.shared.backend": "redis",
+    "ormcache.shared.expiration_time": "3600",
+    "ormcache.shared.arguments.url": "redis://127.0.0.1:1/0",
+    "ormcache.shared.arguments.distributed_lock": "true",
+    "ormcache.shared.arguments.thread_local_lock": "False",
+    "ormcache.shared.arguments.lock_timeout": "30",
+    "ormcache.shared.arguments.socket_timeout": "0.5",
+    "ormcache.cache_all": "default",
+    "ormcache.uncached_tables": "audit_log, sessions",
+    "ormcache.namespace": "myapp",
+}
+
+
+def regions(**specs: Any) -> dict[str, Any]:
+    return {"regions": specs}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "ormcache.toml"
+    path.write_text(text)
+    return path
+
+
+class TestSources:
+    def test_dict_toml_and_flat_config_agree(self, tmp_path: Path) -> None:
+        from_dict = load_settings(SETTINGS_DICT)
+        from_toml = load_settings(write(tmp_path, SETTINGS_TOML))
+        from_str_path = load_settings(str(write(tmp_path, SETTINGS_TOML)))
+        from_flat = settings_from_config(SETTINGS_FLAT)
+
+        assert from_dict == from_toml == from_str_path == from_flat
+        assert list(from_dict.regions) == ["default", "shared"]
+        shared = from_flat.region("shared")
+        assert shared == RegionSettings(
+            name="shared",
+            backend="dogpile.cache.redis",
+            expiration_time=3600,
+            arguments={
+                "url": "redis://127.0.0.1:1/0",
+                "distributed_lock": True,
+                "thread_local_lock": False,
+                "lock_timeout": 30,
+                "socket_timeout": 0.5,
+            },
+        )
+        assert from_flat.cache_all == "default"
+        assert from_flat.uncached_tables == frozenset({"audit_log", "sessions"})
+        assert from_flat.namespace == "myapp"
+
+    def test_defaults(self) -> None:
+        settings = load_settings(regions(r={"backend": "memory"}))
+        assert settings.cache_all is None
+        assert settings.uncached_tables == frozenset()
+        assert settings.namespace == "ormcache"
+        assert settings.region("r").expiration_time is None
+        assert dict(settings.region("r").arguments) == {}
+
+    def test_flat_config_with_custom_prefix(self) -> None:
+        settings = settings_from_config(
+            {
+                "cache.local.backend": "dbm",
+                "cache.local.arguments.filename": "/tmp/x.dbm",
+                "ormcache.ignored.backend": "nonsense",
+            },
+            prefix="cache.",
+        )
+        assert list(settings.regions) == ["local"]
+        assert settings.region("local").backend == "dogpile.cache.dbm"
+
+    def test_flat_config_unknown_key(self) -> None:
+        with pytest.raises(ConfigurationError) as info:
+            settings_from_config(
+                {"ormcache.r.backend": "memory", "ormcache.r.expiry": "10"}
+            )
+        assert info.value.region == "r"
+        assert info.value.key == "ormcache.r.expiry"
+        assert "ormcache.<region>.backend" in str(info.value)
+
+        with pytest.raises(ConfigurationError) as info:
+            settings_from_config({"ormcache.cacheall": "r"})
+        assert info.value.key == "ormcache.cacheall"
+
+    def test_flat_config_expiration_none(self) -> None:
+        settings = settings_from_config(
+            {"ormcache.r.backend": "memory", "ormcache.r.expiration_time": "None"}
+        )
+        assert settings.region("r").expiration_time is None
+
+
+class TestBackendNames:
+    @pytest.mark.parametrize(
+        ("short", "full"),
+        [
+            ("memory", "dogpile.cache.memory"),
+            ("memory_pickle", "dogpile.cache.memory_pickle"),
+            ("dbm", "dogpile.cache.dbm"),
+            ("redis", "dogpile.cache.redis"),
+            ("redis_sentinel", "dogpile.cache.redis_sentinel"),
+            ("redis_cluster", "dogpile.cache.redis_cluster"),
+            ("memcached", "dogpile.cache.pylibmc"),
+            ("null", "dogpile.cache.null"),
+        ],
+    )
+    def test_short_names(self, short: str, full: str) -> None:
+        assert SHORT_BACKEND_NAMES[short] == full
+        assert load_settings(regions(r={"backend": short})).region("r").backend == full
+
+    def test_short_names_are_read_only(self) -> None:
+        with pytest.raises(TypeError):
+            SHORT_BACKEND_NAMES["x"] = "y"  # type: ignore[index]
+
+    @pytest.mark.parametrize(
+        "name", ["dogpile.cache.redis", "dogpile.cache.pymemcache"]
+    )
+    def test_full_dogpile_name_accepted(self, name: str) -> None:
+        assert load_settings(regions(r={"backend": name})).region("r").backend == name
+
+    def test_unknown_backend(self) -> None:
+        with pytest.raises(ConfigurationError) as info:
+            load_settings(regions(sessions={"backend": "rediss"}))
+        assert info.value.region == "sessions"
+        assert info.value.key == "backend"
+        message = str(info.value)
+        assert "region 'sessions'" in message and "'rediss'" in message
+        for short in SHORT_BACKEND_NAMES:
+            assert repr(short) in message
+
+
+class TestErrors:
+    def test_unknown_region_key(self) -> None:
+        with pytest.raises(ConfigurationError) as info:
+            load_settings(regions(r={"backend": "memory", "expires": 10}))
+        assert (info.value.region, info.value.key) == ("r", "expires")
+        assert "region 'r', setting 'expires'" in str(info.value)
+        assert "arguments, backend, expiration_time" in str(info.value)
+
+    def test_missing_backend(self) -> None:
+        with pytest.raises(ConfigurationError) as info:
+            load_settings(regions(r={"expiration_time": 10}))
+        assert (info.value.region, info.value.key) == ("r", "backend")
+        assert "required" in str(info.value)
+
+    def test_unknown_top_level_key(self) -> None:
+        with pytest.raises(ConfigurationError) as info:
+            load_settings({**regions(r={"backend": "memory"}), "cacheall": "r"})
+        assert info.value.region is None
+        assert info.value.key == "cacheall"
+        assert "cache_all, namespace, regions, uncached_tables" in str(info.value)
+
+    @pytest.mark.parametrize(
+        "value", [-1, -0.5, "soon", "-5", True, float("nan"), [300], {"s": 1}]
+    )
+    def test_bad_expiration_time(self, value: Any) -> None:
+        with pytest.raises(ConfigurationError) as info:
+            load_settings(regions(r={"backend": "memory", "expiration_time": value}))
+        assert (info.value.region, info.value.key) == ("r", "expiration_time")
+        assert "region 'r', setting 'expiration_time'" in str(info.value)
+        assert ">= 0" in str(info.value)
+
+    @pytest.mark.parametrize(
+        ("value", "seconds"),
+        [
+            (0, 0),
+            (300, 300),
+            (1.5, 1.5),
+            ("300", 300),
+            (" 2.5 ", 2.5),
+            (None, None),
+            (datetime.timedelta(minutes=5), 300.0),
+        ],
+    )
+    def test_good_expiration_time(self, value: Any, seconds: float | None) -> None:
+        spec = load_settings(
+            regions(r={"backend": "memory", "expiration_time": value})
+        ).region("r")
+        assert spec.expiration_time == seconds
+
+    @pytest.mark.parametrize("spec", ["memory", None, ["memory"]])
+    def test_region_not_a_mapping(self, spec: Any) -> None:
+        with pytest.raises(ConfigurationError) as info:
+            load_settings(regions(default=spec))
+        assert info.value.region == "default"
+        assert "region 'default'" in str(info.value)
+        assert "'backend'" in str(info.value)
+
+    @pytest.mark.parametrize("tree", [{}, {"regions": {}}, {"regions": "memory"}])
+    def test_no_regions(self, tree: dict[str, Any]) -> None:
+        with pytest.raises(ConfigurationError) as info:
+            load_settings(tree)
+        assert info.value.key == "regions"
+        assert "at least one region" in str(info.value)
+
+    def test_bad_arguments(self) -> None:
+        with pytest.raises(ConfigurationError) as info:
+            load_settings(regions(r={"backend": "redis", "arguments": "url"}))
+        assert (info.value.region, info.value.key) == ("r", "arguments")
+
+    def test_cache_all_undeclared(self) -> None:
+        with pytest.raises(ConfigurationError) as info:
+            load_settings(
+                {
+                    **regions(default={"backend": "memory"}, big={"backend": "null"}),
+                    "cache_all": "missing",
+                }
+            )
+        assert info.value.key == "cache_all"
+        assert info.value.region == "missing"
+        assert "'default', 'big'" in str(info.value)
+
+    @pytest.mark.parametrize("namespace", ["", "my app", "x" * 33, "café", "tab\t", 7])
+    def test_bad_namespace(self, namespace: Any) -> None:
+        with pytest.raises(ConfigurationError) as info:
+            load_settings({**regions(r={"backend": "memory"}), "namespace": namespace})
+        assert info.value.key == "namespace"
+        assert "1 to 32 ASCII characters" in str(info.value)
+
+    @pytest.mark.parametrize("tables", ["audit_log", ["ok", 3], [""]])
+    def test_bad_uncached_tables(self, tables: Any) -> None:
+        with pytest.raises(ConfigurationError) as info:
+            load_settings(
+                {**regions(r={"backend": "memory"}), "uncached_tables": tables}
+            )
+        assert info.value.key == "uncached_tables"
+
+    def test_not_a_mapping_or_path(self) -> None:
+        with pytest.raises(ConfigurationError, match="mapping or the path"):
+            load_settings(42)  # type: ignore[arg-type]
+
+
+class TestTomlFile:
+    def test_missing_table(self, tmp_path: Path) -> None:
+        path = write(tmp_path, "[cache]\nregions = {}\n")
+        with pytest.raises(ConfigurationError) as info:
+            load_settings(path)
+        assert (info.value.region, info.value.key) == (None, None)
+        assert str(path) in str(info.value)
+        assert "[ormcache]" in str(info.value)
+
+    def test_missing_file(self, tmp_path: Path) -> None:
+        path = tmp_path / "absent.toml"
+        with pytest.raises(ConfigurationError) as info:
+            load_settings(path)
+        assert str(path) in str(info.value)
+        assert isinstance(info.value.__cause__, FileNotFoundError)
+
+    def test_invalid_toml(self, tmp_path: Path) -> None:
+        path = write(tmp_path, "[ormcache\n")
+        with pytest.raises(ConfigurationError) as info:
+            load_settings(path)
+        assert str(path) in str(info.value)
+        assert "not valid TOML" in str(info.value)
+
+    def test_errors_inside_the_table(self, tmp_path: Path) -> None:
+        path = write(tmp_path, '[ormcache.regions.r]\nbackend = "nope"\n')
+        with pytest.raises(ConfigurationError) as info:
+            load_settings(path)
+        assert (info.value.region, info.value.key) == ("r", "backend")
+
+
+class TestEnvironment:
+    def test_whole_and_embedded_references(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("CACHE_BACKEND", "redis")
+        monkeypatch.setenv("CACHE_TTL", "120")
+        monkeypatch.setenv("REDIS_PASSWORD", "s3cret")
+        monkeypatch.setenv("REDIS_HOST", "cache.internal")
+        monkeypatch.setenv("APP", "shop")
+        settings = load_settings(
+            {
+                "regions": {
+                    "r": {
+                        "backend": "${CACHE_BACKEND}",
+                        "expiration_time": "${CACHE_TTL}",
+                        "arguments": {
+                            "url": "redis://:${REDIS_PASSWORD}@${REDIS_HOST}:6379/0",
+                            "connection_kwargs": {"client_name": "${APP}-cache"},
+                            "hosts": ["${REDIS_HOST}", ("${APP}",)],
+                            "port": 6379,
+                        },
+                    }
+                },
+                "namespace": "${APP}",
+                "uncached_tables": ["${APP}_audit"],
+            }
+        )
+        spec = settings.region("r")
+        assert spec.backend == "dogpile.cache.redis"
+        assert spec.expiration_time == 120
+        assert spec.arguments["url"] == "redis://:s3cret@cache.internal:6379/0"
+        assert spec.arguments["connection_kwargs"] == {"client_name": "shop-cache"}
+        assert spec.arguments["hosts"] == ["cache.internal", ("shop",)]
+        assert spec.arguments["port"] == 6379
+        assert settings.namespace == "shop"
+        assert settings.uncached_tables == frozenset({"shop_audit"})
+
+    def test_escape(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("X", "value")
+        spec = load_settings(
+            regions(
+                r={
+                    "backend": "memory",
+                    "arguments": {"a": "$${X}", "b": "$${X}-${X}", "c": "$X and $$"},
+                }
+            )
+        ).region("r")
+        assert spec.arguments == {"a": "${X}", "b": "${X}-value", "c": "$X and $$"}
+
+    def test_escape_is_not_interpolated_again_from_flat_config(self) -> None:
+        settings = settings_from_config(
+            {"ormcache.r.backend": "memory", "ormcache.r.arguments.a": "$${HOME}"}
+        )
+        assert settings.region("r").arguments["a"] == "${HOME}"
+
+    def test_missing_variable(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.delenv("ORMCACHE_TEST_UNSET", raising=False)
+        with pytest.raises(ConfigurationError) as info:
+            load_settings(
+                regions(
+                    r={
+                        "backend": "redis",
+                        "arguments": {"url": "redis://:${ORMCACHE_TEST_UNSET}@h/0"},
+                    }
+                )
+            )
+        assert (info.value.region, info.value.key) == ("r", "arguments.url")
+        assert "'ORMCACHE_TEST_UNSET'" in str(info.value)
+        assert "region 'r', setting 'arguments.url'" in str(info.value)
+
+    def test_missing_variable_at_top_level(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.delenv("ORMCACHE_TEST_UNSET", raising=False)
+        with pytest.raises(ConfigurationError) as info:
+            load_settings(
+                {
+                    **regions(r={"backend": "memory"}),
+                    "namespace": "${ORMCACHE_TEST_UNSET}",
+                }
+            )
+        assert (info.value.region, info.value.key) == (None, "namespace")
+        assert "'ORMCACHE_TEST_UNSET'" in str(info.value)
+
+    def test_non_numeric_variable_for_expiration(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("CACHE_TTL", "five minutes")
+        with pytest.raises(ConfigurationError) as info:
+            load_settings(
+                regions(r={"backend": "memory", "expiration_time": "${CACHE_TTL}"})
+            )
+        assert (info.value.region, info.value.key) == ("r", "expiration_time")
+        assert "'five minutes'" in str(info.value)
+
+    def test_malformed_reference(self) -> None:
+        with pytest.raises(ConfigurationError) as info:
+            load_settings(
+                regions(r={"backend": "memory", "arguments": {"a": "${not closed"}})
+            )
+        assert (info.value.region, info.value.key) == ("r", "arguments.a")
+        assert "$${" in str(info.value)
+
+
+class TestImmutability:
+    def test_input_not_mutated_and_not_shared(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("REDIS_HOST", "cache.internal")
+        source = copy.deepcopy(SETTINGS_DICT)
+        shared = source["regions"]["shared"]
+        shared["arguments"]["url"] = "redis://${REDIS_HOST}/0"
+        shared["arguments"]["connection_kwargs"] = {"retry": [1, 2]}
+        shared["expiration_time"] = "3600"
+        before = copy.deepcopy(source)
+
+        settings = load_settings(source)
+        assert source == before
+
+        shared["arguments"]["url"] = "changed"
+        shared["arguments"]["connection_kwargs"]["retry"].append(3)
+        source["regions"]["default"]["backend"] = "null"
+        source["regions"]["new"] = {"backend": "memory"}
+        source["uncached_tables"].append("users")
+
+        spec = settings.region("shared")
+        assert spec.arguments["url"] == "redis://cache.internal/0"
+        assert spec.arguments["connection_kwargs"] == {"retry": [1, 2]}
+        assert settings.region("default").backend == "dogpile.cache.memory"
+        assert list(settings.regions) == ["default", "shared"]
+        assert "users" not in settings.uncached_tables
+
+    def test_settings_are_read_only(self) -> None:
+        settings = load_settings(SETTINGS_DICT)
+        spec = settings.region("shared")
+        with pytest.raises(TypeError):
+            settings.regions["x"] = spec  # type: ignore[index]
+        with pytest.raises(TypeError):
+            spec.arguments["url"] = "x"  # type: ignore[index]
+        with pytest.raises(AttributeError):
+            settings.namespace = "x"  # type: ignore[misc]
+        with pytest.raises(AttributeError):
+            spec.backend = "x"  # type: ignore[misc]
+        assert isinstance(settings.uncached_tables, frozenset)
+
+    def test_direct_construction_copies_too(self) -> None:
+        arguments = {"filename": "/tmp/a.dbm"}
+        spec = RegionSettings("r", "dogpile.cache.dbm", None, arguments)
+        arguments["filename"] = "/tmp/b.dbm"
+        regions_ = {"r": spec}
+        settings = Settings(regions_, uncached_tables={"t"})  # type: ignore[arg-type]
+        regions_.clear()
+        assert spec.arguments["filename"] == "/tmp/a.dbm"
+        assert list(settings.regions) == ["r"]
+        assert settings.uncached_tables == frozenset({"t"})
+
+
+class TestUnknownRegion:
+    def test_lists_declared_names_and_is_a_key_error(self) -> None:
+        settings = load_settings(SETTINGS_DICT)
+        with pytest.raises(KeyError) as info:
+            settings.region("sesions")
+        error = info.value
+        assert isinstance(error, UnknownRegionError)
+        assert isinstance(error, ConfigurationError)
+        assert error.name == "sesions"
+        assert error.declared == ["default", "shared"]
+        assert str(error) == (
+            "no cache region named 'sesions' is declared; "
+            "declared regions: 'default', 'shared'"
+        )
+
+
+class TestMakeRegion:
+    def region_for(self, backend: str, **arguments: Any) -> Any:
+        settings = load_settings(
+            regions(
+                r={"backend": backend, "expiration_time": 60, "arguments": arguments}
+            )
+        )
+        region = make_region(settings.region("r"))
+        assert region.is_configured
+        assert region.name == "r"
+        assert region.expiration_time == 60
+        return region
+
+    @pytest.mark.parametrize(
+        ("backend", "cls"),
+        [("memory", MemoryBackend), ("memory_pickle", MemoryPickleBackend)],
+    )
+    def test_memory(self, backend: str, cls: type) -> None:
+        region = self.region_for(backend)
+        assert type(region.backend) is cls
+        assert region.get_or_create("k", lambda: [1]) == [1]
+
+    def test_dbm(self, tmp_path: Path) -> None:
+        region = self.region_for("dbm", filename=str(tmp_path / "cache.dbm"))
+        assert type(region.backend) is DBMBackend
+        region.set("k", "v")
+        assert region.get("k") == "v"
+
+    def test_redis_configures_without_a_server(self) -> None:
+        import redis
+
+        region = self.region_for("redis", url="redis://127.0.0.1:1/0")
+        assert type(region.backend) is RedisBackend
+        # nothing listens on port 1: configuring succeeded without connecting,
+        # and the first real command is what fails
+        with pytest.raises(redis.exceptions.ConnectionError):
+            region.get("k")
+
+    def test_memcached_configures_without_a_server(self) -> None:
+        import pylibmc
+
+        region = self.region_for("memcached", url="127.0.0.1:1")
+        assert type(region.backend) is PylibmcBackend
+        assert "_clients" not in vars(region.backend)  # no client created yet
+        with pytest.raises(pylibmc.Error):
+            region.get("k")
+
+    def test_arguments_passed_as_a_fresh_copy(self) -> None:
+        spec = load_settings(
+            regions(r={"backend": "redis", "arguments": {"connection_kwargs": {}}})
+        ).region("r")
+        region = make_region(spec)
+        region.backend.connection_kwargs["x"] = 1
+        assert spec.arguments["connection_kwargs"] == {}
+        assert make_region(spec).backend.connection_kwargs == {}
+
+    def test_wraps_configure_failure(self) -> None:
+        spec = load_settings(regions(local={"backend": "dbm"})).region("local")
+        with pytest.raises(ConfigurationError) as info:
+            make_region(spec)
+        assert (info.value.region, info.value.key) == ("local", "arguments")
+        assert isinstance(info.value.__cause__, KeyError)
+        assert "region 'local'" in str(info.value)
+        assert "'filename'" in str(info.value)
+
+    def test_wraps_unknown_backend(self) -> None:
+        spec = RegionSettings("r", "dogpile.cache.nope", None)
+        with pytest.raises(ConfigurationError) as info:
+            make_region(spec)
+        assert (info.value.region, info.value.key) == ("r", "backend")
+        assert info.value.__cause__ is not None
+
+    def test_wraps_missing_driver(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setitem(sys.modules, "redis", None)  # import redis fails
+        spec = load_settings(regions(r={"backend": "redis"})).region("r")
+        with pytest.raises(ConfigurationError) as info:
+            make_region(spec)
+        assert (info.value.region, info.value.key) == ("r", "backend")
+        assert isinstance(info.value.__cause__, ImportError)
+        assert "pip install" in str(info.value)
+
+
+def test_drivers_not_imported_by_loading_settings() -> None:
+    code = (
+        "import sys\n"
+        "from ormcache.settings import load_settings\n"
+        "load_settings({'regions': {'r': {'backend': 'redis'},"
+        " 'm': {'backend': 'memcached'}}})\n"
+        "print(sorted({'redis', 'pylibmc'} & set(sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_docstring_examples() -> None:
+    result = doctest.testmod(settings_module)
+    assert result.attempted > 0
+    assert result.failed == 0
+
+
+def test_all_is_sorted_and_complete() -> None:
+    names = settings_module.__all__
+    assert names == sorted(names)
+    for name in names:
+        assert hasattr(settings_module, name)
+    public = {
+        name
+        for name, value in vars(settings_module).items()
+        if not name.startswith("_")
+        and getattr(value, "__module__", None) == settings_module.__name__
+    }
+    assert public <= set(names)
