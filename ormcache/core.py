@@ -48,6 +48,7 @@ from sqlalchemy.orm.query import Query
 from sqlalchemy.sql.base import Executable
 
 from . import _compat, invalidation
+from ._loading import make_plan
 from ._replay import CAPTURE, REPLAY, Capture, Replay, instrument
 from ._store import Store
 from .exc import CacheKeyError, ConfigurationError, UnknownRegionError
@@ -205,11 +206,7 @@ class OrmCache:
         schema_map = exec_options.get("schema_translate_map")
         if schema_map is None:
             schema_map = bind.get_execution_options().get("schema_translate_map")
-        default_schema = dialect.default_schema_name
-        tables = tuple(
-            table_name(name, schema, schema_map, default_schema)
-            for name, schema in shape.tables
-        )
+        tables = shape.table_names(schema_map, dialect.default_schema_name)
         shard = bind_arguments.get("shard_id", exec_options.get("identity_token"))
 
         fill = True
@@ -231,7 +228,7 @@ class OrmCache:
                 db,
                 shard,
                 schema_map,
-                shape.sql,
+                shape.sql_digest,
                 params,
                 option.cache_key,
             )
@@ -251,9 +248,17 @@ class OrmCache:
             rows = entry[_ROWS]
             if entry[_PICKLED]:
                 rows = pickle.loads(rows)
-            return orm_context.invoke_statement(
+            plan = shape.plans.get(id(dialect)) if shape.mapper is not None else False
+            if plan:
+                built = plan.build(orm_context, rows)
+                if built is not None:
+                    return built
+            result = orm_context.invoke_statement(
                 execution_options={REPLAY: Replay(entry[_DESCRIPTION], rows)}
             )
+            if plan is None:
+                shape.plans[id(dialect)] = make_plan(shape.mapper, result) or False
+            return result
 
         # a miss: make sure every token exists, then query
         current: list[str] = []
@@ -416,7 +421,7 @@ class OrmCache:
                 db,
                 shard,
                 None,
-                shape.sql,
+                shape.sql_digest,
                 values,
                 option.cache_key,
             )

@@ -23,7 +23,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.engine import Connection, Dialect, Engine
@@ -125,7 +125,7 @@ def table_name(
     return name.lower()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StatementShape:
     """What ormcache knows of one statement shape, kept per process."""
 
@@ -133,6 +133,33 @@ class StatementShape:
     #: tables read, as :func:`table_name` gives them, schema untranslated;
     #: empty when they cannot be known (textual SQL)
     tables: tuple[tuple[str, str | None], ...]
+    #: the mapper the fast hit path can build (see ``_loading``), or None
+    mapper: Any = None
+    #: fast-path plans by dialect: a ``_loading.Plan``, or False when the
+    #: statement turned out not to fit
+    plans: dict[int, Any] = field(default_factory=dict)
+    #: a digest of ``sql``, what keys are made of
+    sql_digest: str = ""
+    #: ``tables`` resolved by default schema, when no schema_translate_map
+    resolved: dict[str | None, tuple[str, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.sql_digest = digest(self.sql)
+
+    def table_names(
+        self, schema_translate_map: Mapping[Any, Any] | None, default_schema: str | None
+    ) -> tuple[str, ...]:
+        """The tables read, as version keys name them."""
+        if schema_translate_map is None:
+            names = self.resolved.get(default_schema)
+            if names is None:
+                names = self.resolved[default_schema] = tuple(
+                    table_name(n, s, None, default_schema) for n, s in self.tables
+                )
+            return names
+        return tuple(
+            table_name(n, s, schema_translate_map, default_schema) for n, s in self.tables
+        )
 
 
 class ShapeCache:
@@ -173,7 +200,11 @@ def _describe(statement: Any, dialect: Dialect) -> StatementShape:
         },
         key=lambda t: (t[0], t[1] or ""),
     )
-    return StatementShape(sql=str(compiled), tables=tuple(tables))
+    from ._loading import eligible_mapper
+
+    return StatementShape(
+        sql=str(compiled), tables=tuple(tables), mapper=eligible_mapper(statement)
+    )
 
 
 def parameter_values(cache_key: Any, parameters: Mapping[str, Any] | None) -> tuple[Any, ...]:

@@ -1,0 +1,172 @@
+"""The fast hit path: ORM instances built straight from cached rows.
+
+For the most common cached statements (one plain mapped class, no loader
+options, no inheritance, no eager loaders: ``session.get`` and
+``select(Model).where(...)``) going through SQLAlchemy's whole execution
+pipeline costs more than the database query it replaces.  For those, a
+:class:`Plan` built from the first (replayed) execution in this process
+maps each column attribute to its position in the cached DBAPI row and its
+result processor, and a hit builds instances the way
+``sqlalchemy.orm.loading`` does for new rows: into the instance's state and
+the session's identity map.
+
+Whenever an instance with the same identity is already in the session, the
+existing object is returned untouched (pending changes are kept), unless
+it has expired or unloaded attributes, in which case the plan steps aside
+and the regular replay path refreshes them exactly as SQLAlchemy would.
+
+Private SQLAlchemy API used here (supported 2.0.30 to 2.1.x):
+``CursorResultMetaData._keymap`` records, ``IdentityMap._add_unpresent``,
+``InstanceState`` attributes ``key``, ``identity_token`` and
+``session_id``, ``Result._source_supports_scalars``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Column
+from sqlalchemy.engine.cursor import MD_INDEX, MD_PROCESSOR
+from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
+from sqlalchemy.orm import Mapper, ORMExecuteState, RelationshipProperty
+from sqlalchemy.orm.base import instance_state
+from sqlalchemy.util import immutabledict
+
+__all__ = ["Plan", "eligible_mapper", "make_plan"]
+
+_LAZY_OK = frozenset({"select", True, "raise", "raise_on_sql", "noload", "dynamic", "write_only"})
+_ATTRIBUTES = immutabledict({"filtered": True, "is_single_entity": True})
+
+
+def eligible_mapper(statement: Any) -> Mapper[Any] | None:
+    """The mapper of a statement the fast path can serve, else None.
+    Depends on the statement's structure only."""
+    try:
+        options = statement._with_options
+        descriptions = statement.column_descriptions
+    except AttributeError:
+        return None
+    from .options import FromCache
+
+    for opt in options:
+        if not isinstance(opt, FromCache) or opt.propagate_to_loaders:
+            return None
+    if len(descriptions) != 1:
+        return None
+    entity = descriptions[0].get("entity")
+    expr = descriptions[0].get("expr")
+    if entity is None or expr is not entity:
+        return None
+    mapper: Mapper[Any] | None = getattr(entity, "__mapper__", None)
+    if mapper is None or mapper.inherits is not None or mapper.polymorphic_on is not None:
+        return None
+    if mapper.version_id_col is not None or mapper.with_polymorphic:
+        return None
+    for prop in mapper.column_attrs:
+        if prop.deferred or len(prop.columns) != 1 or not isinstance(prop.columns[0], Column):
+            return None
+    for rel in mapper.relationships:
+        if not isinstance(rel, RelationshipProperty) or rel.lazy not in _LAZY_OK:
+            return None
+    manager = mapper.class_manager
+    if manager.dispatch.load or manager.dispatch.refresh:
+        return None
+    return mapper
+
+
+class Plan:
+    """How to build one mapper's instances from one statement's raw rows."""
+
+    __slots__ = ("mapper", "columns", "pk", "metadata", "_new", "_identity_class", "_keys")
+
+    def __init__(
+        self,
+        mapper: Mapper[Any],
+        columns: list[tuple[str, int, Any]],
+        pk: list[tuple[int, Any]],
+        label: str,
+    ) -> None:
+        self.mapper = mapper
+        self.columns = columns
+        self.pk = pk
+        self.metadata = SimpleResultMetaData([label], extra=[(mapper.class_,)])
+        self._new = mapper.class_manager.new_instance
+        self._identity_class = mapper._identity_class
+        self._keys = [key for key, _, _ in columns]
+
+    def build(self, orm_context: ORMExecuteState, rows: Any) -> IteratorResult[Any] | None:
+        """A result of live instances, or None when the regular path must
+        be used (an existing instance needs attributes refreshed, or the
+        execution asks for more than the plan does)."""
+        load_options = orm_context.load_options
+        if (
+            load_options._populate_existing
+            or load_options._refresh_state is not None
+            or load_options._only_return_tuples
+            or load_options._yield_per
+        ):
+            return None
+        session = orm_context.session
+        if session.dispatch.loaded_as_persistent:
+            return None
+        token = load_options._identity_token
+        identity_map = session.identity_map
+        identity_class = self._identity_class
+        new = self._new
+        columns = self.columns
+        pk = self.pk
+        session_id = session.hash_key
+        objects = []
+        for raw in rows:
+            ident = tuple(proc(raw[i]) if proc else raw[i] for i, proc in pk)
+            key = (identity_class, ident, token)
+            existing = identity_map.get(key)
+            if existing is not None:
+                state = instance_state(existing)
+                dict_ = state.dict
+                if state.expired_attributes or any(k not in dict_ for k in self._keys):
+                    return None
+                objects.append(existing)
+                continue
+            obj = new()
+            state = instance_state(obj)
+            dict_ = state.dict
+            for attr, i, proc in columns:
+                value = raw[i]
+                dict_[attr] = proc(value) if proc is not None and value is not None else value
+            state.key = key
+            state.identity_token = token
+            state.session_id = session_id
+            identity_map._add_unpresent(state, key)
+            objects.append(obj)
+        result: IteratorResult[Any] = IteratorResult(self.metadata, iter(objects))
+        result._attributes = _ATTRIBUTES
+        result._source_supports_scalars = True
+        return result
+
+
+def make_plan(mapper: Mapper[Any], result: Any) -> Plan | None:
+    """A plan from the ORM result of a (replayed) execution, or None."""
+    raw = getattr(result, "raw", None)
+    keymap = getattr(getattr(raw, "_metadata", None), "_keymap", None)
+    if keymap is None:
+        return None
+    try:
+        label = list(result._metadata.keys)[0]
+    except (AttributeError, IndexError):
+        return None
+    columns = []
+    by_column: dict[Any, tuple[int, Any]] = {}
+    for prop in mapper.column_attrs:
+        col = prop.columns[0]
+        rec = keymap.get(col)
+        if rec is None or rec[MD_INDEX] is None:
+            return None
+        columns.append((prop.key, rec[MD_INDEX], rec[MD_PROCESSOR]))
+        by_column[col] = (rec[MD_INDEX], rec[MD_PROCESSOR])
+    pk = []
+    for col in mapper.primary_key:
+        if col not in by_column:
+            return None
+        pk.append(by_column[col])
+    return Plan(mapper, columns, pk, label)
