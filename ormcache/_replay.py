@@ -59,10 +59,22 @@ class Replay:
 class ReplayCursor:
     """Just enough of a DBAPI cursor for SQLAlchemy's result fetching."""
 
-    __slots__ = ("description", "_rows", "_pos", "rowcount", "arraysize", "lastrowid")
+    __slots__ = (
+        "description",
+        "connection",
+        "_rows",
+        "_pos",
+        "rowcount",
+        "arraysize",
+        "lastrowid",
+    )
 
-    def __init__(self, description: Sequence[Any], rows: Sequence[Any]) -> None:
+    def __init__(
+        self, description: Sequence[Any], rows: Sequence[Any], connection: Any = None
+    ) -> None:
         self.description = description
+        #: the real DBAPI connection: drivers' post_exec hooks read it
+        self.connection = connection
         self._rows = rows
         self._pos = 0
         self.rowcount = len(rows)
@@ -144,8 +156,9 @@ def _do_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> b
     replay = options.get(REPLAY)
     if replay is not None and not replay.used:
         replay.used = True
+        connection = getattr(cursor, "connection", None)
         cursor.close()
-        context.cursor = ReplayCursor(replay.description, replay.rows)
+        context.cursor = ReplayCursor(replay.description, replay.rows, connection)
         return True
     capture = options.get(CAPTURE)
     if capture is not None and not capture.used:
@@ -158,8 +171,9 @@ def _do_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> b
         rows = cursor.fetchall()
         capture.description = tuple(tuple(col[:7]) for col in description)
         capture.rows = rows
+        connection = getattr(cursor, "connection", None)
         cursor.close()
-        context.cursor = FetchedCursor(capture.description, rows)
+        context.cursor = FetchedCursor(capture.description, rows, connection)
         return True
     return False
 

@@ -167,7 +167,7 @@ class BackendTests:
     # -- basics ----------------------------------------------------------
 
     def test_hit_serves_without_query(self) -> None:
-        stmt = select(Template).where(Template.store_id == 1).options(FromCache("default"))
+        stmt = select(Template).where(Template.store_id == 1).order_by(Template.id).options(FromCache("default"))
         first, q1 = self.cached_names(stmt)
         second, q2 = self.cached_names(stmt)
         assert first == second == ["t1", "t2", "t3", "t4", "t5"]
@@ -214,7 +214,7 @@ class BackendTests:
             assert t in s.dirty
 
     def test_autoflush_before_cache(self) -> None:
-        stmt = select(Template).where(Template.store_id == 1).options(FromCache())
+        stmt = select(Template).where(Template.store_id == 1).order_by(Template.id).options(FromCache())
         self.cached_names(stmt)
         with self.Session() as s:
             s.add(Template(id=100, store_id=1, name="new", body={}))
@@ -229,7 +229,7 @@ class BackendTests:
         assert names == ["t1", "t2", "t3", "t4", "t5"]
 
     def test_hit_does_not_refresh_modified_instance(self) -> None:
-        stmt = select(Template).where(Template.store_id == 1).options(FromCache())
+        stmt = select(Template).where(Template.store_id == 1).order_by(Template.id).options(FromCache())
         self.cached_names(stmt)
         with self.Session(autoflush=False) as s:
             objs = s.scalars(stmt).all()
@@ -418,7 +418,7 @@ class BackendTests:
     # -- invalidation on writes ------------------------------------------
 
     def test_orm_write_invalidates(self) -> None:
-        stmt = select(Template).where(Template.store_id == 1).options(FromCache())
+        stmt = select(Template).where(Template.store_id == 1).order_by(Template.id).options(FromCache())
         self.cached_names(stmt)
         with self.Session() as s:
             s.get(Template, 1).name = "changed"
