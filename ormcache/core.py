@@ -237,7 +237,11 @@ class OrmCache:
             return None
         self._databases.setdefault(db, dialect)
 
-        deps = self._keys.deps(option.region, db, tables)
+        deps = None
+        if shape.get_params is not None and params is not None:
+            deps = self._entity_deps(option.region, db, shape, tables, schema_map, dialect, orm_context.parameters)
+        if deps is None:
+            deps = self._keys.deps(option.region, db, tables)
         values = store.get_many([key, *deps])
         if values is None:
             return None
@@ -289,6 +293,34 @@ class OrmCache:
                 rows_value = tuple(rows_value)
             store.set(key, (now, tuple(current), capture.description, rows_value, pickled))
         return result
+
+    def _entity_deps(
+        self,
+        region: str,
+        db: str,
+        shape: Any,
+        tables: tuple[str, ...],
+        schema_map: Mapping[Any, Any] | None,
+        dialect: Any,
+        parameters: Any,
+    ) -> list[str] | None:
+        """Row-level dependencies of a primary-key lookup, or None to depend
+        on whole tables (a key value of an unexpected type could be spelled
+        differently by a writer)."""
+        if not isinstance(parameters, Mapping):
+            return None
+        values = []
+        for name, kind in zip(shape.get_params, shape.get_types):
+            value = parameters.get(name)
+            if type(value) is not kind:
+                return None
+            values.append(value)
+        default_schema = dialect.default_schema_name
+        entity = tuple(
+            table_name(n, s, schema_map, default_schema) for n, s in shape.get_tables
+        )
+        others = tuple(t for t in tables if t not in entity)
+        return self._keys.entity_deps(region, db, entity, others, invalidation.pk_text(values))
 
     def _valid(
         self, store: Store, option: FromCache, entry: Any, tokens: list[Any], now: float

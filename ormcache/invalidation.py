@@ -13,6 +13,14 @@ Keys (``ns`` is the settings' namespace)::
     ns:v:d:DB:*             writes on DB whose tables are unknown
     ns:v:d:DB:+             any write on DB (results whose tables are unknown)
     ns:v:d:DB:t:TABLE       writes to TABLE on DB
+    ns:v:d:DB:b:TABLE       writes to TABLE on DB that are not row by row
+                            (bulk, Core and textual DML, DDL)
+    ns:v:d:DB:r:TABLE:PK    an ORM flush writing the row PK of TABLE
+
+Query results depend on the ``t`` keys of their tables.  Entity results
+(``Session.get`` and many-to-one lazy loads by primary key) depend instead
+on the ``b`` and ``r`` keys of their row: writes to other rows of the table
+leave them valid.
 
 The protocol, for a writer W and a reader R:
 
@@ -49,6 +57,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.orm.base import instance_state
 from sqlalchemy.pool import Pool
 from sqlalchemy.sql import util as sql_util
 
@@ -118,6 +128,31 @@ class VersionKeys:
     def table(self, db: str, table: str) -> str:
         return f"{self.ns}:v:d:{_db(db)}:t:{_short(table)}"
 
+    def bulk(self, db: str, table: str) -> str:
+        return f"{self.ns}:v:d:{_db(db)}:b:{_short(table)}"
+
+    def row(self, db: str, table: str, pk: str) -> str:
+        return f"{self.ns}:v:d:{_db(db)}:r:{_short(table)}:{digest(pk, 8)}"
+
+    def entity_deps(
+        self,
+        region: str,
+        db: str,
+        entity_tables: tuple[str, ...],
+        other_tables: tuple[str, ...],
+        pk: str,
+    ) -> list[str]:
+        """The version keys a primary-key lookup depends on."""
+        keys = [self.all, self.region(region), self.db_unknown(db)]
+        for t in entity_tables:
+            keys.append(self.model(t))
+            keys.append(self.bulk(db, t))
+            keys.append(self.row(db, t, pk))
+        for t in other_tables:
+            keys.append(self.model(t))
+            keys.append(self.table(db, t))
+        return keys
+
     def deps(self, region: str, db: str, tables: tuple[str, ...]) -> list[str]:
         """The version keys a result of ``tables`` on ``db`` depends on."""
         memo_key = (region, db, tables)
@@ -135,12 +170,36 @@ class VersionKeys:
             self._memo[memo_key] = keys  # type: ignore[assignment]
         return keys  # type: ignore[return-value]
 
-    def written(self, db: str, tables: Iterable[str]) -> list[str]:
-        """The version keys a write to ``tables`` on ``db`` moves."""
+    def written(self, db: str, items: Iterable[str]) -> list[str]:
+        """The version keys moved by writes to ``items`` on ``db``: table
+        names, :data:`UNKNOWN`, and the markers :func:`bulk_item` and
+        :func:`row_item` make."""
         keys = [self.db_any(db)]
-        for t in tables:
-            keys.append(self.db_unknown(db) if t == UNKNOWN else self.table(db, t))
+        for item in items:
+            if item == UNKNOWN:
+                keys.append(self.db_unknown(db))
+            elif item[0] == "\x00":
+                kind, table, pk = item[1:].split("\x00", 2)
+                if kind == "b":
+                    keys.append(self.bulk(db, table))
+                else:
+                    keys.append(self.row(db, table, pk))
+            else:
+                keys.append(self.table(db, item))
         return keys
+
+
+def bulk_item(table: str) -> str:
+    return f"\x00b\x00{table}\x00"
+
+
+def row_item(table: str, pk: str) -> str:
+    return f"\x00r\x00{table}\x00{pk}"
+
+
+def pk_text(values: Iterable[Any]) -> str:
+    """The text a primary key is known by in row keys."""
+    return repr(tuple(values))
 
 
 def _short(name: str) -> str:
@@ -180,6 +239,10 @@ def register(cache: OrmCache) -> None:
             event.listen(Engine, "rollback", _on_rollback)
             event.listen(Engine, "begin", _on_begin)
             event.listen(Pool, "checkin", _on_checkin)
+            event.listen(Mapper, "after_insert", _on_row_write)
+            event.listen(Mapper, "after_update", _on_row_write)
+            event.listen(Mapper, "after_delete", _on_row_write)
+            event.listen(Session, "before_flush", _on_before_flush)
             _installed = True
 
 
@@ -212,6 +275,13 @@ def _after_cursor_execute(
     tables = _written_by(context, statement, conn)
     if tables is None:
         return
+    if not (_flushing() and "compiled_cache" in context.execution_options):
+        # not one of the flush's own row-by-row statements
+        tables = tables | {bulk_item(t) for t in tables if t != UNKNOWN}
+    _record(conn, context, tables)
+
+
+def _record(conn: Connection, context: Any, tables: set[str]) -> None:
     db = database_id(conn)
     info = conn.info
     written = info.setdefault(_WRITTEN, {})
@@ -221,11 +291,48 @@ def _after_cursor_execute(
         seen |= new
         for cache in list(_caches):
             cache._pre_invalidate(db, new)
+    if context is None:
+        return
     from ._replay import in_transaction
 
     if in_transaction(context) is False:
         # autocommit: the write is committed already
         _announce(info, committed=True)
+
+
+_flush_local = threading.local()
+
+
+def _on_before_flush(session: Session, flush_context: Any, instances: Any) -> None:
+    sessions = getattr(_flush_local, "sessions", None)
+    if sessions is None:
+        sessions = _flush_local.sessions = weakref.WeakSet()
+    sessions.add(session)
+
+
+def _flushing() -> bool:
+    sessions = getattr(_flush_local, "sessions", None)
+    if not sessions:
+        return False
+    return any(s._flushing for s in sessions)
+
+
+def _on_row_write(mapper: Mapper[Any], connection: Connection, target: Any) -> None:
+    if not _caches:
+        return
+    state = instance_state(target)
+    pks = {pk_text(mapper.primary_key_from_instance(target))}
+    if state.key is not None:
+        pks.add(pk_text(state.key[1]))
+    schema_map = connection.get_execution_options().get("schema_translate_map")
+    default_schema = connection.dialect.default_schema_name
+    items = set()
+    for table in mapper.tables:
+        name = getattr(table, "name", None)
+        if name:
+            tname = table_name(name, getattr(table, "schema", None), schema_map, default_schema)
+            items.update(row_item(tname, pk) for pk in pks)
+    _record(connection, None, items)
 
 
 def _on_commit(conn: Connection) -> None:

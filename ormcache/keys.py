@@ -142,6 +142,12 @@ class StatementShape:
     sql_digest: str = ""
     #: ``tables`` resolved by default schema, when no schema_translate_map
     resolved: dict[str | None, tuple[str, ...]] = field(default_factory=dict)
+    #: for a primary-key lookup (``Session.get``, a many-to-one lazy load):
+    #: the bound parameter names of the key columns, their Python types,
+    #: and the tables of the entity
+    get_params: tuple[str, ...] | None = None
+    get_types: tuple[type, ...] = ()
+    get_tables: tuple[tuple[str, str | None], ...] = ()
 
     def __post_init__(self) -> None:
         self.sql_digest = digest(self.sql)
@@ -202,8 +208,42 @@ def _describe(statement: Any, dialect: Dialect) -> StatementShape:
     )
     from ._loading import eligible_mapper
 
-    return StatementShape(
+    shape = StatementShape(
         sql=str(compiled), tables=tuple(tables), mapper=eligible_mapper(statement)
+    )
+    _describe_get(statement, shape)
+    return shape
+
+
+def _describe_get(statement: Any, shape: StatementShape) -> None:
+    """Fill in ``get_*`` when ``statement`` looks an entity up by its
+    primary key, the way ``Session.get`` and lazy loaders build it."""
+    try:
+        descriptions = statement.column_descriptions
+        criteria = statement._where_criteria
+    except AttributeError:
+        return
+    if len(descriptions) != 1 or len(criteria) != 1:
+        return
+    entity = descriptions[0].get("entity")
+    if entity is None or descriptions[0].get("expr") is not entity:
+        return
+    mapper = getattr(entity, "__mapper__", None)
+    if mapper is None:
+        return
+    get_clause, get_params = mapper._get_clause
+    if not get_clause.compare(criteria[0]):
+        return
+    types = []
+    for col in mapper.primary_key:
+        try:
+            types.append(col.type.python_type)
+        except NotImplementedError:
+            return
+    shape.get_params = tuple(get_params[col].key for col in mapper.primary_key)
+    shape.get_types = tuple(types)
+    shape.get_tables = tuple(
+        (t.name, getattr(t, "schema", None)) for t in mapper.tables if getattr(t, "name", None)
     )
 
 

@@ -476,3 +476,79 @@ class BackendTests:
 
         time.sleep(0.01)
         assert self.cached_names(stmt)[1] == 1
+
+    # -- entity entries: row-level invalidation ---------------------------
+
+    def get_selects(self, ident: int) -> tuple[str | None, int]:
+        with self.count() as c, self.Session() as s:
+            t = s.get(Template, ident, options=[FromCache()])
+            name = t.name if t is not None else None
+        return name, c.selects
+
+    def test_entity_entry_survives_other_rows(self) -> None:
+        assert self.get_selects(1) == ("t1", 1)
+        with self.Session() as s:
+            s.get(Template, 2).name = "other row"
+            s.add(Template(id=50, store_id=1, name="new row", body={}))
+            s.commit()
+        assert self.get_selects(1) == ("t1", 0)
+        with self.Session() as s:
+            s.get(Template, 1).name = "this row"
+            s.commit()
+        assert self.get_selects(1) == ("this row", 1)
+        assert self.get_selects(1) == ("this row", 0)
+
+    def test_entity_entry_insert_and_delete(self) -> None:
+        assert self.get_selects(99) == (None, 1)
+        assert self.get_selects(99) == (None, 0)
+        with self.Session() as s:
+            s.add(Template(id=99, store_id=2, name="t99", body={}))
+            s.commit()
+        assert self.get_selects(99) == ("t99", 1)
+        with self.Session() as s:
+            s.delete(s.get(Template, 99))
+            s.commit()
+        assert self.get_selects(99) == (None, 1)
+
+    def test_entity_entry_bulk_and_text_writes(self) -> None:
+        self.get_selects(1)
+        with self.Session() as s:
+            s.execute(update(Template).where(Template.id == 3).values(version=2))
+            s.commit()
+        assert self.get_selects(1) == ("t1", 1)
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE templates SET version = 3 WHERE id = 3")
+        assert self.get_selects(1) == ("t1", 1)
+
+    def test_many_to_one_lazy_load_is_an_entity_entry(self) -> None:
+        opt = RelationshipCache(Template.store, "default")
+        stmt = select(Template).where(Template.id == 1).options(opt)
+
+        def store_name() -> tuple[str, int]:
+            with self.count() as c, self.Session() as s:
+                t = s.scalars(stmt).one()
+                c.reset()
+                name = t.store.name
+            return name, c.selects
+
+        assert store_name() == ("store1", 1)
+        assert store_name() == ("store1", 0)
+        with self.Session() as s:
+            s.get(Store, 2).name = "other store"
+            s.commit()
+        assert store_name() == ("store1", 0)
+        with self.Session() as s:
+            s.get(Store, 1).name = "renamed store"
+            s.commit()
+        assert store_name() == ("renamed store", 1)
+
+    def test_ddl_invalidates(self) -> None:
+        from sqlalchemy.exc import OperationalError, ProgrammingError
+
+        stmt = select(Template).where(Template.id == 1).options(FromCache())
+        self.cached_names(stmt)
+        Base.metadata.drop_all(self.engine)
+        with pytest.raises((OperationalError, ProgrammingError)):
+            self.cached_names(stmt)
+        Base.metadata.create_all(self.engine)
+        assert self.cached_names(stmt) == ([], 1)
