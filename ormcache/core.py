@@ -108,6 +108,10 @@ class OrmCache:
         self._shapes = ShapeCache()
         self._databases: dict[str, Any] = {}
         self._attached: list[Any] = []
+        self._cache_all = (
+            FromCache(settings.cache_all) if settings.cache_all is not None else None
+        )
+        self._uncached = frozenset(t.lower() for t in settings.uncached_tables)
         invalidation.register(self)
 
     # -- construction ----------------------------------------------------
@@ -177,7 +181,15 @@ class OrmCache:
                 option = opt._for_execution(orm_context)
                 if option is not None:
                     break
-        if option is None or not orm_context.is_select:
+        cache_all = False
+        if option is None:
+            if self._cache_all is None or not orm_context.is_select:
+                return None
+            if orm_context.load_options._refresh_state is not None:
+                return None  # Session.refresh() and expired attributes
+            option = self._cache_all
+            cache_all = True
+        elif not orm_context.is_select:
             return None
         store = self._store(option.region)
 
@@ -207,6 +219,10 @@ class OrmCache:
         if schema_map is None:
             schema_map = bind.get_execution_options().get("schema_translate_map")
         tables = shape.table_names(schema_map, dialect.default_schema_name)
+        if cache_all and (
+            shape.volatile or not tables or not self._uncached.isdisjoint(tables)
+        ):
+            return None
         shard = bind_arguments.get("shard_id", exec_options.get("identity_token"))
 
         fill = True

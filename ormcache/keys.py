@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 import uuid
 import weakref
@@ -28,6 +29,9 @@ from typing import Any
 
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.sql import util as sql_util
+from sqlalchemy.sql import visitors
+from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.util import LRUCache
 
 from . import _compat
@@ -148,6 +152,10 @@ class StatementShape:
     get_params: tuple[str, ...] | None = None
     get_types: tuple[type, ...] = ()
     get_tables: tuple[tuple[str, str | None], ...] = ()
+    #: calls a function whose result changes between executions (now(),
+    #: random(), ...), or embeds textual SQL that may: never cached in
+    #: cache-everything mode
+    volatile: bool = False
 
     def __post_init__(self) -> None:
         self.sql_digest = digest(self.sql)
@@ -209,10 +217,42 @@ def _describe(statement: Any, dialect: Dialect) -> StatementShape:
     from ._loading import eligible_mapper
 
     shape = StatementShape(
-        sql=str(compiled), tables=tuple(tables), mapper=eligible_mapper(statement)
+        sql=str(compiled),
+        tables=tuple(tables),
+        mapper=eligible_mapper(statement),
+        volatile=_volatile(core),
     )
     _describe_get(statement, shape)
     return shape
+
+
+#: SQL functions whose result changes from one execution to the next
+VOLATILE_FUNCTIONS = frozenset(
+    """now random rand current_timestamp current_date current_time localtime
+    localtimestamp sysdate sysdatetime getdate getutcdate utc_timestamp
+    utc_date utc_time curdate curtime clock_timestamp statement_timestamp
+    transaction_timestamp timeofday uuid gen_random_uuid uuid_generate_v1
+    uuid_generate_v4 newid random_uuid nextval currval lastval setval
+    last_insert_rowid last_insert_id changes total_changes txid_current
+    pg_backend_pid connection_id unix_timestamp datetime julianday strftime
+    date time""".split()
+)
+_VOLATILE_TEXT = re.compile(
+    r"\b(" + "|".join(sorted(VOLATILE_FUNCTIONS, key=len, reverse=True)) + r")\s*\(|"
+    r"\bcurrent_(timestamp|date|time)\b",
+    re.IGNORECASE,
+)
+
+
+def _volatile(core: Any) -> bool:
+    for element in visitors.iterate(core):
+        if isinstance(element, FunctionElement):
+            if str(getattr(element, "name", "")).lower() in VOLATILE_FUNCTIONS:
+                return True
+        elif isinstance(element, TextClause):
+            if _VOLATILE_TEXT.search(element.text):
+                return True
+    return False
 
 
 def _describe_get(statement: Any, shape: StatementShape) -> None:
