@@ -18,6 +18,7 @@ __all__ = [
     "autoflush",
     "bind_value",
     "generate_cache_key",
+    "run_after_routing",
     "session_connections",
 ]
 
@@ -37,6 +38,16 @@ def autoflush(session: Session) -> None:
     """Flush the way a query does before it runs (honours
     ``Session.autoflush`` and ``no_autoflush``)."""
     session._autoflush()
+
+
+def run_after_routing(orm_context: Any, listener: Any) -> None:
+    """Have ``listener`` run for the statements that the remaining
+    ``do_orm_execute`` listeners (horizontal_shard's router) invoke.
+
+    ``ShardedSession`` registers its router on each session instance, so it
+    runs after class-level listeners such as ours, and the per-shard
+    executions it invokes only run the listeners after it."""
+    orm_context._events_todo.append(listener)
 
 
 def session_connections(session: Session) -> Iterator[Connection]:

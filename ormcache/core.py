@@ -108,6 +108,7 @@ class OrmCache:
         self._shapes = ShapeCache()
         self._databases: dict[str, Any] = {}
         self._attached: list[Any] = []
+        self._shard_dbs: dict[Any, str] = {}
         self._cache_all = (
             FromCache(settings.cache_all) if settings.cache_all is not None else None
         )
@@ -192,6 +193,12 @@ class OrmCache:
         elif not orm_context.is_select:
             return None
         store = self._store(option.region)
+        session = orm_context.session
+        bind_arguments = orm_context.bind_arguments
+        if "shard_id" not in bind_arguments and _is_sharded(session):
+            # cache per shard: run again inside each shard's execution
+            _compat.run_after_routing(orm_context, self._do_orm_execute)
+            return None
 
         statement = orm_context.statement
         exec_options = orm_context.execution_options
@@ -202,14 +209,12 @@ class OrmCache:
         ):
             return None
 
-        session = orm_context.session
         if orm_context.load_options._autoflush:
             _compat.autoflush(session)
 
         cache_key = _compat.generate_cache_key(statement)
         if cache_key is None:
             return None
-        bind_arguments = orm_context.bind_arguments
         bind = session.get_bind(**bind_arguments)
         instrument(bind.engine)
         dialect = bind.dialect
@@ -252,6 +257,8 @@ class OrmCache:
             log.warning("not caching: %s", err)
             return None
         self._databases.setdefault(db, dialect)
+        if shard is not None and "shard_id" in bind_arguments:
+            self._shard_dbs.setdefault(shard, db)
 
         deps = None
         if shape.get_params is not None and params is not None:
@@ -398,7 +405,9 @@ class OrmCache:
           execute time, and ``session=`` or ``bind=`` to name the database
           (by default every database this process has cached from);
         * a mapped class: every result that read its tables, in every
-          database and every process;
+          database and every process; with ``shard=``, only on that shard
+          of an attached ``ShardedSession`` (results merged from several
+          shards included);
         * a mapped instance: results that read its tables;
         * a relationship attribute (``Store.templates``): results that read
           the related tables, including lazy loads that
@@ -429,7 +438,37 @@ class OrmCache:
                 f"cannot invalidate {target!r}: pass a mapped class, an "
                 "instance, a relationship attribute or a statement"
             )
-        self._bump(self._keys.model(t) for t in _mapper_tables(mapper))
+        shard = kw.pop("shard", None)
+        if kw:
+            raise TypeError(f"unexpected arguments for a model: {sorted(kw)}")
+        tables = _mapper_tables(mapper)
+        if shard is None:
+            self._bump(self._keys.model(t) for t in tables)
+            return
+        db = self._shard_database(shard)
+        keys = [self._keys.table(db, t) for t in tables]
+        keys += [self._keys.bulk(db, t) for t in tables]
+        self._bump(keys)
+
+    def _shard_database(self, shard: Any) -> str:
+        """The database id of a shard of an attached ``ShardedSession``."""
+        known: dict[Any, Any] = {}
+        for target in self._attached:
+            shards = getattr(target, "kw", {}).get("shards") or getattr(
+                getattr(target, "session_factory", None), "kw", {}
+            ).get("shards")
+            if shards:
+                known.update(shards)
+        bind = known.get(shard)
+        if bind is not None:
+            return database_id(bind)
+        if shard in self._shard_dbs:
+            return self._shard_dbs[shard]
+        listing = ", ".join(repr(k) for k in sorted(known, key=str)) or "none"
+        raise ConfigurationError(
+            f"unknown shard {shard!r}: attach the ShardedSession's sessionmaker "
+            f"before invalidating by shard; known shards: {listing}"
+        )
 
     def _invalidate_statement(
         self,
@@ -485,6 +524,12 @@ class OrmCache:
     def invalidate_all(self) -> None:
         """Drop everything ormcache cached, in every region."""
         self._bump([self._keys.all])
+
+
+def _is_sharded(session: Session) -> bool:
+    from sqlalchemy.ext.horizontal_shard import ShardedSession
+
+    return isinstance(session, ShardedSession)
 
 
 def _plain(rows: list[Any]) -> bool:
