@@ -25,11 +25,17 @@ __all__ = ["Store"]
 class Store:
     """The ormcache view of one dogpile region."""
 
-    __slots__ = ("region", "name", "_add", "_last_warning")
+    __slots__ = ("region", "name", "in_process", "_add", "_last_warning")
 
     def __init__(self, name: str, region: CacheRegion) -> None:
         self.name = name
         self.region = region
+        #: values are kept as Python objects in this process (dogpile's
+        #: memory backend): what is stored must never be mutated
+        self.in_process = (
+            type(region.backend).__module__ == "dogpile.cache.backends.memory"
+            and region.serializer is None
+        )
         self._add = _adder(region)
         self._last_warning = 0.0
 

@@ -32,6 +32,7 @@ import os
 import pickle
 import time
 import uuid
+import zlib
 from collections.abc import Iterable, Mapping
 from datetime import date, datetime, time as dt_time, timedelta
 from decimal import Decimal
@@ -76,8 +77,13 @@ _IMMUTABLE = (
     uuid.UUID,
 )
 
-#: entry layout: (created, tokens, description, rows, pickled)
-_CREATED, _TOKENS, _DESCRIPTION, _ROWS, _PICKLED = range(5)
+#: entry layout: (created, tokens, description, rows, encoding)
+_CREATED, _TOKENS, _DESCRIPTION, _ROWS, _ENCODING = range(5)
+#: how ``rows`` is stored: as is, pickled, or pickled and zlib-compressed
+_AS_IS, _PICKLED, _COMPRESSED = 0, 1, 2
+
+#: results whose pickled rows are larger than this are compressed (bytes)
+COMPRESS_THRESHOLD = 16 * 1024
 
 
 class OrmCache:
@@ -109,6 +115,12 @@ class OrmCache:
         self._databases: dict[str, Any] = {}
         self._attached: list[Any] = []
         self._shard_dbs: dict[Any, str] = {}
+        #: pickled results larger than this many bytes are compressed
+        self.compress_threshold = COMPRESS_THRESHOLD
+        #: part of every result key: set it to the schema revision (e.g.
+        #: alembic's) so that entries cached under another schema are never
+        #: served; see :meth:`use_schema_version`
+        self.schema_version: str | None = None
         self._cache_all = (
             FromCache(settings.cache_all) if settings.cache_all is not None else None
         )
@@ -128,6 +140,13 @@ class OrmCache:
         """Build from dogpile's prefixed INI-style dict, e.g.
         ``{"ormcache.default.backend": "memory"}``."""
         return cls(settings_from_config(config, prefix))
+
+    def use_schema_version(self, version: str | None) -> OrmCache:
+        """Key every result by the database schema's version (an alembic
+        revision, say): after a migration, entries cached under the old
+        schema are never read.  Returns ``self``."""
+        self.schema_version = version
+        return self
 
     # -- regions ---------------------------------------------------------
 
@@ -247,7 +266,7 @@ class OrmCache:
                 self.settings.namespace,
                 option.region,
                 db,
-                shard,
+                (shard, self.schema_version) if self.schema_version else shard,
                 schema_map,
                 shape.sql_digest,
                 params,
@@ -273,7 +292,10 @@ class OrmCache:
         now = time.time()
         if entry is not NO_VALUE and self._valid(store, option, entry, tokens, now):
             rows = entry[_ROWS]
-            if entry[_PICKLED]:
+            encoding = entry[_ENCODING]
+            if encoding:
+                if encoding == _COMPRESSED:
+                    rows = zlib.decompress(rows)
                 rows = pickle.loads(rows)
             plan = shape.plans.get(id(dialect)) if shape.mapper is not None else False
             if plan:
@@ -308,14 +330,20 @@ class OrmCache:
             and capture.fresh
             and not self._session_writes(session, db)
         ):
-            rows_value: Any = capture.rows
-            pickled = not _plain(rows_value)
-            if pickled:
-                rows_value = pickle.dumps(rows_value, pickle.HIGHEST_PROTOCOL)
-            else:
-                rows_value = tuple(rows_value)
-            store.set(key, (now, tuple(current), capture.description, rows_value, pickled))
+            encoding, rows_value = self._encode_rows(store, capture.rows)
+            store.set(key, (now, tuple(current), capture.description, rows_value, encoding))
         return result
+
+    def _encode_rows(self, store: Store, rows: list[Any]) -> tuple[int, Any]:
+        """Rows as stored: kept as they are in an in-process memory backend
+        when every value is immutable, else pickled, and compressed above
+        :data:`COMPRESS_THRESHOLD` bytes."""
+        if store.in_process and _plain(rows):
+            return _AS_IS, tuple(rows)
+        data = pickle.dumps(rows, pickle.HIGHEST_PROTOCOL)
+        if len(data) > self.compress_threshold:
+            return _COMPRESSED, zlib.compress(data, 1)
+        return _PICKLED, data
 
     def _entity_deps(
         self,
@@ -506,7 +534,7 @@ class OrmCache:
                 self.settings.namespace,
                 option.region,
                 db,
-                shard,
+                (shard, self.schema_version) if self.schema_version else shard,
                 None,
                 shape.sql_digest,
                 values,

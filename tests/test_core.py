@@ -1,0 +1,108 @@
+"""OrmCache behaviour that does not depend on the backend."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import sessionmaker
+
+import ormcache
+from ormcache import FromCache, OrmCache, UnknownRegionError
+from ormcache.testing import QueryCounter
+from ormcache.testing.fixtures import Base, Template, seed
+
+
+@pytest.fixture
+def env(tmp_path: Any) -> Iterator[tuple[Any, Any, OrmCache]]:
+    engine = create_engine(f"sqlite:///{tmp_path}/db.sqlite")
+    Base.metadata.create_all(engine)
+    seed(engine, stores=2, per_store=50)
+    cache = OrmCache.from_settings(
+        {
+            "namespace": "c" + uuid.uuid4().hex[:8],
+            "regions": {
+                "default": {"backend": "memory"},
+                "pickled": {"backend": "memory_pickle"},
+            },
+        }
+    )
+    maker = sessionmaker(engine)
+    cache.attach(maker)
+    yield engine, maker, cache
+    cache.close()
+    engine.dispose()
+
+
+def backend_items(cache: OrmCache, region: str) -> dict[str, Any]:
+    return dict(cache.region(region).backend._cache)  # type: ignore[attr-defined]
+
+
+def test_all_is_sorted_and_complete() -> None:
+    assert ormcache.__all__ == sorted(ormcache.__all__)
+    for name in ormcache.__all__:
+        assert hasattr(ormcache, name)
+
+
+def test_keys_are_bounded(env: Any) -> None:
+    engine, maker, cache = env
+    ids = list(range(100_000))
+    with maker() as s:
+        s.scalars(select(Template).where(Template.id.in_(ids)).options(FromCache())).all()
+    keys = backend_items(cache, "default")
+    assert keys and max(len(k) for k in keys) <= 250
+
+
+def test_large_results_are_compressed(env: Any) -> None:
+    engine, maker, cache = env
+    cache.compress_threshold = 1000
+    stmt = select(Template).options(FromCache("pickled"))
+    with maker() as s:
+        expected = [(t.id, t.body) for t in s.scalars(stmt)]
+    with QueryCounter(engine) as c, maker() as s:
+        assert [(t.id, t.body) for t in s.scalars(stmt)] == expected
+    assert c.selects == 0
+    import pickle
+
+    region = cache.region("pickled")
+    encodings = []
+    for key, raw in backend_items(cache, "pickled").items():
+        if ":q:" in key:
+            payload = pickle.loads(raw.partition(b"|")[2])
+            encodings.append(payload[4])
+    assert encodings == [2]
+    assert region is cache.region("pickled")
+
+
+def test_schema_version_separates_entries(env: Any) -> None:
+    engine, maker, cache = env
+    stmt = select(Template).where(Template.id == 1).options(FromCache())
+
+    def selects() -> int:
+        with QueryCounter(engine) as c, maker() as s:
+            s.scalars(stmt).one()
+        return c.selects
+
+    assert (selects(), selects()) == (1, 0)
+    cache.use_schema_version("rev2")
+    assert (selects(), selects()) == (1, 0)
+    cache.use_schema_version(None)
+    assert selects() == 0
+
+
+def test_region_lookup(env: Any) -> None:
+    _, _, cache = env
+    assert cache.region("default").backend is not None
+    with pytest.raises(UnknownRegionError, match="declared regions: 'default', 'pickled'"):
+        cache.region("missing")
+
+
+def test_invalidate_needs_a_cached_statement(env: Any) -> None:
+    _, _, cache = env
+    with pytest.raises(ormcache.ConfigurationError, match="no FromCache option"):
+        cache.invalidate(select(Template))
+    with pytest.raises(ormcache.ConfigurationError, match="cannot invalidate 42"):
+        cache.invalidate(42)
