@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from .core import OrmCache
 from .exc import (
+    BackendError,
     CacheKeyError,
     ConfigurationError,
     OrmCacheError,
@@ -22,6 +23,7 @@ from .options import FromCache, RelationshipCache
 from .settings import RegionSettings, Settings, load_settings
 
 __all__ = [
+    "BackendError",
     "CacheKeyError",
     "ConfigurationError",
     "FromCache",

@@ -52,7 +52,7 @@ from . import _compat, invalidation
 from ._loading import make_plan
 from ._replay import CAPTURE, REPLAY, Capture, Replay, instrument
 from ._store import Store
-from .exc import CacheKeyError, ConfigurationError, UnknownRegionError
+from .exc import BackendError, CacheKeyError, ConfigurationError, UnknownRegionError
 from .invalidation import UNKNOWN, VersionKeys, is_pending, new_token, pending_expired, pending_token
 from .keys import ShapeCache, database_id, parameter_values, query_key, table_name
 from .options import FromCache
@@ -418,9 +418,15 @@ class OrmCache:
             store.set_many(mapping)
 
     def _bump(self, keys: Iterable[str], stores: Iterable[Store] | None = None) -> None:
+        """Explicit invalidation: raises BackendError when a backend failed."""
         mapping = dict.fromkeys(keys, new_token())
-        for store in stores if stores is not None else self._stores.values():
-            store.set_many(mapping)
+        failed = [
+            store.name
+            for store in (stores if stores is not None else self._stores.values())
+            if not store.set_many(mapping)
+        ]
+        if failed:
+            raise BackendError(failed[0], "record an invalidation")
 
     def invalidate(self, target: Any, **kw: Any) -> None:
         """Drop cached results.
@@ -540,7 +546,14 @@ class OrmCache:
                 values,
                 option.cache_key,
             )
-            store.delete(key)
+            if not store.delete(key):
+                raise BackendError(store.name, "delete an entry")
+
+    def invalidate_table(self, name: str) -> None:
+        """Drop every result that read table ``name`` (schema-qualified as
+        ``schema.table`` outside the default schema), in every database;
+        for writers that know tables rather than models."""
+        self._bump([self._keys.model(table_name(name, None))])
 
     def invalidate_region(self, name: str) -> None:
         """Drop everything region ``name`` holds, in every process that

@@ -5,11 +5,14 @@ Every error ormcache raises derives from :class:`OrmCacheError`::
     OrmCacheError
     ├── ConfigurationError      bad settings: names the region and the key
     │   └── UnknownRegionError  a region name that was never declared
-    └── CacheKeyError           a statement that cannot be given a cache key
+    ├── CacheKeyError           a statement that cannot be given a cache key
+    └── BackendError            an explicit invalidation the backend refused
 
 Backend failures (a Redis server that is down, a memcached item that is too
-big) are never raised into the application: reads fall back to the
-database and writes go on; they are logged on the ``ormcache`` logger.
+big) are never raised into queries or database writes: reads fall back to
+the database and writes go on; they are logged on the ``ormcache`` logger.
+Only an explicit call such as ``OrmCache.invalidate()`` raises
+:class:`BackendError`, since its caller must know it did not happen.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 __all__ = [
+    "BackendError",
     "CacheKeyError",
     "ConfigurationError",
     "OrmCacheError",
@@ -68,3 +72,16 @@ class UnknownRegionError(ConfigurationError, KeyError):
 
 class CacheKeyError(OrmCacheError):
     """A statement for which no cache key can be derived."""
+
+
+class BackendError(OrmCacheError):
+    """A cache backend failed an operation the caller asked for
+    explicitly; the driver's error is the ``__cause__``."""
+
+    def __init__(self, region: str, operation: str) -> None:
+        super().__init__(
+            f"cache region {region!r}: the backend failed to {operation}; "
+            "see the logged error, and retry once the backend is reachable"
+        )
+        self.region = region
+        self.operation = operation

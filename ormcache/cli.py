@@ -1,0 +1,177 @@
+"""The ``ormcache`` command.
+
+::
+
+    ormcache invalidate myapp.models:Template --settings ormcache.toml
+    ormcache invalidate --table templates --settings ormcache.toml
+    ormcache invalidate --region shared --settings ormcache.toml
+    ormcache invalidate --all --settings ormcache.toml
+    ormcache check --settings ormcache.toml
+    ormcache demo
+
+The settings file may also be named by ``$ORMCACHE_SETTINGS``.
+
+Exit codes: 0 done; 1 a cache backend failed (nothing can be assumed
+invalidated); 2 bad arguments or settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from .exc import BackendError, ConfigurationError, OrmCacheError
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_BACKEND, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ormcache", description="Query caching for the SQLAlchemy ORM."
+    )
+    parser.add_argument("--version", action="version", version=f"ormcache {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    inv = sub.add_parser(
+        "invalidate",
+        help="drop cached results, in every process sharing the cache",
+        description="Drop cached results. Use it after writes that bypass "
+        "SQLAlchemy (other programs, manual SQL).",
+    )
+    inv.add_argument(
+        "models",
+        nargs="*",
+        metavar="MODEL",
+        help="a mapped class as module:Class (or module.Class)",
+    )
+    inv.add_argument("--table", action="append", default=[], help="a table name (repeatable)")
+    inv.add_argument("--region", action="append", default=[], help="a whole region (repeatable)")
+    inv.add_argument("--all", action="store_true", help="everything ormcache cached")
+    _settings_argument(inv)
+
+    check = sub.add_parser("check", help="validate settings and reach every backend")
+    _settings_argument(check)
+
+    sub.add_parser("demo", help="the sharded template-store demo", add_help=False)
+    return parser
+
+
+def _settings_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--settings",
+        default=os.environ.get("ORMCACHE_SETTINGS"),
+        metavar="FILE",
+        help="a TOML file with an [ormcache] table (default: $ORMCACHE_SETTINGS)",
+    )
+
+
+def _load(path: str | None) -> Any:
+    from .core import OrmCache
+
+    if not path:
+        raise ConfigurationError("no settings: pass --settings FILE or set ORMCACHE_SETTINGS")
+    return OrmCache.from_settings(path)
+
+
+def _import_model(spec: str) -> Any:
+    module_name, sep, attr = spec.partition(":")
+    if not sep:
+        module_name, _, attr = spec.rpartition(".")
+    if not module_name or not attr:
+        raise ConfigurationError(f"model {spec!r}: write it as module:Class")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigurationError(f"model {spec!r}: cannot import {module_name!r}: {err}") from err
+    target: Any = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ConfigurationError(
+                f"model {spec!r}: {module_name!r} has no attribute {attr!r}"
+            ) from None
+    return target
+
+
+def _invalidate(args: argparse.Namespace) -> int:
+    if not (args.models or args.table or args.region or args.all):
+        raise ConfigurationError("nothing to invalidate: name a MODEL, --table, --region or --all")
+    models = [(spec, _import_model(spec)) for spec in args.models]
+    cache = _load(args.settings)
+    try:
+        for spec, model in models:
+            cache.invalidate(model)
+            print(f"invalidated model {spec}")
+        for table in args.table:
+            cache.invalidate_table(table)
+            print(f"invalidated table {table}")
+        for region in args.region:
+            cache.invalidate_region(region)
+            print(f"invalidated region {region}")
+        if args.all:
+            cache.invalidate_all()
+            print("invalidated everything")
+    finally:
+        cache.close()
+    return EXIT_OK
+
+
+def _check(args: argparse.Namespace) -> int:
+    cache = _load(args.settings)
+    status = EXIT_OK
+    try:
+        for name, region in cache.regions.items():
+            key = f"{cache.settings.namespace}:check:{uuid.uuid4().hex}"
+            try:
+                region.set(key, "ok")
+                value = region.get(key)
+                region.delete(key)
+                if value != "ok":
+                    raise RuntimeError("value read back differs from the one written")
+            except Exception as err:
+                print(f"region {name}: FAILED ({type(err).__name__}: {err})")
+                status = EXIT_BACKEND
+            else:
+                print(f"region {name}: ok ({region.backend.__class__.__name__})")
+    finally:
+        cache.close()
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        from . import demo
+
+        return int(demo.main(argv[1:]))
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "invalidate":
+            return _invalidate(args)
+        return _check(args)
+    except BackendError as err:
+        print(f"ormcache: {err}", file=sys.stderr)
+        return EXIT_BACKEND
+    except OrmCacheError as err:
+        print(f"ormcache: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

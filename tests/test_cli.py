@@ -1,0 +1,108 @@
+"""The ``ormcache`` command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import sessionmaker
+
+from ormcache import FromCache, OrmCache
+from ormcache.cli import main
+from ormcache.testing import QueryCounter
+from ormcache.testing.fixtures import Base, Template, seed
+
+
+@pytest.fixture
+def settings_file(tmp_path: Path, redis_url: str) -> Path:
+    path = tmp_path / "ormcache.toml"
+    path.write_text(
+        f"""
+[ormcache]
+namespace = "cli{uuid.uuid4().hex[:8]}"
+
+[ormcache.regions.default]
+backend = "redis"
+expiration_time = 300
+arguments = {{ url = "{redis_url}" }}
+"""
+    )
+    return path
+
+
+def test_invalidate_model_from_another_process(settings_file: Path, tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path}/db.sqlite")
+    Base.metadata.create_all(engine)
+    seed(engine)
+    cache = OrmCache.from_settings(str(settings_file))
+    maker = sessionmaker(engine)
+    cache.attach(maker)
+    stmt = select(Template).where(Template.id == 1).options(FromCache())
+
+    def selects() -> int:
+        with QueryCounter(engine) as c, maker() as s:
+            s.scalars(stmt).one()
+        return c.selects
+
+    try:
+        assert (selects(), selects()) == (1, 0)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ormcache.cli",
+                "invalidate",
+                "ormcache.testing.fixtures:Template",
+                "--settings",
+                str(settings_file),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "invalidated model ormcache.testing.fixtures:Template" in proc.stdout
+        assert selects() == 1
+        assert main(["invalidate", "--table", "templates", "--settings", str(settings_file)]) == 0
+        assert selects() == 1
+        assert main(["invalidate", "--region", "default", "--all", "--settings", str(settings_file)]) == 0
+        assert selects() == 1
+    finally:
+        cache.close()
+        engine.dispose()
+
+
+def test_check(settings_file: Path, capsys: Any) -> None:
+    assert main(["check", "--settings", str(settings_file)]) == 0
+    assert "region default: ok (RedisBackend)" in capsys.readouterr().out
+
+
+def test_backend_down_exit_code(tmp_path: Path, capsys: Any) -> None:
+    path = tmp_path / "down.toml"
+    path.write_text(
+        '[ormcache.regions.default]\nbackend = "redis"\narguments = { url = "redis://127.0.0.1:1/0" }\n'
+    )
+    assert main(["invalidate", "--all", "--settings", str(path)]) == 1
+    assert "failed to record an invalidation" in capsys.readouterr().err
+    assert main(["check", "--settings", str(path)]) == 1
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["invalidate", "--all"], "no settings"),
+        (["invalidate", "--settings", "x.toml"], "nothing to invalidate"),
+        (["invalidate", "nosuchmodule:Model", "--settings", "x.toml"], "cannot import 'nosuchmodule'"),
+        (["invalidate", "ormcache:Nope", "--settings", "x.toml"], "has no attribute 'Nope'"),
+        (["invalidate", "--all", "--settings", "/nonexistent.toml"], "nonexistent.toml"),
+    ],
+)
+def test_usage_errors(argv: list[str], message: str, capsys: Any, monkeypatch: Any) -> None:
+    monkeypatch.delenv("ORMCACHE_SETTINGS", raising=False)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
