@@ -1,10 +1,19 @@
-"""Backend access for ormcache: one round trip per read, and ``add``.
+"""Backend access for ormcache: one round trip per read, ``add``, and a
+circuit breaker.
 
 Everything goes through dogpile's region (its serialization, key format and
 backends) except ``add`` (store only if absent), which dogpile does not
 offer: it is done here with the backend's own client for the backends that
 can (memory, memory_pickle, dbm, Redis family, pylibmc and other
 memcached clients), and reported as unsupported for the rest.
+
+A backend that fails :attr:`Store.failure_threshold` times in a row is left
+alone (the *circuit is open*) for :attr:`Store.retry_after` seconds,
+doubling up to 30 s while it keeps failing; then one call probes it.  While
+it is open every read goes to the database at no cost.  Version tokens that
+could not be written meanwhile (invalidations) are remembered and written
+afresh as soon as the backend answers again, so that no entry stored before
+the outage is served after it.
 """
 
 from __future__ import annotations
@@ -25,11 +34,49 @@ __all__ = ["Store"]
 class Store:
     """The ormcache view of one dogpile region."""
 
-    __slots__ = ("region", "name", "in_process", "_add", "_last_warning")
+    __slots__ = (
+        "region",
+        "name",
+        "in_process",
+        "_add",
+        "_last_warning",
+        "_failures",
+        "_open_until",
+        "_retry",
+        "_lost",
+        "_lost_all",
+        "_lost_fallback",
+        "_fresh_token",
+        "failure_threshold",
+        "retry_after",
+        "max_retry_after",
+        "max_lost",
+    )
 
-    def __init__(self, name: str, region: CacheRegion) -> None:
+    def __init__(
+        self,
+        name: str,
+        region: CacheRegion,
+        lost_fallback: str | None = None,
+        fresh_token: Any = None,
+    ) -> None:
         self.name = name
         self.region = region
+        #: consecutive failures that open the circuit
+        self.failure_threshold = 3
+        #: seconds the circuit stays open, doubling up to ``max_retry_after``
+        self.retry_after = 1.0
+        self.max_retry_after = 30.0
+        #: beyond this many lost version keys, everything is invalidated instead
+        self.max_lost = 10_000
+        self._failures = 0
+        self._open_until = 0.0
+        self._retry = self.retry_after
+        self._lost: set[str] = set()
+        self._lost_all = False
+        #: the key to move when too many were lost (everything)
+        self._lost_fallback = lost_fallback
+        self._fresh_token = fresh_token
         #: values are kept as Python objects in this process (dogpile's
         #: memory backend): what is stored must never be mutated
         self.in_process = (
@@ -43,53 +90,127 @@ class Store:
     def supports_add(self) -> bool:
         return self._add is not None
 
+    @property
+    def available(self) -> bool:
+        """False while the circuit is open."""
+        if not self._open_until:
+            return True
+        now = time.monotonic()
+        if now >= self._open_until:
+            # let this call probe; the others keep away meanwhile
+            self._open_until = now + self._retry
+            return True
+        return False
+
     def get_many(self, keys: Sequence[str]) -> list[Any] | None:
         """Payloads for ``keys`` (``NO_VALUE`` where absent), in one backend
-        call; ``None`` when the backend failed."""
+        call; ``None`` when the backend failed or the circuit is open."""
+        if self._open_until and not self.available:
+            return None
         try:
-            return self.region.get_multi(keys, ignore_expiration=True)  # type: ignore[no-any-return]
+            values = self.region.get_multi(keys, ignore_expiration=True)
+            if self._failures and self._recovered():
+                # tokens lost during the outage were just moved: what was
+                # read before may be an entry they invalidate
+                values = self.region.get_multi(keys, ignore_expiration=True)
         except Exception as err:
             self.failed("read", err)
             return None
+        return values  # type: ignore[no-any-return]
 
     def set(self, key: str, value: Any) -> bool:
+        if self._open_until and not self.available:
+            return False
         try:
             self.region.set(key, value)
-            return True
+            if self._failures:
+                self._recovered()
         except Exception as err:
             self.failed("write", err)
             return False
+        return True
 
-    def set_many(self, mapping: Mapping[str, Any]) -> bool:
-        try:
-            self.region.set_multi(mapping)
-            return True
-        except Exception as err:
-            self.failed("write", err)
+    def set_many(self, mapping: Mapping[str, Any], versions: bool = True) -> bool:
+        """Write ``mapping``; version tokens (``versions``) that cannot be
+        written are remembered and written afresh after recovery."""
+        if not (self._open_until and not self.available):
+            try:
+                self.region.set_multi(mapping)
+                if self._failures:
+                    self._recovered()
+            except Exception as err:
+                self.failed("write", err)
+            else:
+                return True
+        if versions:
+            self._remember_lost(mapping)
+        return False
+
+    def _remember_lost(self, keys: Any) -> None:
+        if self._lost_all:
+            return
+        self._lost.update(keys)
+        if len(self._lost) > self.max_lost and self._lost_fallback is not None:
+            self._lost.clear()
+            self._lost_all = True
+
+    def _recovered(self) -> bool:
+        """The backend answered after failures: close the circuit and write
+        the lost invalidations.  True if there were any (they were written,
+        or the failure to write them was raised)."""
+        was_open = self._open_until
+        self._failures = 0
+        self._open_until = 0.0
+        self._retry = self.retry_after
+        if was_open:
+            log.warning("cache region %r: backend answers again", self.name)
+        if not (self._lost or self._lost_all) or self._fresh_token is None:
             return False
+        keys = [self._lost_fallback] if self._lost_all else list(self._lost)
+        self.region.set_multi(dict.fromkeys(keys, self._fresh_token()))
+        self._lost = set()
+        self._lost_all = False
+        log.warning(
+            "cache region %r: wrote %d invalidation(s) lost during the outage",
+            self.name,
+            len(keys),
+        )
+        return True
 
     def add(self, key: str, value: Any) -> bool | None:
         """Store ``value`` unless ``key`` holds one: True if stored, False if
         not, None if unsupported or the backend failed."""
-        if self._add is None:
+        if self._add is None or (self._open_until and not self.available):
             return None
         try:
-            return self._add(key, value)
+            return self._add(key, value)  # type: ignore[no-any-return]
         except Exception as err:
             self.failed("write", err)
             return None
 
     def delete(self, key: str) -> bool:
+        if self._open_until and not self.available:
+            return False
         try:
             self.region.delete(key)
-            return True
+            if self._failures:
+                self._recovered()
         except Exception as err:
             self.failed("write", err)
             return False
+        return True
 
     def failed(self, what: str, err: BaseException) -> None:
-        """Log a backend failure, at most one warning per region every 10 s."""
+        """Count a failure, open the circuit at the threshold, and log, at
+        most one warning per region every 10 s."""
+        self._failures += 1
         now = time.monotonic()
+        if self._failures >= self.failure_threshold:
+            if self._open_until:
+                self._retry = min(self._retry * 2, self.max_retry_after)
+            else:
+                self._retry = self.retry_after
+            self._open_until = now + self._retry
         if now - self._last_warning >= 10.0:
             self._last_warning = now
             log.warning(

@@ -27,6 +27,7 @@ database, and a write never fails because of the cache.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
@@ -56,7 +57,7 @@ from .exc import BackendError, CacheKeyError, ConfigurationError, UnknownRegionE
 from .invalidation import UNKNOWN, VersionKeys, is_pending, new_token, pending_expired, pending_token
 from .keys import ShapeCache, database_id, parameter_values, query_key, table_name
 from .options import FromCache
-from .settings import Settings, load_settings, make_region, settings_from_config
+from .settings import RegionSettings, Settings, load_settings, make_region, settings_from_config
 
 __all__ = ["OrmCache"]
 
@@ -107,10 +108,13 @@ class OrmCache:
                 raise UnknownRegionError(name, settings.regions)
         for name, spec in settings.regions.items():
             if name not in built:
-                built[name] = make_region(spec)
+                built[name] = make_region(_with_defaults(spec))
         self._regions: dict[str, CacheRegion] = built
-        self._stores = {name: Store(name, region) for name, region in built.items()}
         self._keys = VersionKeys(settings.namespace)
+        self._stores = {
+            name: Store(name, region, self._keys.all, new_token)
+            for name, region in built.items()
+        }
         self._shapes = ShapeCache()
         self._databases: dict[str, Any] = {}
         self._attached: list[Any] = []
@@ -314,8 +318,12 @@ class OrmCache:
         for dep, token in zip(deps, tokens):
             if token is NO_VALUE:
                 token = new_token()
-                if store.add(dep, token) is not True:
+                added = store.add(dep, token)
+                if added is not True:
                     fill = False
+                    if added is None and store.supports_add is False:
+                        # no atomic add: create it, and store nothing this time
+                        store.set(dep, token)
             elif is_pending(token):
                 fill = False
                 if pending_expired(token, now):
@@ -565,6 +573,18 @@ class OrmCache:
     def invalidate_all(self) -> None:
         """Drop everything ormcache cached, in every region."""
         self._bump([self._keys.all])
+
+
+#: socket timeouts (seconds) given to Redis regions that set none, so that a
+#: server that hangs costs a query little (redis-py waits forever by default)
+REDIS_TIMEOUTS = {"socket_timeout": 0.25, "socket_connect_timeout": 0.25}
+
+
+def _with_defaults(spec: RegionSettings) -> RegionSettings:
+    if spec.backend.startswith("dogpile.cache.redis") and "connection_pool" not in spec.arguments:
+        arguments = {**REDIS_TIMEOUTS, **spec.arguments}
+        return dataclasses.replace(spec, arguments=arguments)
+    return spec
 
 
 def _is_sharded(session: Session) -> bool:

@@ -1,0 +1,155 @@
+"""A cache backend that fails: queries go to the database, writes go on,
+the circuit breaker keeps away from it, and invalidations lost during the
+outage are written when it answers again."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from dogpile.cache import make_region
+from dogpile.cache.proxy import ProxyBackend
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import sessionmaker
+
+from ormcache import FromCache, OrmCache, load_settings
+from ormcache.testing import QueryCounter
+from ormcache.testing.fixtures import Base, Template, seed
+
+
+class Switch(ProxyBackend):
+    """A backend that can be turned off, and counts the calls it gets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.calls = 0
+
+    def _check(self) -> None:
+        self.calls += 1
+        if self.down:
+            raise ConnectionError("backend is down")
+
+    def get_multi(self, keys: Any) -> Any:
+        self._check()
+        return self.proxied.get_multi(keys)
+
+    def get_serialized_multi(self, keys: Any) -> Any:
+        self._check()
+        return self.proxied.get_serialized_multi(keys)
+
+    def set(self, key: Any, value: Any) -> None:
+        self._check()
+        self.proxied.set(key, value)
+
+    def set_multi(self, mapping: Any) -> None:
+        self._check()
+        self.proxied.set_multi(mapping)
+
+    def set_serialized(self, key: Any, value: Any) -> None:
+        self._check()
+        self.proxied.set_serialized(key, value)
+
+    def set_serialized_multi(self, mapping: Any) -> None:
+        self._check()
+        self.proxied.set_serialized_multi(mapping)
+
+    def delete(self, key: Any) -> None:
+        self._check()
+        self.proxied.delete(key)
+
+
+@pytest.fixture
+def env(tmp_path: Any) -> Iterator[tuple[Any, Any, OrmCache, Switch]]:
+    engine = create_engine(f"sqlite:///{tmp_path}/db.sqlite")
+    Base.metadata.create_all(engine)
+    seed(engine)
+    switch = Switch()
+    region = make_region().configure("dogpile.cache.memory_pickle", wrap=[switch])
+    settings = load_settings(
+        {"namespace": "dg" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}}
+    )
+    cache = OrmCache(settings, regions={"default": region})
+    store = cache._stores["default"]
+    store.retry_after = 0.0  # probe at once, so that tests need not wait
+    maker = sessionmaker(engine)
+    cache.attach(maker)
+    yield engine, maker, cache, switch
+    cache.close()
+    engine.dispose()
+
+
+def name_and_selects(engine: Any, maker: Any) -> tuple[str, int]:
+    stmt = select(Template).where(Template.id == 1).options(FromCache())
+    with QueryCounter(engine) as c, maker() as s:
+        name = s.scalars(stmt).one().name
+    return name, c.selects
+
+
+def test_queries_and_writes_work_while_down(env: Any, caplog: Any) -> None:
+    engine, maker, cache, switch = env
+    switch.down = True
+    with caplog.at_level(logging.WARNING, logger="ormcache"):
+        for _ in range(5):
+            assert name_and_selects(engine, maker) == ("t1", 1)
+        with maker() as s:
+            s.get(Template, 1).name = "written while down"
+            s.commit()
+    assert name_and_selects(engine, maker) == ("written while down", 1)
+    warnings = [r for r in caplog.records if r.name == "ormcache"]
+    assert len(warnings) == 1 and "using the database" in warnings[0].getMessage()
+
+
+def test_circuit_opens(env: Any) -> None:
+    engine, maker, cache, switch = env
+    store = cache._stores["default"]
+    store.retry_after = 3600.0
+    switch.down = True
+    for _ in range(10):
+        name_and_selects(engine, maker)
+    assert switch.calls == store.failure_threshold
+    assert not store.available
+
+
+def test_lost_invalidation_is_written_after_recovery(env: Any) -> None:
+    engine, maker, cache, switch = env
+    # a proxied backend offers no atomic add: the first miss only creates
+    # the version tokens, the second stores the result
+    assert name_and_selects(engine, maker) == ("t1", 1)
+    assert name_and_selects(engine, maker) == ("t1", 1)
+    assert name_and_selects(engine, maker) == ("t1", 0)
+    switch.down = True
+    with maker() as s:
+        s.get(Template, 1).name = "changed during outage"
+        s.commit()
+    switch.down = False
+    # the entry stored before the outage is still in the backend, and the
+    # invalidation never reached it: it must not be served
+    assert name_and_selects(engine, maker) == ("changed during outage", 1)
+    assert name_and_selects(engine, maker) == ("changed during outage", 0)
+
+
+def test_lost_explicit_invalidation_raises_and_is_replayed(env: Any) -> None:
+    from ormcache import BackendError
+
+    engine, maker, cache, switch = env
+    name_and_selects(engine, maker)
+    switch.down = True
+    with pytest.raises(BackendError, match="region 'default'"):
+        cache.invalidate(Template)
+    switch.down = False
+    assert name_and_selects(engine, maker) == ("t1", 1)
+
+
+def test_redis_regions_get_socket_timeouts(redis_url: str) -> None:
+    cache = OrmCache.from_settings(
+        {"regions": {"r": {"backend": "redis", "arguments": {"url": redis_url}}}}
+    )
+    try:
+        kwargs = cache.region("r").backend.writer_client.connection_pool.connection_kwargs
+        assert kwargs["socket_timeout"] == 0.25 and kwargs["socket_connect_timeout"] == 0.25
+    finally:
+        cache.close()
