@@ -158,7 +158,7 @@ def make_plan(mapper: Mapper[Any], result: Any) -> Plan | None:
     columns = []
     by_column: dict[Any, tuple[int, Any]] = {}
     for prop in mapper.column_attrs:
-        col = prop.columns[0]
+        col: Any = prop.columns[0]
         rec = keymap.get(col)
         if rec is None or rec[MD_INDEX] is None:
             return None

@@ -166,7 +166,9 @@ class Store:
             log.warning("cache region %r: backend answers again", self.name)
         if not (self._lost or self._lost_all) or self._fresh_token is None:
             return False
-        keys = [self._lost_fallback] if self._lost_all else list(self._lost)
+        keys = list(self._lost)
+        if self._lost_all and self._lost_fallback is not None:
+            keys = [self._lost_fallback]
         self.region.set_multi(dict.fromkeys(keys, self._fresh_token()))
         self._lost = set()
         self._lost_all = False

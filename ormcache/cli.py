@@ -152,8 +152,7 @@ def _check(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:
-        from . import demo
-
+        demo = importlib.import_module("ormcache.demo")
         return int(demo.main(argv[1:]))
     parser = _parser()
     args = parser.parse_args(argv)

@@ -260,11 +260,14 @@ class OrmCache:
                 return None
             fill = False
 
+        parameters = orm_context.parameters
+        if parameters is not None and not isinstance(parameters, Mapping):
+            return None  # executemany: not a query
         try:
             params = (
                 None
                 if option.cache_key is not None
-                else parameter_values(cache_key, orm_context.parameters)
+                else parameter_values(cache_key, parameters)
             )
             key = query_key(
                 self.settings.namespace,
@@ -301,7 +304,7 @@ class OrmCache:
                 if encoding == _COMPRESSED:
                     rows = zlib.decompress(rows)
                 rows = pickle.loads(rows)
-            plan = shape.plans.get(id(dialect)) if shape.mapper is not None else False
+            plan: Any = shape.plans.get(id(dialect)) if shape.mapper is not None else False
             if plan:
                 built = plan.build(orm_context, rows)
                 if built is not None:

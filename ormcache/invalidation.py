@@ -111,7 +111,7 @@ class VersionKeys:
     def __init__(self, namespace: str) -> None:
         self.ns = namespace
         self.all = f"{namespace}:v:all"
-        self._memo: dict[Any, str] = {}
+        self._memo: dict[Any, list[str]] = {}
 
     def region(self, name: str) -> str:
         return f"{self.ns}:v:r:{_short(name)}"
@@ -156,7 +156,7 @@ class VersionKeys:
     def deps(self, region: str, db: str, tables: tuple[str, ...]) -> list[str]:
         """The version keys a result of ``tables`` on ``db`` depends on."""
         memo_key = (region, db, tables)
-        keys = self._memo.get(memo_key)
+        keys: list[str] | None = self._memo.get(memo_key)
         if keys is None:
             keys = [self.all, self.region(region), self.db_unknown(db)]
             if tables:
@@ -167,8 +167,8 @@ class VersionKeys:
                 keys.append(self.db_any(db))
             if len(self._memo) > 10000:
                 self._memo.clear()
-            self._memo[memo_key] = keys  # type: ignore[assignment]
-        return keys  # type: ignore[return-value]
+            self._memo[memo_key] = keys
+        return keys
 
     def written(self, db: str, items: Iterable[str]) -> list[str]:
         """The version keys moved by writes to ``items`` on ``db``: table
@@ -326,7 +326,7 @@ def _on_row_write(mapper: Mapper[Any], connection: Connection, target: Any) -> N
         pks.add(pk_text(state.key[1]))
     schema_map = connection.get_execution_options().get("schema_translate_map")
     default_schema = connection.dialect.default_schema_name
-    items = set()
+    items: set[str] = set()
     for table in mapper.tables:
         name = getattr(table, "name", None)
         if name:

@@ -138,8 +138,11 @@ class RelationshipCache(FromCache):
         if not path or not orm_context.is_relationship_load:
             return None
         mapper, prop = path[-2:]
-        key = prop.key
-        for cls in mapper.class_.__mro__:
+        key = getattr(prop, "key", None)
+        class_ = getattr(mapper, "class_", None)
+        if key is None or class_ is None:
+            return None
+        for cls in class_.__mro__:
             option = self._relationships.get((cls, key))
             if option is not None:
                 return option

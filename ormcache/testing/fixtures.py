@@ -93,6 +93,9 @@ class Tag(Base):
     label: Mapped[str] = mapped_column(String(30))
 
 
+template_table: Table = Template.__table__  # type: ignore[assignment]
+
+
 def seed(engine: Engine, stores: int = 2, per_store: int = 5, prefix: str = "t") -> None:
     with Session(engine) as s:
         tags = [Tag(id=i, label=f"tag{i}") for i in range(1, 4)]
@@ -176,7 +179,7 @@ class BackendTests:
     def test_session_get(self) -> None:
         for expected in (1, 0):
             with self.count() as c, self.Session() as s:
-                t = s.get(Template, 3, options=[FromCache("default")])
+                t = s.get_one(Template, 3, options=[FromCache("default")])
                 assert t is not None and t.name == "t3"
                 assert t.body == {"n": 3, "fields": [3, 4]}
             assert c.selects == expected
@@ -207,7 +210,7 @@ class BackendTests:
         stmt = select(Template).where(Template.id == 1).options(FromCache())
         self.cached_names(stmt)
         with self.Session(autoflush=False) as s:
-            t = s.get(Template, 1)
+            t = s.get_one(Template, 1)
             t.name = "pending"
             again = s.scalars(stmt).one()
             assert again is t and again.name == "pending"
@@ -218,9 +221,9 @@ class BackendTests:
         self.cached_names(stmt)
         with self.Session() as s:
             s.add(Template(id=100, store_id=1, name="new", body={}))
-            gone = s.get(Template, 2)
+            gone = s.get_one(Template, 2)
             s.delete(gone)
-            t = s.get(Template, 1)
+            t = s.get_one(Template, 1)
             t.name = "renamed"
             names = [x.name for x in s.scalars(stmt)]
             assert names == ["renamed", "t3", "t4", "t5", "new"]
@@ -238,7 +241,7 @@ class BackendTests:
             assert objs[0].body == {"changed": True}
             s.commit()
         with Session(self.engine) as s:
-            assert s.get(Template, 1).body == {"changed": True}
+            assert s.get_one(Template, 1).body == {"changed": True}
 
     # -- 2. RelationshipCache, whatever was compiled before --------------
 
@@ -377,7 +380,7 @@ class BackendTests:
         stores = select(Store).where(Store.id == 1).options(FromCache())
         templates = select(Template).where(Template.id == 1).options(FromCache())
         with self.count() as c, self.Session() as s:
-            s.get(Template, 2).name = "uncommitted"
+            s.get_one(Template, 2).name = "uncommitted"
             s.flush()
             # a table the transaction wrote: neither read nor filled
             assert s.scalars(select(Template).where(Template.id == 2).options(FromCache())).one().name == "uncommitted"
@@ -398,13 +401,13 @@ class BackendTests:
         self.cached_names(stmt)
         with self.Session() as s:
             t = s.scalars(stmt).one()
-            assert t in s and s.get(Template, 4) is t
+            assert t in s and s.get_one(Template, 4) is t
             assert t.store.name == "store1"
             assert [tag.label for tag in t.tags] == ["tag1"]
             t.name = "edited"
             s.commit()
         with Session(self.engine) as s:
-            assert s.get(Template, 4).name == "edited"
+            assert s.get_one(Template, 4).name == "edited"
 
     def test_body_mutation_does_not_change_cache(self) -> None:
         stmt = select(Template).where(Template.id == 1).options(FromCache())
@@ -421,7 +424,7 @@ class BackendTests:
         stmt = select(Template).where(Template.store_id == 1).order_by(Template.id).options(FromCache())
         self.cached_names(stmt)
         with self.Session() as s:
-            s.get(Template, 1).name = "changed"
+            s.get_one(Template, 1).name = "changed"
             s.commit()
         names, selects = self.cached_names(stmt)
         assert names[0] == "changed" and selects == 1
@@ -435,7 +438,7 @@ class BackendTests:
             s.commit()
         assert self.cached_names(stmt)[0] == ["bulk"]
         with self.engine.begin() as conn:
-            conn.execute(Template.__table__.update().values(name="core"))
+            conn.execute(update(template_table).values(name="core"))
         assert self.cached_names(stmt)[0] == ["core"]
         with self.engine.begin() as conn:
             conn.exec_driver_sql("UPDATE templates SET name = 'text'")
@@ -445,7 +448,7 @@ class BackendTests:
         stmt = select(Template).where(Template.id == 1).options(FromCache())
         self.cached_names(stmt)
         with self.Session() as s:
-            s.get(Template, 1).name = "rolled back"
+            s.get_one(Template, 1).name = "rolled back"
             s.flush()
             s.rollback()
         assert self.cached_names(stmt)[0] == ["t1"]
@@ -481,19 +484,19 @@ class BackendTests:
 
     def get_selects(self, ident: int) -> tuple[str | None, int]:
         with self.count() as c, self.Session() as s:
-            t = s.get(Template, ident, options=[FromCache()])
+            t = s.get(Template, ident, options=[FromCache()])  # may be None
             name = t.name if t is not None else None
         return name, c.selects
 
     def test_entity_entry_survives_other_rows(self) -> None:
         assert self.get_selects(1) == ("t1", 1)
         with self.Session() as s:
-            s.get(Template, 2).name = "other row"
+            s.get_one(Template, 2).name = "other row"
             s.add(Template(id=50, store_id=1, name="new row", body={}))
             s.commit()
         assert self.get_selects(1) == ("t1", 0)
         with self.Session() as s:
-            s.get(Template, 1).name = "this row"
+            s.get_one(Template, 1).name = "this row"
             s.commit()
         assert self.get_selects(1) == ("this row", 1)
         assert self.get_selects(1) == ("this row", 0)
@@ -506,7 +509,7 @@ class BackendTests:
             s.commit()
         assert self.get_selects(99) == ("t99", 1)
         with self.Session() as s:
-            s.delete(s.get(Template, 99))
+            s.delete(s.get_one(Template, 99))
             s.commit()
         assert self.get_selects(99) == (None, 1)
 
@@ -534,11 +537,11 @@ class BackendTests:
         assert store_name() == ("store1", 1)
         assert store_name() == ("store1", 0)
         with self.Session() as s:
-            s.get(Store, 2).name = "other store"
+            s.get_one(Store, 2).name = "other store"
             s.commit()
         assert store_name() == ("store1", 0)
         with self.Session() as s:
-            s.get(Store, 1).name = "renamed store"
+            s.get_one(Store, 1).name = "renamed store"
             s.commit()
         assert store_name() == ("renamed store", 1)
 
