@@ -135,20 +135,44 @@ def snapshot_is_fresh(context: Any) -> bool:
     """Whether a SELECT about to run on ``context`` sees every transaction
     committed before now: it starts a new transaction, or the isolation
     level gives each statement its own snapshot (READ COMMITTED)."""
+    dialect = context.dialect
+    if dialect.name == "sqlite":
+        # pysqlite's default (legacy) transaction control begins a
+        # transaction only before DML, which ormcache never fills from; but
+        # an active statement (a result read only in part) or an explicit
+        # BEGIN keeps an older snapshot.
+        if in_transaction(context) is not False:
+            return False
+        from ._sqlite import busy
+
+        dbapi_conn = context.root_connection.connection.dbapi_connection
+        return busy(dbapi_conn) is False
     if in_transaction(context) is False:
         return True
     level = context.execution_options.get("isolation_level")
-    if level is None:
-        dialect = context.dialect
+    if dialect.name == "postgresql":
+        # the level in force, however it was set (SET TRANSACTION, SET
+        # SESSION CHARACTERISTICS, a connect event): ask the server
+        level = _pg_isolation(context)
+    elif level is None:
         level = getattr(dialect, "_on_connect_isolation_level", None) or getattr(
             dialect, "default_isolation_level", None
         )
-    if context.dialect.name == "sqlite":
-        # pysqlite's default (legacy) transaction control begins a
-        # transaction only before DML, which ormcache never fills from; an
-        # explicit BEGIN keeps a snapshot, hence in_transaction above.
-        return False
     return isinstance(level, str) and level.upper() in _READ_COMMITTED
+
+
+def _pg_isolation(context: Any) -> str | None:
+    dbapi_conn = context.root_connection.connection.dbapi_connection
+    try:
+        cursor = dbapi_conn.cursor()
+        try:
+            cursor.execute("SHOW transaction_isolation")
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+    except Exception:
+        return None
+    return str(row[0]) if row else None
 
 
 def _do_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:

@@ -18,7 +18,9 @@ the outage is served after it.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,6 +29,16 @@ from dogpile.cache.api import NO_VALUE
 from dogpile.cache.region import CacheRegion
 
 log = logging.getLogger("ormcache")
+
+_retrying: set[Store] = set()
+_retry_lock = threading.Lock()
+
+
+@atexit.register
+def _last_try() -> None:
+    """At exit, a last attempt at invalidations still lost."""
+    for store in list(_retrying):
+        store.flush_lost()
 
 __all__ = ["Store"]
 
@@ -131,9 +143,11 @@ class Store:
         return True
 
     def set_many(self, mapping: Mapping[str, Any], versions: bool = True) -> bool:
-        """Write ``mapping``; version tokens (``versions``) that cannot be
-        written are remembered and written afresh after recovery."""
-        if not (self._open_until and not self.available):
+        """Write ``mapping``.  Version tokens (``versions``: invalidations)
+        are tried even while the circuit is open, since other processes may
+        reach the backend; those that cannot be written are remembered and
+        retried in the background until they are."""
+        if versions or not (self._open_until and not self.available):
             try:
                 self.region.set_multi(mapping)
                 if self._failures:
@@ -144,7 +158,44 @@ class Store:
                 return True
         if versions:
             self._remember_lost(mapping)
+            self._start_retrying()
         return False
+
+    def _start_retrying(self) -> None:
+        with _retry_lock:
+            if self in _retrying:
+                return
+            _retrying.add(self)
+        thread = threading.Thread(
+            target=self._retry_loop, name=f"ormcache-retry-{self.name}", daemon=True
+        )
+        thread.start()
+
+    def _retry_loop(self) -> None:
+        delay = max(self.retry_after, 0.05)
+        try:
+            while self._lost or self._lost_all:
+                time.sleep(delay)
+                try:
+                    self._replay_lost()
+                except Exception as err:
+                    self.failed("write", err)
+                    delay = min(delay * 2, self.max_retry_after)
+                else:
+                    self._failures = 0
+                    self._open_until = 0.0
+        finally:
+            with _retry_lock:
+                _retrying.discard(self)
+
+    def flush_lost(self) -> bool:
+        """Try once to write the invalidations lost so far; True when none
+        is left."""
+        try:
+            self._replay_lost()
+        except Exception as err:
+            self.failed("write", err)
+        return not (self._lost or self._lost_all)
 
     def _remember_lost(self, keys: Any) -> None:
         if self._lost_all:
@@ -164,14 +215,21 @@ class Store:
         self._retry = self.retry_after
         if was_open:
             log.warning("cache region %r: backend answers again", self.name)
+        return self._replay_lost()
+
+    def _replay_lost(self) -> bool:
         if not (self._lost or self._lost_all) or self._fresh_token is None:
             return False
-        keys = list(self._lost)
-        if self._lost_all and self._lost_fallback is not None:
+        lost, lost_all = self._lost, self._lost_all
+        self._lost, self._lost_all = set(), False
+        keys = list(lost)
+        if lost_all and self._lost_fallback is not None:
             keys = [self._lost_fallback]
-        self.region.set_multi(dict.fromkeys(keys, self._fresh_token()))
-        self._lost = set()
-        self._lost_all = False
+        try:
+            self.region.set_multi(dict.fromkeys(keys, self._fresh_token()))
+        except BaseException:
+            self._remember_lost(keys)
+            raise
         log.warning(
             "cache region %r: wrote %d invalidation(s) lost during the outage",
             self.name,

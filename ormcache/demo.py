@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -182,7 +181,12 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, str]:
         region = {
             "backend": "redis",
             "expiration_time": 3600,
-            "arguments": {"url": args.redis, "redis_expiration_time": 3600},
+            "arguments": {
+                "url": args.redis,
+                "redis_expiration_time": 3600,  # the demo's keys go away by themselves
+                "socket_connect_timeout": 3,
+                "socket_timeout": 10,
+            },
         }
         settings = load_settings(
             {"namespace": "ormcache-demo", "regions": {"templates": region, "analytics": region}}
@@ -197,7 +201,10 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, str]:
             },
         }
     )
-    return settings, 'embedded: in-process regions "templates" (memory), "analytics" (memory_pickle)'
+    return (
+        settings,
+        'embedded: in-process regions "templates" (memory), "analytics" (memory_pickle)',
+    )
 
 
 def _as_mapping(settings: Settings) -> dict[str, Any]:
@@ -224,7 +231,7 @@ def _probe(cache: OrmCache) -> None:
         try:
             region.set(key, 1)
             region.get(key)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - any driver error: it does not answer
             raise UsageError(
                 f"region {name!r} ({cache.settings.regions[name].backend}) does not answer: "
                 f"{type(err).__name__}: {err}"
@@ -235,8 +242,10 @@ def _probe(cache: OrmCache) -> None:
 
 
 class Progress:
-    """A progress bar on a terminal (redrawn with ``\\r``), else a plain
-    line every few seconds and one at the end."""
+    """A progress bar on a terminal (redrawn in place with ``\\r``),
+    otherwise a plain line every few seconds and one at the end."""
+
+    width = 24
 
     def __init__(self, label: str, total: int, stream: TextIO, *, every: float = 2.0) -> None:
         self.label = label
@@ -252,16 +261,15 @@ class Progress:
             return
         self.last = now
         fraction = min(done / self.total, 1.0)
-        text = f"{self.label:<9} {done:>7,}/{self.total:,} ({fraction:4.0%}, {now - self.started:.1f} s)"
+        counts = f"{done:,}/{self.total:,}"
+        elapsed = f"{now - self.started:.1f} s"
         if self.tty:
-            width = 24
-            filled = int(width * fraction)
-            bar = "#" * filled + "-" * (width - filled)
-            self.stream.write(f"\r{self.label:<9} [{bar}] {fraction:4.0%} {done:,}/{self.total:,}  ")
-            if done >= self.total:
-                self.stream.write(f"{now - self.started:.1f} s\n")
+            filled = round(self.width * fraction)
+            bar = "#" * filled + "-" * (self.width - filled)
+            end = f" {elapsed}\n" if done >= self.total else ""
+            self.stream.write(f"\r{self.label:<9} [{bar}] {fraction:4.0%} {counts}{end}")
         else:
-            self.stream.write(text + "\n")
+            self.stream.write(f"{self.label:<9} {counts:>15} ({fraction:4.0%}, {elapsed})\n")
         self.stream.flush()
 
 
@@ -275,40 +283,42 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if requests < 2 * writes:
         raise UsageError(f"--requests {requests} is too few for {writes} writes")
     settings, described = _settings(args)
-
-    ts = _store_package()
+    _store_package()
     from examples.template_store import queries, seed, shards, workload
 
     data_dir: Path = args.data_dir
     if data_dir.exists() and not data_dir.is_dir():
         raise UsageError(f"--data-dir {data_dir} is not a directory")
-    wanted = seed.StoreLayout(
-        shards=size.shards, templates=size.templates, stores=size.shards * 4, seed=args.seed
-    )
-    layout = seed.load_layout(data_dir)
-    if args.rebuild or layout is None or not layout.same_store(wanted):
-        why = "rebuilding" if layout is not None else "building"
-        err.write(f"{why} the store in {data_dir}: {size.shards} shards, {size.templates:,} templates\n")
-        layout = seed.build_store(
-            data_dir,
-            shards=size.shards,
-            templates=size.templates,
-            seed=args.seed,
-            progress=Progress("build", size.shards, err),
-        )
-        built = f"built in {layout.build_seconds:.1f} s"
-    else:
-        built = "reused; --rebuild to rebuild"
-
-    engines = shards.create_engines(data_dir, layout.shard_ids)
     cache = OrmCache(settings)
+    engines: dict[str, Any] = {}
     try:
+        _probe(cache)
+        wanted = seed.StoreLayout(
+            shards=size.shards, templates=size.templates, stores=size.shards * 4, seed=args.seed
+        )
+        layout = seed.load_layout(data_dir)
+        if args.rebuild or layout is None or not layout.same_store(wanted):
+            why = "rebuilding" if layout is not None else "building"
+            err.write(
+                f"{why} the store in {data_dir}: {size.shards} shards, {size.templates:,} templates\n"
+            )
+            layout = seed.build_store(
+                data_dir,
+                shards=size.shards,
+                templates=size.templates,
+                seed=args.seed,
+                progress=Progress("build", size.shards, err),
+            )
+            built = f"built in {layout.build_seconds:.1f} s"
+        else:
+            built = "reused; --rebuild to rebuild"
+
+        engines = shards.create_engines(data_dir, layout.shard_ids)
         try:
             revision = shards.schema_revision(engines)
         except shards.SchemaMismatch as exc:
             raise UsageError(f"{data_dir}: {exc} (or pass --rebuild)") from None
         cache.use_schema_version(revision)
-        _probe(cache)
         cache.invalidate_all()  # a cold start, whatever an earlier run left
         Plain = shards.make_sessionmaker(engines)
         Cached = shards.make_sessionmaker(engines)
@@ -343,20 +353,29 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         warm = workload.run(
             cached_app, earlier, engine_list, progress=Progress("warm-up", len(earlier), err)
         )
-        before = lookups()
         cached = workload.run(
-            cached_app, measured, engine_list, progress=Progress("cached", len(measured), err)
+            cached_app,
+            measured,
+            engine_list,
+            lookups=lookups,
+            progress=Progress("cached", len(measured), err),
         )
-        cache_reads = lookups() - before
     finally:
         cache.close()
         for engine in engines.values():
             engine.dispose()
 
-    _report(out, layout, size, requests, writes, args.seed, earlier, warm, uncached, cached, sampled, cache_reads)
+    out.write(
+        f"workload: {cached.reads:,} reads (96% template resolutions, 2% store listings, "
+        f"2% tenant dashboards; 80% of lookups on 20% of the templates; seed {args.seed}) "
+        f"and {cached.writes} writes\n"
+        f"warm-up: the {len(earlier):,} distinct requests among {size.warmup:,} earlier ones "
+        f"({warm.read_queries:,} database queries)\n"
+        f"uncached: 1 in {step} of the reads, scanning the shards in order until found\n\n"
+    )
+    _report(out, uncached, cached, sampled)
     if cached.fresh_ok != cached.fresh_checks:
-        for line in cached.stale:
-            err.write(f"stale read: {line}\n")
+        err.writelines(f"stale read: {line}\n" for line in cached.stale)
         return 1
     return 0
 
@@ -368,56 +387,54 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def _report(
-    out: TextIO,
-    layout: Any,
-    size: Size,
-    requests: int,
-    writes: int,
-    seed: int,
-    earlier: list[Any],
-    warm: Any,
-    uncached: Any,
-    cached: Any,
-    sampled: list[int],
-    cache_reads: int,
-) -> None:
-    ms = 1000.0
+def _report(out: TextIO, uncached: Any, cached: Any, sampled: list[int]) -> None:
+    """The table and the summary lines; ``sampled`` are the positions of
+    the requests the uncached pass ran."""
     u_per = uncached.read_queries / max(uncached.reads, 1)
     c_per = cached.read_queries / max(cached.reads, 1)
-    hits = cache_reads - cached.read_queries
-    no_db = sum(1 for q in cached.queries if q == 0)
     by_position = dict(zip(cached.positions, cached.latencies))
     paired = [by_position[n] for n in sampled]
-    speedup = (sum(uncached.latencies) / len(uncached.latencies)) / (sum(paired) / len(paired))
-    avoided = 1 - c_per / u_per if u_per else 0.0
+    speedup = _mean(uncached.latencies) / _mean(paired)
+    hits = cached.lookups - cached.read_queries
+    no_db = sum(1 for q in cached.queries if q == 0)
+
+    def ms(values: Sequence[float], q: float) -> str:
+        return f"{_percentile(values, q) * 1000:.2f} ms"
+
     rows = [
-        ("requests", f"{uncached.reads:,}", f"{cached.reads:,}"),
+        ("reads", f"{uncached.reads:,}", f"{cached.reads:,}"),
         ("db queries", f"{uncached.read_queries:,}", f"{cached.read_queries:,}"),
-        ("per request", f"{u_per:.2f}", f"{c_per:.4f}"),
-        ("p50 latency", f"{_percentile(uncached.latencies, 50) * ms:.2f} ms", f"{_percentile(cached.latencies, 50) * ms:.2f} ms"),
-        ("p99 latency", f"{_percentile(uncached.latencies, 99) * ms:.2f} ms", f"{_percentile(cached.latencies, 99) * ms:.2f} ms"),
+        ("per read", f"{u_per:.2f}", f"{c_per:.4f}"),
+        ("p50 latency", ms(uncached.latencies, 50), ms(cached.latencies, 50)),
+        ("p99 latency", ms(uncached.latencies, 99), ms(cached.latencies, 99)),
     ]
+    out.write(f"{'':<14}{'uncached':>14}{'cached':>14}\n")
+    out.writelines(f"{label:<14}{a:>14}{b:>14}\n" for label, a, b in rows)
     out.write(
-        f"workload: {requests:,} reads (96% template resolutions, 2% store listings, "
-        f"2% tenant dashboards), 80% of lookups on 20% of templates, seed {seed}\n"
-        f"warm-up: the {len(earlier):,} distinct requests of {size.warmup:,} earlier ones, "
-        f"{warm.read_queries:,} database queries\n"
-        f"uncached: every {sampled[1] - sampled[0] if len(sampled) > 1 else 1}th request "
-        f"(scan the shards in order until found)\n\n"
-        f"{'':<14}{'uncached':>14}{'cached':>14}\n"
-    )
-    for label, a, b in rows:
-        out.write(f"{label:<14}{a:>14}{b:>14}\n")
-    out.write(
-        f"\nhit rate: {hits / cache_reads:.1%} ({hits:,} of {cache_reads:,} cache lookups); "
-        f"{no_db / max(cached.reads, 1):.1%} of requests reached no database\n"
-        f"queries avoided: {avoided:.1%} ({u_per:.2f} -> {c_per:.4f} per request)\n"
-        f"speed-up: {speedup:.1f}x (mean latency over the {len(sampled):,} requests both passes ran)\n"
-        f"writes: {cached.writes} (version bumped, body changed, through the ORM)\n"
+        f"\nhit rate: {hits / max(cached.lookups, 1):.1%} ({hits:,} of {cached.lookups:,} "
+        f"cache lookups); {no_db / max(cached.reads, 1):.1%} of reads reached no database\n"
+        f"queries avoided: {_avoided(u_per, c_per)} ({u_per:.2f} -> {c_per:.4f} per read)\n"
+        f"speed-up: {speedup:.1f}x (mean latency of the {len(sampled):,} reads both passes ran)\n"
+        f"writes: {cached.writes} (version bumped and body changed through the ORM)\n"
         f"fresh after writes: {cached.fresh_ok}/{cached.fresh_checks}\n"
     )
     out.flush()
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / max(len(values), 1)
+
+
+def _avoided(before: float, after: float) -> str:
+    """The share of queries avoided, never rounded up to 100%."""
+    if not before:
+        return "n/a"
+    share = 1 - after / before
+    for digits in (1, 2, 3):
+        text = f"{share:.{digits}%}"
+        if not text.startswith("100") or share == 1:
+            return text
+    return f"{math.floor(share * 1e5) / 1e3:.3f}%"
 
 
 if __name__ == "__main__":

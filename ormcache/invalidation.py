@@ -117,7 +117,9 @@ class VersionKeys:
         return f"{self.ns}:v:r:{_short(name)}"
 
     def model(self, table: str) -> str:
-        return f"{self.ns}:v:g:{_short(table)}"
+        # the bare name: a default schema may or may not be spelled out
+        # (over-invalidating same-named tables of other schemas is safe)
+        return f"{self.ns}:v:g:{_short(table.rpartition('.')[2])}"
 
     def db_unknown(self, db: str) -> str:
         return f"{self.ns}:v:d:{_db(db)}:*"

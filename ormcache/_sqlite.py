@@ -1,0 +1,103 @@
+"""Does a pysqlite connection hold a read snapshot right now?
+
+SQLite keeps a read transaction (a snapshot, in WAL mode) open for as long
+as any statement of the connection is active, for example a result that was
+only partly fetched, even when ``Connection.in_transaction`` is False.  A
+query run then sees that older snapshot, so ormcache must not store its
+rows.  The C API tells (``sqlite3_next_stmt`` / ``sqlite3_stmt_busy``); the
+``sqlite3`` module does not expose it, so this module calls it through
+ctypes with the connection's ``sqlite3 *`` handle, which CPython keeps as
+the first field after the object header of ``pysqlite_Connection``
+(3.11 to 3.14).  The handle is checked against what the module itself
+reports before it is trusted; when anything does not fit, :func:`busy`
+answers None and ormcache does not fill from that connection.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sqlite3
+import sys
+import threading
+from typing import Any
+
+__all__ = ["busy"]
+
+_lib: Any = None
+_loaded = False
+_lock = threading.Lock()
+_HEAD = ctypes.sizeof(ctypes.c_ssize_t) + ctypes.sizeof(ctypes.c_void_p)
+
+
+def _library() -> Any:
+    global _lib, _loaded
+    if _loaded:
+        return _lib
+    with _lock:
+        if not _loaded:
+            try:
+                import _sqlite3
+
+                candidates = [_sqlite3.__file__, ctypes.util.find_library("sqlite3")]
+                for name in candidates:
+                    if not name:
+                        continue
+                    try:
+                        lib = ctypes.CDLL(name)
+                        lib.sqlite3_next_stmt  # noqa: B018 - present?
+                        break
+                    except (OSError, AttributeError):
+                        continue
+                else:
+                    lib = None
+                if lib is not None:
+                    lib.sqlite3_next_stmt.restype = ctypes.c_void_p
+                    lib.sqlite3_next_stmt.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+                    lib.sqlite3_stmt_busy.restype = ctypes.c_int
+                    lib.sqlite3_stmt_busy.argtypes = [ctypes.c_void_p]
+                    lib.sqlite3_total_changes.restype = ctypes.c_int
+                    lib.sqlite3_total_changes.argtypes = [ctypes.c_void_p]
+                    lib.sqlite3_get_autocommit.restype = ctypes.c_int
+                    lib.sqlite3_get_autocommit.argtypes = [ctypes.c_void_p]
+                _lib = lib
+            except Exception:
+                _lib = None
+            _loaded = True
+    return _lib
+
+
+def _handle(conn: sqlite3.Connection, lib: Any) -> int | None:
+    if sys.implementation.name != "cpython" or type(conn).__module__ != "sqlite3":
+        if not isinstance(conn, sqlite3.Connection):
+            return None
+    db = ctypes.c_void_p.from_address(id(conn) + _HEAD).value
+    if not db:
+        return None
+    if lib.sqlite3_total_changes(db) != conn.total_changes:
+        return None
+    if bool(lib.sqlite3_get_autocommit(db)) == conn.in_transaction:
+        return None
+    return int(db)
+
+
+def busy(conn: Any) -> bool | None:
+    """True if a statement of ``conn`` is active (so a read snapshot is
+    held), False if none is, None if this cannot be told."""
+    if not isinstance(conn, sqlite3.Connection):
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    try:
+        db = _handle(conn, lib)
+    except Exception:
+        return None
+    if db is None:
+        return None
+    stmt = lib.sqlite3_next_stmt(db, None)
+    while stmt:
+        if lib.sqlite3_stmt_busy(stmt):
+            return True
+        stmt = lib.sqlite3_next_stmt(db, stmt)
+    return False
