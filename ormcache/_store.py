@@ -248,6 +248,18 @@ class Store:
             self.failed("write", err)
             return None
 
+    def mutex(self, key: str) -> Any:
+        """dogpile's mutex for ``key``: the backend's distributed lock when
+        the region has one (e.g. Redis with ``distributed_lock``), else an
+        in-process lock; None while the circuit is open."""
+        if self._open_until and not self.available:
+            return None
+        try:
+            return self.region._mutex(key)
+        except Exception as err:
+            self.failed("lock", err)
+            return None
+
     def delete(self, key: str) -> bool:
         if self._open_until and not self.available:
             return False

@@ -294,31 +294,81 @@ class OrmCache:
         values = store.get_many([key, *deps])
         if values is None:
             return None
-        entry = values[0]
-        tokens = values[1:]
-        now = time.time()
-        if entry is not NO_VALUE and self._valid(store, option, entry, tokens, now):
-            rows = entry[_ROWS]
-            encoding = entry[_ENCODING]
-            if encoding:
-                if encoding == _COMPRESSED:
-                    rows = zlib.decompress(rows)
-                rows = pickle.loads(rows)
-            plan: Any = shape.plans.get(id(dialect)) if shape.mapper is not None else False
-            if plan:
-                built = plan.build(orm_context, rows)
-                if built is not None:
-                    return built
-            result = orm_context.invoke_statement(
-                execution_options={REPLAY: Replay(entry[_DESCRIPTION], rows)}
-            )
-            if plan is None:
-                shape.plans[id(dialect)] = make_plan(shape.mapper, result) or False
-            return result
+        served = self._serve(orm_context, store, option, shape, dialect, values)
+        if served is not None:
+            return served
+        if not fill:
+            return self._miss(orm_context, store, key, deps, values, db, fill=False)
+        # one query per cold key: dogpile's lock for the key (in-process, or
+        # the backend's distributed lock when the region is configured so)
+        mutex = store.mutex(key)
+        try:
+            acquired = mutex is not None and mutex.acquire(True)
+        except Exception as err:
+            store.failed("lock", err)
+            acquired = False
+        if not acquired:
+            return self._miss(orm_context, store, key, deps, values, db, fill=True)
+        try:
+            again = store.get_many([key, *deps])
+            if again is None:
+                return self._miss(orm_context, store, key, deps, values, db, fill=False)
+            served = self._serve(orm_context, store, option, shape, dialect, again)
+            if served is not None:
+                return served
+            return self._miss(orm_context, store, key, deps, again, db, fill=True)
+        finally:
+            try:
+                mutex.release()
+            except Exception as err:
+                store.failed("lock", err)
 
-        # a miss: make sure every token exists, then query
+    def _serve(
+        self,
+        orm_context: ORMExecuteState,
+        store: Store,
+        option: FromCache,
+        shape: Any,
+        dialect: Any,
+        values: list[Any],
+    ) -> Any:
+        """The result of a valid entry, or None."""
+        entry = values[0]
+        if entry is NO_VALUE or not self._valid(store, option, entry, values[1:], time.time()):
+            return None
+        rows = entry[_ROWS]
+        encoding = entry[_ENCODING]
+        if encoding:
+            if encoding == _COMPRESSED:
+                rows = zlib.decompress(rows)
+            rows = pickle.loads(rows)
+        plan: Any = shape.plans.get(id(dialect)) if shape.mapper is not None else False
+        if plan:
+            built = plan.build(orm_context, rows)
+            if built is not None:
+                return built
+        result = orm_context.invoke_statement(
+            execution_options={REPLAY: Replay(entry[_DESCRIPTION], rows)}
+        )
+        if plan is None:
+            shape.plans[id(dialect)] = make_plan(shape.mapper, result) or False
+        return result
+
+    def _miss(
+        self,
+        orm_context: ORMExecuteState,
+        store: Store,
+        key: str,
+        deps: list[str],
+        values: list[Any],
+        db: str,
+        fill: bool,
+    ) -> Any:
+        """Query the database; store the rows under the tokens read before
+        the query, when that is safe."""
+        now = time.time()
         current: list[str] = []
-        for dep, token in zip(deps, tokens):
+        for dep, token in zip(deps, values[1:]):
             if token is NO_VALUE:
                 token = new_token()
                 added = store.add(dep, token)
@@ -339,7 +389,7 @@ class OrmCache:
             fill
             and capture.rows is not None
             and capture.fresh
-            and not self._session_writes(session, db)
+            and not self._session_writes(orm_context.session, db)
         ):
             encoding, rows_value = self._encode_rows(store, capture.rows)
             store.set(key, (now, tuple(current), capture.description, rows_value, encoding))
