@@ -30,6 +30,9 @@ from dogpile.cache.region import CacheRegion
 
 log = logging.getLogger("ormcache")
 
+#: errors that say a value is too big, not that the backend is unwell
+_TOO_BIG = frozenset({"TooBig", "ValueTooLarge", "MemcacheServerError"})
+
 _retrying: set[Store] = set()
 _retry_lock = threading.Lock()
 
@@ -138,6 +141,10 @@ class Store:
             if self._failures:
                 self._recovered()
         except Exception as err:
+            if type(err).__name__ in _TOO_BIG:
+                # the backend is fine; this value is not for it
+                log.info("cache region %r: value too big for the backend, not cached", self.name)
+                return False
             self.failed("write", err)
             return False
         return True

@@ -57,6 +57,7 @@ from .exc import BackendError, CacheKeyError, ConfigurationError, UnknownRegionE
 from .invalidation import UNKNOWN, VersionKeys, is_pending, new_token, pending_expired, pending_token
 from .keys import ShapeCache, database_id, parameter_values, query_key, table_name
 from .options import FromCache
+from .serialization import SignedSerializer
 from .settings import RegionSettings, Settings, load_settings, make_region, settings_from_config
 
 __all__ = ["OrmCache"]
@@ -85,6 +86,8 @@ _AS_IS, _PICKLED, _COMPRESSED = 0, 1, 2
 
 #: results whose pickled rows are larger than this are compressed (bytes)
 COMPRESS_THRESHOLD = 16 * 1024
+#: results larger than this once compressed are not stored (bytes)
+MAX_ENTRY_BYTES = 1024 * 1024 - 4096
 
 
 class OrmCache:
@@ -106,9 +109,16 @@ class OrmCache:
         for name in built:
             if name not in settings.regions:
                 raise UnknownRegionError(name, settings.regions)
+        signing_key = settings.signing_key or os.environ.get("ORMCACHE_SIGNING_KEY") or None
+        self._signers: dict[str, SignedSerializer] = {}
         for name, spec in settings.regions.items():
             if name not in built:
-                built[name] = make_region(_with_defaults(spec))
+                spec = _with_defaults(spec)
+                if signing_key and spec.backend not in _UNSERIALIZED:
+                    signer = self._signers[name] = SignedSerializer(signing_key, name)
+                    built[name] = make_region(spec, signer.dumps, signer.loads)
+                else:
+                    built[name] = make_region(spec)
         self._regions: dict[str, CacheRegion] = built
         self._keys = VersionKeys(settings.namespace)
         self._stores = {
@@ -121,6 +131,9 @@ class OrmCache:
         self._shard_dbs: dict[Any, str] = {}
         #: pickled results larger than this many bytes are compressed
         self.compress_threshold = COMPRESS_THRESHOLD
+        #: results still larger than this once compressed are not stored
+        #: (memcached refuses items of 1 MiB and more by default)
+        self.max_entry_bytes = MAX_ENTRY_BYTES
         #: part of every result key: set it to the schema revision (e.g.
         #: alembic's) so that entries cached under another schema are never
         #: served; see :meth:`use_schema_version`
@@ -392,7 +405,8 @@ class OrmCache:
             and not self._session_writes(orm_context.session, db)
         ):
             encoding, rows_value = self._encode_rows(store, capture.rows)
-            store.set(key, (now, tuple(current), capture.description, rows_value, encoding))
+            if encoding == _AS_IS or len(rows_value) <= self.max_entry_bytes:
+                store.set(key, (now, tuple(current), capture.description, rows_value, encoding))
         return result
 
     def _encode_rows(self, store: Store, rows: list[Any]) -> tuple[int, Any]:
@@ -627,6 +641,9 @@ class OrmCache:
         """Drop everything ormcache cached, in every region."""
         self._bump([self._keys.all])
 
+
+#: backends that keep Python objects in the process: nothing to sign
+_UNSERIALIZED = frozenset({"dogpile.cache.memory", "dogpile.cache.null"})
 
 #: socket timeouts (seconds) given to Redis regions that set none, so that a
 #: server that hangs costs a query little (redis-py waits forever by default)

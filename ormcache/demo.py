@@ -21,6 +21,7 @@ after a write returned an old version, 2 on bad arguments or settings.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import math
 import sys
@@ -57,6 +58,14 @@ class Size:
 
 FULL = Size(shards=101, templates=10_100, requests=20_000, warmup=100_000, uncached=600, writes=50)
 QUICK = Size(shards=11, templates=1_100, requests=2_000, warmup=10_000, uncached=100, writes=10)
+
+
+_KINDS = {
+    "resolve": "template resolutions",
+    "listing": "store listings",
+    "scans": "scan dashboards",
+    "events": "event dashboards",
+}
 
 
 class UsageError(Exception):
@@ -169,8 +178,8 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, str]:
                 f"{args.settings} declares no region {' or '.join(map(repr, missing))}; "
                 'the demo needs regions "templates" and "analytics"'
             )
-        if settings.namespace == "ormcache":
-            settings = load_settings({**_as_mapping(settings), "namespace": "ormcache-demo"})
+        if settings.namespace == "ormcache":  # the default: keep clear of applications
+            settings = dataclasses.replace(settings, namespace="ormcache-demo")
         described = ", ".join(
             f"{name}: {settings.regions[name].backend}" for name in ("templates", "analytics")
         )
@@ -205,21 +214,6 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, str]:
         settings,
         'embedded: in-process regions "templates" (memory), "analytics" (memory_pickle)',
     )
-
-
-def _as_mapping(settings: Settings) -> dict[str, Any]:
-    return {
-        "cache_all": settings.cache_all,
-        "uncached_tables": list(settings.uncached_tables),
-        "regions": {
-            name: {
-                "backend": spec.backend,
-                "expiration_time": spec.expiration_time,
-                "arguments": dict(spec.arguments),
-            }
-            for name, spec in settings.regions.items()
-        },
-    }
 
 
 def _probe(cache: OrmCache) -> None:
@@ -302,13 +296,16 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             err.write(
                 f"{why} the store in {data_dir}: {size.shards} shards, {size.templates:,} templates\n"
             )
-            layout = seed.build_store(
-                data_dir,
-                shards=size.shards,
-                templates=size.templates,
-                seed=args.seed,
-                progress=Progress("build", size.shards, err),
-            )
+            try:
+                layout = seed.build_store(
+                    data_dir,
+                    shards=size.shards,
+                    templates=size.templates,
+                    seed=args.seed,
+                    progress=Progress("build", size.shards, err),
+                )
+            except FileExistsError as exc:
+                raise UsageError(str(exc)) from None
             built = f"built in {layout.build_seconds:.1f} s"
         else:
             built = "reused; --rebuild to rebuild"
@@ -365,10 +362,10 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         for engine in engines.values():
             engine.dispose()
 
+    mix = ", ".join(f"{share:.0%} {_KINDS[kind]}" for kind, share in workload.MIX)
     out.write(
-        f"workload: {cached.reads:,} reads (96% template resolutions, 2% store listings, "
-        f"2% tenant dashboards; 80% of lookups on 20% of the templates; seed {args.seed}) "
-        f"and {cached.writes} writes\n"
+        f"workload: {cached.reads:,} reads ({mix}; 80% of lookups on 20% of the "
+        f"templates; seed {args.seed}) and {cached.writes} writes\n"
         f"warm-up: the {len(earlier):,} distinct requests among {size.warmup:,} earlier ones "
         f"({warm.read_queries:,} database queries)\n"
         f"uncached: 1 in {step} of the reads, scanning the shards in order until found\n\n"

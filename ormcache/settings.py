@@ -66,8 +66,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
-from dataclasses import field
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from types import MappingProxyType
 from typing import Any
@@ -105,7 +104,7 @@ SHORT_BACKEND_NAMES: Mapping[str, str] = MappingProxyType(
 """Short backend names accepted in settings, and the dogpile backend each
 stands for."""
 
-_TOP_LEVEL_KEYS = ("cache_all", "namespace", "regions", "uncached_tables")
+_TOP_LEVEL_KEYS = ("cache_all", "namespace", "regions", "signing_key", "uncached_tables")
 _REGION_KEYS = ("arguments", "backend", "expiration_time")
 _SEQUENCES = (list, tuple, set, frozenset)  # copied; subclasses are not
 _NAMESPACE = re.compile(r"[!-~]{1,32}")  # printable ASCII, no whitespace
@@ -156,6 +155,9 @@ class Settings:
     """Tables whose rows are never cached."""
     namespace: str = "ormcache"
     """Prefix of every cache key."""
+    signing_key: str | None = field(default=None, repr=False)
+    """Secret that signs what ormcache stores in shared backends (HMAC);
+    ``None``: ``$ORMCACHE_SIGNING_KEY``, else unsigned."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "regions", MappingProxyType(dict(self.regions)))
@@ -238,7 +240,7 @@ def settings_from_config(
         if not flat_key.startswith(prefix):
             continue
         rest = flat_key[len(prefix) :]
-        if rest in ("cache_all", "namespace"):
+        if rest in ("cache_all", "namespace", "signing_key"):
             tree[rest] = value
             continue
         if rest == "uncached_tables":
@@ -271,7 +273,11 @@ def settings_from_config(
     return _parse(tree)
 
 
-def make_region(spec: RegionSettings) -> CacheRegion:
+def make_region(
+    spec: RegionSettings,
+    serializer: Any = None,
+    deserializer: Any = None,
+) -> CacheRegion:
     """Build a configured dogpile region from ``spec``.
 
     Backend drivers are imported here; no server is contacted until the
@@ -283,7 +289,9 @@ def make_region(spec: RegionSettings) -> CacheRegion:
         42
     """
     try:
-        return _dogpile_make_region(name=spec.name).configure(
+        return _dogpile_make_region(
+            name=spec.name, serializer=serializer, deserializer=deserializer
+        ).configure(
             spec.backend,
             expiration_time=spec.expiration_time,
             arguments=_copy(spec.arguments),
@@ -372,7 +380,14 @@ def _parse(tree: Mapping[str, Any]) -> Settings:
             key="uncached_tables",
         )
     namespace = _interpolate(tree.get("namespace", "ormcache"), None, "namespace")
-    return Settings(parsed, cache_all, frozenset(tables), namespace)
+    signing_key = _interpolate(tree.get("signing_key"), None, "signing_key")
+    if signing_key is not None and (not isinstance(signing_key, str) or len(signing_key) < 16):
+        raise ConfigurationError(
+            "must be a secret string of at least 16 characters, e.g. "
+            "'${ORMCACHE_SIGNING_KEY}'",
+            key="signing_key",
+        )
+    return Settings(parsed, cache_all, frozenset(tables), namespace, signing_key)
 
 
 def _region_settings(name: str, spec: Any) -> RegionSettings:

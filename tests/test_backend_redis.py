@@ -26,3 +26,9 @@ class TestFakeRedis(BackendTests):
         server = fakeredis.FakeServer()
         pool = redis.ConnectionPool(connection_class=fakeredis.FakeRedisConnection, server=server)
         return {"connection_pool": pool}
+
+
+class TestRedisSigned(TestRedis):
+    """Real Redis with signed payloads."""
+
+    signing_key = "backend-suite-signing-key"

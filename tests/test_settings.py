@@ -221,7 +221,7 @@ class TestErrors:
             load_settings({**regions(r={"backend": "memory"}), "cacheall": "r"})
         assert info.value.region is None
         assert info.value.key == "cacheall"
-        assert "cache_all, namespace, regions, uncached_tables" in str(info.value)
+        assert "cache_all, namespace, regions, signing_key, uncached_tables" in str(info.value)
 
     @pytest.mark.parametrize(
         "value", [-1, -0.5, "soon", "-5", True, float("nan"), [300], {"s": 1}]

@@ -126,6 +126,8 @@ class BackendTests:
     #: the region's ``arguments``; see also :meth:`arguments_for`
     arguments: dict[str, Any] = {}
     expiration_time: float | None = 300
+    #: sign stored payloads with this key (see ``ormcache.serialization``)
+    signing_key: str | None = None
 
     def arguments_for(self, request: pytest.FixtureRequest) -> dict[str, Any]:
         return dict(self.arguments)
@@ -139,6 +141,7 @@ class BackendTests:
         seed(self.engine)
         self.settings = {
             "namespace": "t" + uuid.uuid4().hex[:12],
+            "signing_key": self.signing_key,
             "regions": {
                 "default": {
                     "backend": self.backend,
