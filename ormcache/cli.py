@@ -7,6 +7,7 @@
     ormcache invalidate --region shared --settings ormcache.toml
     ormcache invalidate --all --settings ormcache.toml
     ormcache check --settings ormcache.toml
+    ormcache stats --settings ormcache.toml
     ormcache demo
 
 The settings file may also be named by ``$ORMCACHE_SETTINGS``.
@@ -61,6 +62,16 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate settings and reach every backend")
     _settings_argument(check)
+
+    stats = sub.add_parser(
+        "stats",
+        help="hits, misses and invalidations of the processes that publish them",
+        description="Sum the statistics that applications publish with "
+        "OrmCache.publish_stats().",
+    )
+    stats.add_argument("--region", help="the region they publish in (default: the first shared one)")
+    stats.add_argument("--json", action="store_true", help="print JSON")
+    _settings_argument(stats)
 
     sub.add_parser("demo", help="the sharded template-store demo", add_help=False)
     return parser
@@ -149,6 +160,43 @@ def _check(args: argparse.Namespace) -> int:
     return status
 
 
+def _stats(args: argparse.Namespace) -> int:
+    import json
+
+    from .stats import collect
+
+    cache = _load(args.settings)
+    try:
+        name = args.region or next(
+            (n for n, s in cache._stores.items() if not s.in_process), None
+        )
+        if name is None:
+            raise ConfigurationError("no shared region: statistics are per process here")
+        try:
+            total = collect(cache, cache._store(name))
+        except RuntimeError as err:
+            print(f"ormcache: region {name}: {err}", file=sys.stderr)
+            return EXIT_BACKEND
+    finally:
+        cache.close()
+    if args.json:
+        print(json.dumps(total, indent=2, sort_keys=True))
+        return EXIT_OK
+    print(f"processes publishing: {len(total['processes'])}")
+    header = f"{'':24} {'hits':>9} {'misses':>9} {'hit rate':>9} {'fills':>8} {'bypassed':>9} {'errors':>7} {'invalid.':>9}"
+    for part in ("regions", "models"):
+        if not total[part]:
+            continue
+        print(f"\n{part}\n{header}")
+        for name, e in sorted(total[part].items()):
+            rate = "-" if e["hit_rate"] is None else f"{e['hit_rate']:.1%}"
+            print(
+                f"{name[:24]:24} {e['hits']:>9} {e['misses']:>9} {rate:>9} {e['fills']:>8} "
+                f"{e['bypassed']:>9} {e['errors']:>7} {e['invalidations']:>9}"
+            )
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:
@@ -163,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "invalidate":
             return _invalidate(args)
+        if args.command == "stats":
+            return _stats(args)
         return _check(args)
     except BackendError as err:
         print(f"ormcache: {err}", file=sys.stderr)

@@ -58,6 +58,7 @@ from .invalidation import UNKNOWN, VersionKeys, is_pending, new_token, pending_e
 from .keys import ShapeCache, database_id, parameter_values, query_key, table_name
 from .options import FromCache
 from .serialization import SignedSerializer
+from .stats import Stats
 from .settings import RegionSettings, Settings, load_settings, make_region, settings_from_config
 
 __all__ = ["OrmCache"]
@@ -129,6 +130,7 @@ class OrmCache:
         self._databases: dict[str, Any] = {}
         self._attached: list[Any] = []
         self._shard_dbs: dict[Any, str] = {}
+        self._stats = Stats()
         #: pickled results larger than this many bytes are compressed
         self.compress_threshold = COMPRESS_THRESHOLD
         #: results still larger than this once compressed are not stored
@@ -157,6 +159,33 @@ class OrmCache:
         """Build from dogpile's prefixed INI-style dict, e.g.
         ``{"ormcache.default.backend": "memory"}``."""
         return cls(settings_from_config(config, prefix))
+
+    def stats(self, reset: bool = False) -> dict[str, Any]:
+        """Counts of hits, misses, fills, bypasses, backend errors and
+        invalidations, bytes written and mean hit/miss times, per region and
+        per model, in this process since it started (or the last reset)."""
+        snapshot = self._stats.snapshot()
+        if reset:
+            self._stats.reset()
+        return snapshot
+
+    def publish_stats(self, interval: float = 10.0, region: str | None = None) -> OrmCache:
+        """Write this process's :meth:`stats` into a shared region every
+        ``interval`` seconds (a daemon thread), where ``ormcache stats``
+        reads them.  ``region`` defaults to the first region whose backend
+        is not in-process.  Returns ``self``."""
+        from .stats import publish
+
+        name = region or next(
+            (n for n, s in self._stores.items() if not s.in_process), None
+        )
+        if name is None:
+            raise ConfigurationError(
+                "no shared region to publish statistics in; declare a Redis, "
+                "memcached or dbm region, or name one with region="
+            )
+        publish(self, self._store(name), interval)
+        return self
 
     def use_schema_version(self, version: str | None) -> OrmCache:
         """Key every result by the database schema's version (an alembic
@@ -270,6 +299,7 @@ class OrmCache:
         written = self._session_writes(session, db)
         if written:
             if UNKNOWN in written or not tables or not written.isdisjoint(tables):
+                self._stats.count(option.region, shape.label, "bypassed")
                 return None
             fill = False
 
@@ -304,14 +334,38 @@ class OrmCache:
             deps = self._entity_deps(option.region, db, shape, tables, schema_map, dialect, orm_context.parameters)
         if deps is None:
             deps = self._keys.deps(option.region, db, tables)
+        stats = self._stats
+        started = time.perf_counter()
         values = store.get_many([key, *deps])
         if values is None:
+            stats.count(option.region, shape.label, "errors")
             return None
         served = self._serve(orm_context, store, option, shape, dialect, values)
         if served is not None:
+            stats.count(option.region, shape.label, "hits")
+            stats.time(option.region, "hits", time.perf_counter() - started)
             return served
+        stats.count(option.region, shape.label, "misses")
+        try:
+            return self._lookup_miss(orm_context, store, option, shape, dialect, key, deps, values, db, fill)
+        finally:
+            stats.time(option.region, "misses", time.perf_counter() - started)
+
+    def _lookup_miss(
+        self,
+        orm_context: ORMExecuteState,
+        store: Store,
+        option: FromCache,
+        shape: Any,
+        dialect: Any,
+        key: str,
+        deps: list[str],
+        values: list[Any],
+        db: str,
+        fill: bool,
+    ) -> Any:
         if not fill:
-            return self._miss(orm_context, store, key, deps, values, db, fill=False)
+            return self._miss(orm_context, store, key, deps, values, db, False, shape.label)
         # one query per cold key: dogpile's lock for the key (in-process, or
         # the backend's distributed lock when the region is configured so)
         mutex = store.mutex(key)
@@ -321,15 +375,15 @@ class OrmCache:
             store.failed("lock", err)
             acquired = False
         if not acquired:
-            return self._miss(orm_context, store, key, deps, values, db, fill=True)
+            return self._miss(orm_context, store, key, deps, values, db, True, shape.label)
         try:
             again = store.get_many([key, *deps])
             if again is None:
-                return self._miss(orm_context, store, key, deps, values, db, fill=False)
+                return self._miss(orm_context, store, key, deps, values, db, False, shape.label)
             served = self._serve(orm_context, store, option, shape, dialect, again)
             if served is not None:
                 return served
-            return self._miss(orm_context, store, key, deps, again, db, fill=True)
+            return self._miss(orm_context, store, key, deps, again, db, True, shape.label)
         finally:
             try:
                 mutex.release()
@@ -376,6 +430,7 @@ class OrmCache:
         values: list[Any],
         db: str,
         fill: bool,
+        label: str = "?",
     ) -> Any:
         """Query the database; store the rows under the tokens read before
         the query, when that is safe."""
@@ -406,7 +461,10 @@ class OrmCache:
         ):
             encoding, rows_value = self._encode_rows(store, capture.rows)
             if encoding == _AS_IS or len(rows_value) <= self.max_entry_bytes:
-                store.set(key, (now, tuple(current), capture.description, rows_value, encoding))
+                if store.set(key, (now, tuple(current), capture.description, rows_value, encoding)):
+                    self._stats.count(store.name, label, "fills")
+                    if encoding != _AS_IS:
+                        self._stats.count(store.name, label, "bytes_written", len(rows_value))
         return result
 
     def _encode_rows(self, store: Store, rows: list[Any]) -> tuple[int, Any]:
@@ -490,16 +548,18 @@ class OrmCache:
         keys = self._keys.written(db, tables)
         mapping = dict.fromkeys(keys, new_token())
         for store in self._stores.values():
-            store.set_many(mapping)
+            if store.set_many(mapping):
+                self._stats.count(store.name, "*", "invalidations")
 
     def _bump(self, keys: Iterable[str], stores: Iterable[Store] | None = None) -> None:
         """Explicit invalidation: raises BackendError when a backend failed."""
         mapping = dict.fromkeys(keys, new_token())
-        failed = [
-            store.name
-            for store in (stores if stores is not None else self._stores.values())
-            if not store.set_many(mapping)
-        ]
+        failed = []
+        for store in stores if stores is not None else self._stores.values():
+            if store.set_many(mapping):
+                self._stats.count(store.name, "*", "invalidations")
+            else:
+                failed.append(store.name)
         if failed:
             raise BackendError(failed[0], "record an invalidation")
 

@@ -152,6 +152,8 @@ class StatementShape:
     get_params: tuple[str, ...] | None = None
     get_types: tuple[type, ...] = ()
     get_tables: tuple[tuple[str, str | None], ...] = ()
+    #: what statistics count this statement under: its entity, else its tables
+    label: str = ""
     #: calls a function whose result changes between executions (now(),
     #: random(), ...), or embeds textual SQL that may: never cached in
     #: cache-everything mode
@@ -223,6 +225,11 @@ def _describe(statement: Any, dialect: Dialect) -> StatementShape:
         volatile=_volatile(core),
     )
     _describe_get(statement, shape)
+    try:
+        entity = statement.column_descriptions[0].get("entity")
+    except (AttributeError, IndexError):
+        entity = None
+    shape.label = getattr(entity, "__name__", None) or ",".join(t for t, _ in shape.tables) or "?"
     return shape
 
 

@@ -106,3 +106,31 @@ def test_usage_errors(argv: list[str], message: str, capsys: Any, monkeypatch: A
     monkeypatch.delenv("ORMCACHE_SETTINGS", raising=False)
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_stats_published_by_an_application(settings_file: Path, tmp_path: Path, capsys: Any) -> None:
+    from ormcache.stats import publish_once
+
+    engine = create_engine(f"sqlite:///{tmp_path}/db.sqlite")
+    Base.metadata.create_all(engine)
+    seed(engine)
+    cache = OrmCache.from_settings(str(settings_file))
+    maker = sessionmaker(engine)
+    cache.attach(maker)
+    try:
+        for _ in range(3):
+            with maker() as s:
+                s.scalars(select(Template).where(Template.id == 1).options(FromCache())).one()
+        assert publish_once(cache, cache._stores["default"])
+        assert main(["stats", "--settings", str(settings_file), "--json"]) == 0
+        import json
+
+        total = json.loads(capsys.readouterr().out)
+        assert len(total["processes"]) == 1
+        assert total["regions"]["default"]["hits"] == 2
+        assert total["models"]["Template"]["misses"] == 1
+        assert main(["stats", "--settings", str(settings_file)]) == 0
+        assert "processes publishing: 1" in capsys.readouterr().out
+    finally:
+        cache.close()
+        engine.dispose()

@@ -106,3 +106,23 @@ def test_invalidate_needs_a_cached_statement(env: Any) -> None:
         cache.invalidate(select(Template))
     with pytest.raises(ormcache.ConfigurationError, match="cannot invalidate 42"):
         cache.invalidate(42)
+
+
+def test_stats(env: Any) -> None:
+    engine, maker, cache = env
+    stmt = select(Template).where(Template.id == 1).options(FromCache())
+    for _ in range(3):
+        with maker() as s:
+            s.scalars(stmt).one()
+    with maker() as s:
+        s.get_one(Template, 2).name = "x"
+        s.flush()
+        s.scalars(stmt).one()  # the transaction wrote templates: bypassed
+        s.commit()
+    stats = cache.stats(reset=True)
+    region = stats["regions"]["default"]
+    assert (region["hits"], region["misses"], region["fills"], region["bypassed"]) == (2, 1, 1, 1)
+    assert region["invalidations"] == 1 and region["hit_rate"] == round(2 / 3, 4)
+    assert region["hit_time_us"] > 0
+    assert stats["models"]["Template"]["hits"] == 2
+    assert cache.stats() == {"regions": {}, "models": {}}

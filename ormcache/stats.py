@@ -1,0 +1,142 @@
+"""Counters of what the cache did, per region and per model.
+
+``OrmCache.stats()`` returns a snapshot::
+
+    {"regions": {"default": {"hits": 120, "misses": 7, "fills": 7,
+                             "bypassed": 2, "errors": 0, "invalidations": 3,
+                             "bytes_written": 18211, "hit_rate": 0.944,
+                             "hit_time_us": 41.2, "miss_time_us": 380.0}},
+     "models": {"Template": {...}}}
+
+Counting costs a few dictionary updates per query; times are means over
+the calls counted.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from typing import Any
+
+__all__ = ["Stats"]
+
+_EVENTS = ("hits", "misses", "fills", "bypassed", "errors", "invalidations", "bytes_written")
+
+
+class Stats:
+    """Thread-safe enough counters (a lost increment under a race is
+    acceptable for statistics; a torn snapshot is not possible)."""
+
+    def __init__(self) -> None:
+        self._counts: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        self._times: defaultdict[tuple[str, str], float] = defaultdict(float)
+        self._lock = threading.Lock()
+
+    def count(self, region: str, model: str, event: str, n: int = 1) -> None:
+        self._counts[(region, model, event)] += n
+
+    def time(self, region: str, event: str, seconds: float) -> None:
+        self._times[(region, event)] += seconds
+
+    def reset(self) -> None:
+        with self._lock:
+            self._counts.clear()
+            self._times.clear()
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            counts = dict(self._counts)
+            times = dict(self._times)
+        regions: dict[str, dict[str, Any]] = {}
+        models: dict[str, dict[str, Any]] = {}
+        for (region, model, event), n in counts.items():
+            for bucket, name in ((regions, region), (models, model)):
+                entry = bucket.setdefault(name, dict.fromkeys(_EVENTS, 0))
+                entry[event] += n
+        for bucket in (regions, models):
+            for entry in bucket.values():
+                lookups = entry["hits"] + entry["misses"]
+                entry["hit_rate"] = round(entry["hits"] / lookups, 4) if lookups else None
+        for name, entry in regions.items():
+            for event, label in (("hits", "hit_time_us"), ("misses", "miss_time_us")):
+                total = times.get((name, event))
+                entry[label] = (
+                    round(total / entry[event] * 1e6, 1) if total and entry[event] else None
+                )
+        return {"regions": regions, "models": models}
+
+
+PROCESS_ID = f"{__import__('socket').gethostname()}:{__import__('os').getpid()}"
+#: a process whose statistics are older than this is no longer listed
+STALE_AFTER = 120.0
+
+
+def index_key(namespace: str) -> str:
+    return f"{namespace}:stats:index"
+
+
+def process_key(namespace: str, process: str) -> str:
+    return f"{namespace}:stats:p:{process}"
+
+
+def publish_once(cache: Any, store: Any) -> bool:
+    import time as _time
+
+    ns = cache.settings.namespace
+    now = _time.time()
+    if not store.set(process_key(ns, PROCESS_ID), {"at": now, "stats": cache.stats()}):
+        return False
+    values = store.get_many([index_key(ns)])
+    index = {}
+    if values and isinstance(values[0], dict):
+        index = {p: t for p, t in values[0].items() if now - t < STALE_AFTER}
+    index[PROCESS_ID] = now
+    return bool(store.set(index_key(ns), index))
+
+
+def publish(cache: Any, store: Any, interval: float) -> None:
+    import time as _time
+    import weakref
+
+    ref = weakref.ref(cache)
+
+    def loop() -> None:
+        while True:
+            target = ref()
+            if target is None:
+                return
+            publish_once(target, store)
+            del target
+            _time.sleep(interval)
+
+    threading.Thread(target=loop, name="ormcache-stats", daemon=True).start()
+
+
+def collect(cache: Any, store: Any) -> dict[str, Any]:
+    """Statistics published by every live process, summed."""
+    import time as _time
+
+    ns = cache.settings.namespace
+    values = store.get_many([index_key(ns)])
+    if values is None:
+        raise RuntimeError("the region's backend did not answer")
+    index = values[0] if isinstance(values[0], dict) else {}
+    now = _time.time()
+    processes = sorted(p for p, t in index.items() if now - t < STALE_AFTER)
+    total: dict[str, Any] = {"processes": processes, "regions": {}, "models": {}}
+    if not processes:
+        return total
+    payloads = store.get_many([process_key(ns, p) for p in processes]) or []
+    for payload in payloads:
+        if not isinstance(payload, dict):
+            continue
+        for part in ("regions", "models"):
+            for name, entry in payload["stats"].get(part, {}).items():
+                into = total[part].setdefault(name, dict.fromkeys(_EVENTS, 0))
+                for event in _EVENTS:
+                    into[event] += entry.get(event, 0) or 0
+    for part in ("regions", "models"):
+        for entry in total[part].values():
+            lookups = entry["hits"] + entry["misses"]
+            entry["hit_rate"] = round(entry["hits"] / lookups, 4) if lookups else None
+    return total
