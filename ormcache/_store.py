@@ -53,6 +53,7 @@ class Store:
         "region",
         "name",
         "in_process",
+        "_serialized",
         "_add",
         "_last_warning",
         "_failures",
@@ -98,6 +99,8 @@ class Store:
             type(region.backend).__module__ == "dogpile.cache.backends.memory"
             and region.serializer is None
         )
+        #: the backend stores bytes (dogpile serializes for it)
+        self._serialized = region.serializer is not None
         self._add = _adder(region)
         self._last_warning = 0.0
 
@@ -118,20 +121,70 @@ class Store:
         return False
 
     def get_many(self, keys: Sequence[str]) -> list[Any] | None:
-        """Payloads for ``keys`` (``NO_VALUE`` where absent), in one backend
-        call; ``None`` when the backend failed or the circuit is open."""
+        """An entry and its version tokens in one backend call: the entry's
+        payload (``keys[0]``, a value dogpile's region wrote) then the
+        tokens (``keys[1:]``, raw strings), ``NO_VALUE`` where absent;
+        ``None`` when the backend failed or the circuit is open."""
         if self._open_until and not self.available:
             return None
         try:
-            values = self.region.get_multi(keys, ignore_expiration=True)
+            values = self._read(keys)
             if self._failures and self._recovered():
                 # tokens lost during the outage were just moved: what was
                 # read before may be an entry they invalidate
-                values = self.region.get_multi(keys, ignore_expiration=True)
+                values = self._read(keys)
         except Exception as err:
             self.failed("read", err)
             return None
-        return values  # type: ignore[no-any-return]
+        return values
+
+    def _read(self, keys: Sequence[str]) -> list[Any]:
+        region = self.region
+        mangler = region.key_mangler
+        if mangler is not None:
+            keys = [mangler(k) for k in keys]
+        if self._serialized:
+            raw = region.backend.get_serialized_multi(keys)
+            entry = region._parse_serialized_from_backend(raw[0])
+            values = [NO_VALUE if entry is NO_VALUE else entry.payload]
+            for token in raw[1:]:
+                if token is None or token is NO_VALUE:
+                    values.append(NO_VALUE)
+                else:
+                    values.append(token.decode("ascii", "replace") if isinstance(token, bytes) else token)
+            return values
+        raw = region.backend.get_multi(keys)
+        entry = raw[0]
+        values = [NO_VALUE if entry is NO_VALUE or entry is None else entry.payload]
+        values.extend(NO_VALUE if t is None else t for t in raw[1:])
+        return values
+
+    def get_values(self, keys: Sequence[str]) -> list[Any] | None:
+        """Payloads of values dogpile's region wrote (``set``)."""
+        if self._open_until and not self.available:
+            return None
+        try:
+            return self.region.get_multi(keys, ignore_expiration=True)  # type: ignore[no-any-return]
+        except Exception as err:
+            self.failed("read", err)
+            return None
+
+    def _write_tokens(self, mapping: Mapping[str, str]) -> None:
+        """Version tokens go to the backend as they are: raw strings (bytes
+        for serializing backends), not dogpile's pickled ``CachedValue``, so
+        that reading them costs no deserialization."""
+        region = self.region
+        mangler = region.key_mangler
+        if mangler is not None:
+            mapping = {mangler(k): v for k, v in mapping.items()}
+        if self._serialized:
+            region.backend.set_serialized_multi({k: v.encode("ascii") for k, v in mapping.items()})
+        else:
+            region.backend.set_multi(mapping)
+
+    def set_token(self, key: str, token: str) -> bool:
+        """Write one version token (see :meth:`set_many`)."""
+        return self.set_many({key: token})
 
     def set(self, key: str, value: Any) -> bool:
         if self._open_until and not self.available:
@@ -156,7 +209,10 @@ class Store:
         retried in the background until they are."""
         if versions or not (self._open_until and not self.available):
             try:
-                self.region.set_multi(mapping)
+                if versions:
+                    self._write_tokens(mapping)
+                else:
+                    self.region.set_multi(mapping)
                 if self._failures:
                     self._recovered()
             except Exception as err:
@@ -233,7 +289,7 @@ class Store:
         if lost_all and self._lost_fallback is not None:
             keys = [self._lost_fallback]
         try:
-            self.region.set_multi(dict.fromkeys(keys, self._fresh_token()))
+            self._write_tokens(dict.fromkeys(keys, self._fresh_token()))
         except BaseException:
             self._remember_lost(keys)
             raise
@@ -303,10 +359,11 @@ class Store:
             log.debug("cache region %r: backend %s failed: %r", self.name, what, err)
 
 
-def _backend_value(region: CacheRegion, value: Any) -> Any:
+def _backend_value(region: CacheRegion, value: str) -> Any:
+    """A version token as :meth:`Store._write_tokens` stores it."""
     if region.serializer:
-        return region._serialized_payload(value)
-    return region._value(value)
+        return value.encode("ascii")
+    return value
 
 
 def _adder(region: CacheRegion) -> Any:

@@ -444,11 +444,11 @@ class OrmCache:
                     fill = False
                     if added is None and store.supports_add is False:
                         # no atomic add: create it, and store nothing this time
-                        store.set(dep, token)
+                        store.set_token(dep, token)
             elif is_pending(token):
                 fill = False
                 if pending_expired(token, now):
-                    store.set(dep, new_token())
+                    store.set_token(dep, new_token())
             current.append(token)
 
         capture = Capture()

@@ -86,7 +86,7 @@ def publish_once(cache: Any, store: Any) -> bool:
     now = _time.time()
     if not store.set(process_key(ns, PROCESS_ID), {"at": now, "stats": cache.stats()}):
         return False
-    values = store.get_many([index_key(ns)])
+    values = store.get_values([index_key(ns)])
     index = {}
     if values and isinstance(values[0], dict):
         index = {p: t for p, t in values[0].items() if now - t < STALE_AFTER}
@@ -117,7 +117,7 @@ def collect(cache: Any, store: Any) -> dict[str, Any]:
     import time as _time
 
     ns = cache.settings.namespace
-    values = store.get_many([index_key(ns)])
+    values = store.get_values([index_key(ns)])
     if values is None:
         raise RuntimeError("the region's backend did not answer")
     index = values[0] if isinstance(values[0], dict) else {}
@@ -126,7 +126,7 @@ def collect(cache: Any, store: Any) -> dict[str, Any]:
     total: dict[str, Any] = {"processes": processes, "regions": {}, "models": {}}
     if not processes:
         return total
-    payloads = store.get_many([process_key(ns, p) for p in processes]) or []
+    payloads = store.get_values([process_key(ns, p) for p in processes]) or []
     for payload in payloads:
         if not isinstance(payload, dict):
             continue
