@@ -717,10 +717,17 @@ def _with_defaults(spec: RegionSettings) -> RegionSettings:
     return spec
 
 
-def _is_sharded(session: Session) -> bool:
-    from sqlalchemy.ext.horizontal_shard import ShardedSession
+_sharded_classes: dict[type, bool] = {}
 
-    return isinstance(session, ShardedSession)
+
+def _is_sharded(session: Session) -> bool:
+    cls = type(session)
+    sharded = _sharded_classes.get(cls)
+    if sharded is None:
+        from sqlalchemy.ext.horizontal_shard import ShardedSession
+
+        sharded = _sharded_classes[cls] = issubclass(cls, ShardedSession)
+    return sharded
 
 
 def _plain(rows: list[Any]) -> bool:
