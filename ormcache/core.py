@@ -369,14 +369,21 @@ class OrmCache:
         # one query per cold key: dogpile's lock for the key (in-process, or
         # the backend's distributed lock when the region is configured so)
         mutex = store.mutex(key)
+        waited = False
         try:
-            acquired = mutex is not None and mutex.acquire(True)
+            acquired = mutex is not None and mutex.acquire(False)
+            if mutex is not None and not acquired:
+                # someone is filling this key: wait, then read what they stored
+                waited = True
+                acquired = mutex.acquire(True)
         except Exception as err:
             store.failed("lock", err)
             acquired = False
         if not acquired:
             return self._miss(orm_context, store, key, deps, values, db, True, shape.label)
         try:
+            if not waited:
+                return self._miss(orm_context, store, key, deps, values, db, True, shape.label)
             again = store.get_many([key, *deps])
             if again is None:
                 return self._miss(orm_context, store, key, deps, values, db, False, shape.label)
