@@ -382,7 +382,11 @@ def _adder(region: CacheRegion) -> Any:
 
         return add_memory
 
-    if module in ("dogpile.cache.backends.redis", "dogpile.cache.backends.valkey"):
+    if module in (
+        "dogpile.cache.backends.redis",
+        "dogpile.cache.backends.valkey",
+        "ormcache.backends",
+    ):
 
         def add_redis(key: str, value: Any) -> bool:
             ttl = getattr(backend, "redis_expiration_time", 0) or getattr(

@@ -718,7 +718,11 @@ REDIS_TIMEOUTS = {"socket_timeout": 0.25, "socket_connect_timeout": 0.25}
 
 
 def _with_defaults(spec: RegionSettings) -> RegionSettings:
-    if spec.backend.startswith("dogpile.cache.redis") and "connection_pool" not in spec.arguments:
+    if (
+        spec.backend.startswith(("dogpile.cache.redis", "ormcache.redis"))
+        and "connection_pool" not in spec.arguments
+        and "cluster" not in spec.backend
+    ):
         arguments = {**REDIS_TIMEOUTS, **spec.arguments}
         return dataclasses.replace(spec, arguments=arguments)
     return spec

@@ -72,6 +72,7 @@ from types import MappingProxyType
 from typing import Any
 
 from dogpile.cache import make_region as _dogpile_make_region
+from dogpile.cache import register_backend as _dogpile_register_backend
 from dogpile.cache.backends import _backend_loader
 from dogpile.cache.exception import PluginNotFound
 from dogpile.cache.region import CacheRegion
@@ -79,6 +80,11 @@ from dogpile.util import coerce_string_conf
 
 from .exc import ConfigurationError
 from .exc import UnknownRegionError
+
+# ormcache's fixed backends (``ormcache.backends``): registered by name only,
+# nothing is imported until a region uses one
+_dogpile_register_backend("ormcache.redis_cluster", "ormcache.backends", "RedisClusterBackend")
+_dogpile_register_backend("ormcache.redis_sentinel", "ormcache.backends", "RedisSentinelBackend")
 
 __all__ = [
     "RegionSettings",
@@ -95,8 +101,8 @@ SHORT_BACKEND_NAMES: Mapping[str, str] = MappingProxyType(
         "memory_pickle": "dogpile.cache.memory_pickle",
         "dbm": "dogpile.cache.dbm",
         "redis": "dogpile.cache.redis",
-        "redis_sentinel": "dogpile.cache.redis_sentinel",
-        "redis_cluster": "dogpile.cache.redis_cluster",
+        "redis_sentinel": "ormcache.redis_sentinel",
+        "redis_cluster": "ormcache.redis_cluster",
         "memcached": "dogpile.cache.pylibmc",
         "null": "dogpile.cache.null",
     }

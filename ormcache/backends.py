@@ -1,0 +1,62 @@
+"""dogpile.cache backends that ormcache fixes, registered with dogpile as
+``ormcache.redis_cluster`` and ``ormcache.redis_sentinel`` (the short names
+``redis_cluster`` and ``redis_sentinel`` in settings mean these).
+
+* dogpile's Redis Cluster backend sends ``MGET``/``MSET`` for multi-key
+  calls, which a cluster refuses when the keys fall in different hash slots
+  ("CROSSSLOT"); here they are split by slot (redis-py's ``mget_nonatomic``
+  and ``mset_nonatomic``), one request per node.
+* dogpile's Sentinel backend passes ``db`` to the sentinels too, which have
+  no databases, so any ``db`` but 0 fails; here ``db`` goes to the master
+  and replicas only.
+
+The redis driver is imported when a backend is created, as dogpile does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from dogpile.cache.backends.redis import RedisClusterBackend as _DogpileCluster
+from dogpile.cache.backends.redis import RedisSentinelBackend as _DogpileSentinel
+
+__all__ = ["RedisClusterBackend", "RedisSentinelBackend"]
+
+
+class RedisClusterBackend(_DogpileCluster):
+    """Redis Cluster, with multi-key calls split by hash slot."""
+
+    def get_serialized_multi(self, keys: Sequence[str]) -> list[Any]:
+        if not keys:
+            return []
+        return list(self.reader_client.mget_nonatomic(list(keys)))
+
+    def set_serialized_multi(self, mapping: Mapping[str, bytes]) -> None:
+        if not mapping:
+            return
+        if not self.redis_expiration_time:
+            self.writer_client.mset_nonatomic(dict(mapping))
+            return
+        pipe = self.writer_client.pipeline()
+        for key, value in mapping.items():
+            pipe.setex(key, self.redis_expiration_time, value)
+        pipe.execute()
+
+    def delete_multi(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self.writer_client.delete(key)
+
+
+class RedisSentinelBackend(_DogpileSentinel):
+    """Redis Sentinel, where ``db`` selects the master's database."""
+
+    def _create_client(self) -> None:
+        db = self.db
+        if db:
+            self.connection_kwargs = {**self.connection_kwargs, "db": db}
+        self.db = None  # keep dogpile from sending it to the sentinels
+        try:
+            super()._create_client()
+        finally:
+            self.db = db
