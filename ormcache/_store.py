@@ -27,6 +27,7 @@ from typing import Any
 
 from dogpile.cache.api import NO_VALUE
 from dogpile.cache.region import CacheRegion
+from sqlalchemy.util import LRUCache
 
 log = logging.getLogger("ormcache")
 
@@ -54,6 +55,7 @@ class Store:
         "name",
         "in_process",
         "_serialized",
+        "l1",
         "_add",
         "_last_warning",
         "_failures",
@@ -101,6 +103,8 @@ class Store:
         )
         #: the backend stores bytes (dogpile serializes for it)
         self._serialized = region.serializer is not None
+        #: an in-process first tier of entries (see :meth:`use_l1`)
+        self.l1: LRUCache[str, Any] | None = None
         self._add = _adder(region)
         self._last_warning = 0.0
 
@@ -138,7 +142,47 @@ class Store:
             return None
         return values
 
+    def use_l1(self, max_entries: int | None) -> None:
+        """Keep up to ``max_entries`` entries in process memory as well.  A
+        hit found there still reads its version tokens from the backend (in
+        one call, as always) and is served only if they are current, so it
+        is exactly as consistent as the backend; it only saves moving and
+        decoding the entry."""
+        self.l1 = LRUCache(max_entries) if max_entries else None
+
     def _read(self, keys: Sequence[str]) -> list[Any]:
+        l1 = self.l1
+        if l1 is not None:
+            entry = l1.get(keys[0], NO_VALUE)
+            if entry is not NO_VALUE:
+                tokens = self._read_tokens(keys[1:])
+                # entry[1] holds the tokens it was stored under (core's
+                # layout): if they are not current, the backend may hold a
+                # newer entry than this process's copy
+                if isinstance(entry, tuple) and len(entry) > 1 and entry[1] == tuple(tokens):
+                    return [entry, *tokens]
+            values = self._read_backend(keys)
+            if values[0] is not NO_VALUE:
+                l1[keys[0]] = values[0]
+            return values
+        return self._read_backend(keys)
+
+    def _read_tokens(self, keys: Sequence[str]) -> list[Any]:
+        region = self.region
+        mangler = region.key_mangler
+        if mangler is not None:
+            keys = [mangler(k) for k in keys]
+        if self._serialized:
+            raw = region.backend.get_serialized_multi(keys)
+            return [
+                NO_VALUE
+                if t is None or t is NO_VALUE
+                else (t.decode("ascii", "replace") if isinstance(t, bytes) else t)
+                for t in raw
+            ]
+        return [NO_VALUE if t is None else t for t in region.backend.get_multi(keys)]
+
+    def _read_backend(self, keys: Sequence[str]) -> list[Any]:
         region = self.region
         mangler = region.key_mangler
         if mangler is not None:
@@ -187,6 +231,8 @@ class Store:
         return self.set_many({key: token})
 
     def set(self, key: str, value: Any) -> bool:
+        if self.l1 is not None:
+            self.l1[key] = value
         if self._open_until and not self.available:
             return False
         try:
@@ -324,6 +370,8 @@ class Store:
             return None
 
     def delete(self, key: str) -> bool:
+        if self.l1 is not None:
+            self.l1.pop(key, None)
         if self._open_until and not self.available:
             return False
         try:

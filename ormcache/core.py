@@ -126,6 +126,10 @@ class OrmCache:
             name: Store(name, region, self._keys.all, new_token)
             for name, region in built.items()
         }
+        for name, store in self._stores.items():
+            spec = settings.regions[name]
+            if spec.l1_max_entries and not store.in_process:
+                store.use_l1(spec.l1_max_entries)
         self._shapes = ShapeCache()
         self._databases: dict[str, Any] = {}
         self._attached: list[Any] = []

@@ -111,7 +111,7 @@ SHORT_BACKEND_NAMES: Mapping[str, str] = MappingProxyType(
 stands for."""
 
 _TOP_LEVEL_KEYS = ("cache_all", "namespace", "regions", "signing_key", "uncached_tables")
-_REGION_KEYS = ("arguments", "backend", "expiration_time")
+_REGION_KEYS = ("arguments", "backend", "expiration_time", "l1")
 _SEQUENCES = (list, tuple, set, frozenset)  # copied; subclasses are not
 _NAMESPACE = re.compile(r"[!-~]{1,32}")  # printable ASCII, no whitespace
 # "$${" (a literal "${"), "${NAME}", or a malformed "${"
@@ -137,6 +137,9 @@ class RegionSettings:
     """Seconds before a value is regenerated; ``None`` never expires."""
     arguments: Mapping[str, Any] = field(default_factory=dict)
     """Passed to the backend's constructor."""
+    l1_max_entries: int | None = None
+    """An in-process first tier of at most this many entries in front of a
+    shared backend (``l1 = {max_entries = 10000}``); ``None``: no L1."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "arguments", MappingProxyType(_copy(self.arguments)))
@@ -430,7 +433,31 @@ def _region_settings(name: str, spec: Any) -> RegionSettings:
             name, _interpolate(spec.get("expiration_time"), name, "expiration_time")
         ),
         arguments=arguments,
+        l1_max_entries=_l1(name, _interpolate(spec.get("l1"), name, "l1")),
     )
+
+
+def _l1(region: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        unknown = [k for k in value if k != "max_entries"]
+        if unknown:
+            raise ConfigurationError(
+                f"unknown L1 setting {unknown[0]!r}; accepted: max_entries",
+                region=region,
+                key="l1",
+            )
+        value = value.get("max_entries")
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(
+            f"must be {{max_entries = N}} with N a whole number >= 1, not {value!r}",
+            region=region,
+            key="l1",
+        )
+    return value
 
 
 def _backend(region: str, value: Any) -> str:

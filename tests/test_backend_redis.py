@@ -32,3 +32,58 @@ class TestRedisSigned(TestRedis):
     """Real Redis with signed payloads."""
 
     signing_key = "backend-suite-signing-key"
+
+
+class TestRedisL1(TestRedis):
+    """Real Redis behind an in-process L1 that validates its versions."""
+
+    l1 = 1000
+
+
+def test_l1_is_as_consistent_as_l2(redis_url: str, tmp_path: Any) -> None:
+    """Two processes' caches (two OrmCache objects, each its own L1) on one
+    Redis: a write through one is seen at once through the other."""
+    import uuid
+
+    from sqlalchemy import create_engine, select
+    from sqlalchemy.orm import sessionmaker
+
+    from ormcache import FromCache, OrmCache
+    from ormcache.testing import QueryCounter
+    from ormcache.testing.fixtures import Base, Template, seed
+
+    engine = create_engine(f"sqlite:///{tmp_path}/l1.db")
+    Base.metadata.create_all(engine)
+    seed(engine)
+    settings = {
+        "namespace": "l1" + uuid.uuid4().hex[:8],
+        "regions": {"r": {"backend": "redis", "l1": {"max_entries": 100}, "arguments": {"url": redis_url}}},
+    }
+    reader_cache, writer_cache = OrmCache.from_settings(settings), OrmCache.from_settings(settings)
+    readers, writers = sessionmaker(engine), sessionmaker(engine)
+    reader_cache.attach(readers)
+    writer_cache.attach(writers)
+    import ormcache.invalidation as inv
+
+    stmt = select(Template).where(Template.id == 1).options(FromCache("r"))
+    backend = reader_cache.region("r").backend
+    calls: list[int] = []
+    original = backend.get_serialized_multi
+    backend.get_serialized_multi = lambda keys: calls.append(len(keys)) or original(keys)  # type: ignore[method-assign]
+    try:
+        with readers() as s:
+            s.scalars(stmt).one()
+        calls.clear()
+        with QueryCounter(engine) as c, readers() as s:
+            assert s.scalars(stmt).one().name == "t1"
+        assert c.selects == 0 and calls and all(n < 6 for n in calls)  # tokens only
+        inv.unregister(reader_cache)  # only the writer's cache sees the write
+        with writers() as s:
+            s.get_one(Template, 1).name = "written elsewhere"
+            s.commit()
+        with readers() as s:
+            assert s.scalars(stmt).one().name == "written elsewhere"
+    finally:
+        reader_cache.close()
+        writer_cache.close()
+        engine.dispose()

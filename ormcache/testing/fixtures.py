@@ -128,6 +128,8 @@ class BackendTests:
     expiration_time: float | None = 300
     #: sign stored payloads with this key (see ``ormcache.serialization``)
     signing_key: str | None = None
+    #: an in-process L1 of this many entries in front of the backend
+    l1: int | None = None
 
     def arguments_for(self, request: pytest.FixtureRequest) -> dict[str, Any]:
         return dict(self.arguments)
@@ -147,6 +149,7 @@ class BackendTests:
                     "backend": self.backend,
                     "expiration_time": self.expiration_time,
                     "arguments": self.arguments_for(request),
+                    **({"l1": {"max_entries": self.l1}} if self.l1 else {}),
                 }
             },
         }
