@@ -8,6 +8,7 @@
     ormcache invalidate --all --settings ormcache.toml
     ormcache check --settings ormcache.toml
     ormcache stats --settings ormcache.toml
+    ormcache warm myapp.warmup:QUERIES --database-url URL --settings ormcache.toml
     ormcache demo
 
 The settings file may also be named by ``$ORMCACHE_SETTINGS``.
@@ -62,6 +63,18 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate settings and reach every backend")
     _settings_argument(check)
+
+    warm = sub.add_parser(
+        "warm",
+        help="preload hot queries into the cache",
+        description="Run a list of cached queries so that the first users "
+        "find them in the cache. TARGET is module:attribute naming a list of "
+        "statements carrying FromCache (or a callable returning one, given "
+        "the session).",
+    )
+    warm.add_argument("target", metavar="TARGET", help="module:attribute")
+    warm.add_argument("--database-url", required=True, help="the SQLAlchemy URL to query")
+    _settings_argument(warm)
 
     stats = sub.add_parser(
         "stats",
@@ -160,6 +173,39 @@ def _check(args: argparse.Namespace) -> int:
     return status
 
 
+def _warm(args: argparse.Namespace) -> int:
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.orm import Session
+
+    from .demo import Progress
+
+    target = _import_model(args.target)
+    cache = _load(args.settings)
+    engine = create_engine(args.database_url)
+    failed = 0
+    try:
+        with Session(engine) as session:
+            cache.attach(session)
+            statements = list(target(session) if callable(target) else target)
+            progress = Progress("warm", len(statements), sys.stderr)
+            for done, stmt in enumerate(statements, 1):
+                try:
+                    session.execute(stmt).all()
+                except SQLAlchemyError as err:
+                    failed += 1
+                    print(f"ormcache: statement {done} failed: {err}", file=sys.stderr)
+                    session.rollback()
+                progress(done)
+        stats = cache.stats()["regions"]
+        filled = sum(r["fills"] for r in stats.values())
+        print(f"warmed {len(statements) - failed} of {len(statements)} statements; {filled} results stored")
+    finally:
+        cache.close()
+        engine.dispose()
+    return EXIT_BACKEND if failed else EXIT_OK
+
+
 def _stats(args: argparse.Namespace) -> int:
     import json
 
@@ -213,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _invalidate(args)
         if args.command == "stats":
             return _stats(args)
+        if args.command == "warm":
+            return _warm(args)
         return _check(args)
     except BackendError as err:
         print(f"ormcache: {err}", file=sys.stderr)

@@ -134,3 +134,26 @@ def test_stats_published_by_an_application(settings_file: Path, tmp_path: Path, 
     finally:
         cache.close()
         engine.dispose()
+
+
+def test_warm(settings_file: Path, tmp_path: Path, capsys: Any) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path}/db.sqlite")
+    Base.metadata.create_all(engine)
+    seed(engine)
+    url = f"sqlite:///{tmp_path}/db.sqlite"
+    for target, stored in (("warmup_queries:QUERIES", 3), ("warmup_queries:by_store", 2)):
+        assert main(["warm", target, "--database-url", url, "--settings", str(settings_file)]) == 0
+        assert f"warmed {stored} of {stored} statements; {stored} results stored" in capsys.readouterr().out
+    cache = OrmCache.from_settings(str(settings_file))
+    maker = sessionmaker(engine)
+    cache.attach(maker)
+    try:
+        from warmup_queries import QUERIES
+
+        with QueryCounter(engine) as c, maker() as s:
+            for stmt in QUERIES:
+                s.scalars(stmt).one()
+        assert c.selects == 0
+    finally:
+        cache.close()
+        engine.dispose()
