@@ -85,8 +85,10 @@ _CREATED, _TOKENS, _DESCRIPTION, _ROWS, _ENCODING = range(5)
 #: how ``rows`` is stored: as is, pickled, or pickled and zlib-compressed
 _AS_IS, _PICKLED, _COMPRESSED = 0, 1, 2
 
-#: results whose pickled rows are larger than this are compressed (bytes)
-COMPRESS_THRESHOLD = 16 * 1024
+#: results whose pickled rows are larger than this are compressed (bytes):
+#: decompressing costs more than moving the bytes over a local network
+#: below a few hundred KiB (measured in docs/benchmarks.md)
+COMPRESS_THRESHOLD = 256 * 1024
 #: results larger than this once compressed are not stored (bytes)
 MAX_ENTRY_BYTES = 1024 * 1024 - 4096
 
@@ -123,7 +125,7 @@ class OrmCache:
         self._regions: dict[str, CacheRegion] = built
         self._keys = VersionKeys(settings.namespace)
         self._stores = {
-            name: Store(name, region, self._keys.all, new_token)
+            name: Store(name, region, self._keys.region(name), new_token)
             for name, region in built.items()
         }
         for name, store in self._stores.items():
@@ -710,7 +712,8 @@ class OrmCache:
 
     def invalidate_all(self) -> None:
         """Drop everything ormcache cached, in every region."""
-        self._bump([self._keys.all])
+        for name, store in self._stores.items():
+            self._bump([self._keys.region(name)], [store])
 
 
 #: backends that keep Python objects in the process: nothing to sign

@@ -284,6 +284,9 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if data_dir.exists() and not data_dir.is_dir():
         raise UsageError(f"--data-dir {data_dir} is not a directory")
     cache = OrmCache(settings)
+    # store listings (17-48 KB pickled) are worth compressing in a shared
+    # backend; ormcache's default threshold is higher (256 KiB)
+    cache.compress_threshold = 16 * 1024
     engines: dict[str, Any] = {}
     try:
         _probe(cache)

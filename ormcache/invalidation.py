@@ -7,8 +7,8 @@ one backend write however many entries depend on it.
 
 Keys (``ns`` is the settings' namespace)::
 
-    ns:v:all                everything (invalidate_all)
-    ns:v:r:REGION           one region (invalidate_region)
+    ns:v:r:REGION           one region (invalidate_region; invalidate_all
+                            moves every region's)
     ns:v:g:TABLE            a table in every database (invalidate(Model))
     ns:v:d:DB:*             writes on DB whose tables are unknown
     ns:v:d:DB:+             any write on DB (results whose tables are unknown)
@@ -84,6 +84,11 @@ PENDING_TTL = 60.0
 _WRITTEN = "ormcache.written"  # conn.info: {db: set of tables}, this transaction
 _DONE = "ormcache.done"  # conn.info: {db: set of tables} committed, not yet announced
 
+#: ids of the connection ``info`` dicts that hold either: while it is empty,
+#: which is always the case in a process that only reads, the transaction
+#: listeners return at once (every query passes through them)
+_dirty: set[int] = set()
+
 
 def new_token() -> str:
     """A fresh version token: 16 hex digits."""
@@ -106,11 +111,10 @@ def pending_expired(token: str, now: float) -> bool:
 class VersionKeys:
     """Names of version keys under one namespace."""
 
-    __slots__ = ("ns", "all", "_memo")
+    __slots__ = ("ns", "_memo")
 
     def __init__(self, namespace: str) -> None:
         self.ns = namespace
-        self.all = f"{namespace}:v:all"
         self._memo: dict[Any, list[str]] = {}
 
     def region(self, name: str) -> str:
@@ -145,7 +149,7 @@ class VersionKeys:
         pk: str,
     ) -> list[str]:
         """The version keys a primary-key lookup depends on."""
-        keys = [self.all, self.region(region), self.db_unknown(db)]
+        keys = [self.region(region), self.db_unknown(db)]
         for t in entity_tables:
             keys.append(self.model(t))
             keys.append(self.bulk(db, t))
@@ -160,7 +164,7 @@ class VersionKeys:
         memo_key = (region, db, tables)
         keys: list[str] | None = self._memo.get(memo_key)
         if keys is None:
-            keys = [self.all, self.region(region), self.db_unknown(db)]
+            keys = [self.region(region), self.db_unknown(db)]
             if tables:
                 for t in tables:
                     keys.append(self.model(t))
@@ -255,6 +259,8 @@ def unregister(cache: OrmCache) -> None:
 
 def written_tables(conn: Connection, db: str) -> set[str] | None:
     """Tables the connection's open transaction wrote on ``db``."""
+    if not _dirty:
+        return None
     written = conn.info.get(_WRITTEN)
     if not written:
         return None
@@ -286,6 +292,7 @@ def _after_cursor_execute(
 def _record(conn: Connection, context: Any, tables: set[str]) -> None:
     db = database_id(conn)
     info = conn.info
+    _dirty.add(id(info))
     written = info.setdefault(_WRITTEN, {})
     seen = written.setdefault(db, set())
     new = tables - seen
@@ -299,6 +306,7 @@ def _record(conn: Connection, context: Any, tables: set[str]) -> None:
 
     if in_transaction(context) is False:
         # autocommit: the write is committed already
+        _on_rollback_info(info)
         _announce(info, committed=True)
 
 
@@ -338,6 +346,8 @@ def _on_row_write(mapper: Mapper[Any], connection: Connection, target: Any) -> N
 
 
 def _on_commit(conn: Connection) -> None:
+    if not _dirty:
+        return
     info = conn.info
     written = info.pop(_WRITTEN, None)
     if written:
@@ -347,6 +357,8 @@ def _on_commit(conn: Connection) -> None:
 
 
 def _on_rollback(conn: Connection) -> None:
+    if not _dirty:
+        return
     info = conn.info
     written = info.pop(_WRITTEN, None)
     if written:
@@ -357,11 +369,13 @@ def _on_rollback(conn: Connection) -> None:
 
 
 def _on_begin(conn: Connection) -> None:
+    if not _dirty:
+        return
     _announce(conn.info, committed=True)
 
 
 def _on_checkin(dbapi_connection: Any, connection_record: Any) -> None:
-    if connection_record is None:
+    if not _dirty or connection_record is None:
         return
     info = connection_record.info
     if _WRITTEN in info:
@@ -381,6 +395,8 @@ def _on_rollback_info(info: dict[str, Any]) -> None:
 
 def _announce(info: dict[str, Any], committed: bool) -> None:
     done = info.pop(_DONE, None)
+    if _WRITTEN not in info:
+        _dirty.discard(id(info))
     if not done:
         return
     for cache in list(_caches):

@@ -126,3 +126,23 @@ def test_stats(env: Any) -> None:
     assert region["hit_time_us"] > 0
     assert stats["models"]["Template"]["hits"] == 2
     assert cache.stats() == {"regions": {}, "models": {}}
+
+
+def test_autocommit_writes_are_announced_at_once(env: Any) -> None:
+    """A write in autocommit mode is committed when it returns: its tables
+    are cacheable again right away, not only when the connection goes back
+    to the pool."""
+    engine, maker, cache = env
+    stmt = select(Template).where(Template.id == 1).options(FromCache())
+
+    def selects() -> int:
+        with QueryCounter(engine) as c, maker() as s:
+            s.scalars(stmt).one()
+        return c.selects
+
+    selects()
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("UPDATE templates SET name = 'auto' WHERE id = 1")
+        # still holding the connection: the write must already count
+        assert selects() == 1
+        assert selects() == 0
