@@ -107,7 +107,7 @@ memcached_start() {
     if [[ $(id -u) -eq 0 ]]; then
         if id memcache >/dev/null 2>&1; then user=(-u memcache); else user=(-u nobody); fi
     fi
-    memcached -d "${user[@]}" -l 127.0.0.1 -p "$MEMCACHED_PORT" -m 64
+    memcached -d "${user[@]}" -l 127.0.0.1 -p "$MEMCACHED_PORT" -m 256
 }
 
 # --- postgresql ----------------------------------------------------------------
