@@ -56,6 +56,8 @@ class Store:
         "in_process",
         "_serialized",
         "l1",
+        "publish_channel",
+        "subscriber",
         "_add",
         "_last_warning",
         "_failures",
@@ -105,6 +107,10 @@ class Store:
         self._serialized = region.serializer is not None
         #: an in-process first tier of entries (see :meth:`use_l1`)
         self.l1: LRUCache[str, Any] | None = None
+        #: the pub/sub channel version tokens are announced on (Redis)
+        self.publish_channel: str | None = None
+        #: follows that channel for an L1 in relaxed mode
+        self.subscriber: Any = None
         self._add = _adder(region)
         self._last_warning = 0.0
 
@@ -142,6 +148,16 @@ class Store:
             return None
         return values
 
+    def announce_on(self, channel: str) -> None:
+        """Publish every version token written on ``channel`` (Redis)."""
+        self.publish_channel = channel
+
+    def follow(self, channel: str) -> None:
+        """Validate L1 hits against tokens received on ``channel``."""
+        from ._pubsub import Subscriber
+
+        self.subscriber = Subscriber(self.region.backend.writer_client, channel)
+
     def use_l1(self, max_entries: int | None) -> None:
         """Keep up to ``max_entries`` entries in process memory as well.  A
         hit found there still reads its version tokens from the backend (in
@@ -152,6 +168,21 @@ class Store:
 
     def _read(self, keys: Sequence[str]) -> list[Any]:
         l1 = self.l1
+        subscriber = self.subscriber
+        if l1 is not None and subscriber is not None:
+            if subscriber.healthy:
+                entry = l1.get(keys[0], NO_VALUE)
+                if entry is not NO_VALUE:
+                    local = subscriber.tokens
+                    tokens = [local.get(k) for k in keys[1:]]
+                    if None not in tokens and entry[1] == tuple(tokens):
+                        return [entry, *tokens]
+            generation = subscriber.generation
+            values = self._read_backend(keys)
+            subscriber.remember(generation, list(keys[1:]), values[1:])
+            if values[0] is not NO_VALUE:
+                l1[keys[0]] = values[0]
+            return values
         if l1 is not None:
             entry = l1.get(keys[0], NO_VALUE)
             if entry is not NO_VALUE:
@@ -225,6 +256,15 @@ class Store:
             region.backend.set_serialized_multi({k: v.encode("ascii") for k, v in mapping.items()})
         else:
             region.backend.set_multi(mapping)
+        if self.subscriber is not None:
+            # this process's own writes count at once, not when their
+            # message comes back
+            self.subscriber.generation += 1
+            self.subscriber.tokens.update(mapping)
+        if self.publish_channel is not None:
+            from ._pubsub import publish
+
+            publish(region.backend.writer_client, self.publish_channel, dict(mapping))
 
     def set_token(self, key: str, token: str) -> bool:
         """Write one version token (see :meth:`set_many`)."""

@@ -132,6 +132,19 @@ class OrmCache:
             spec = settings.regions[name]
             if spec.l1_max_entries and not store.in_process:
                 store.use_l1(spec.l1_max_entries)
+                if spec.l1_mode == "relaxed":
+                    if not hasattr(store.region.backend, "writer_client"):
+                        raise ConfigurationError(
+                            "relaxed L1 mode takes invalidations over Redis "
+                            "pub/sub: use it with a Redis region",
+                            region=name,
+                            key="l1",
+                        )
+                    from ._pubsub import channel_name
+
+                    channel = channel_name(settings.namespace, name)
+                    store.announce_on(channel)
+                    store.follow(channel)
         self._shapes = ShapeCache()
         self._databases: dict[str, Any] = {}
         self._attached: list[Any] = []
@@ -243,6 +256,10 @@ class OrmCache:
         for target in list(self._attached):
             self.detach(target)
         invalidation.unregister(self)
+        for store in self._stores.values():
+            if store.subscriber is not None:
+                store.subscriber.close()
+                store.subscriber = None
 
     # -- the read path ---------------------------------------------------
 

@@ -140,6 +140,9 @@ class RegionSettings:
     l1_max_entries: int | None = None
     """An in-process first tier of at most this many entries in front of a
     shared backend (``l1 = {max_entries = 10000}``); ``None``: no L1."""
+    l1_mode: str = "validated"
+    """``"validated"``: an L1 hit checks its version tokens in the backend;
+    ``"relaxed"`` (Redis only): against tokens received over pub/sub."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "arguments", MappingProxyType(_copy(self.arguments)))
@@ -433,18 +436,26 @@ def _region_settings(name: str, spec: Any) -> RegionSettings:
             name, _interpolate(spec.get("expiration_time"), name, "expiration_time")
         ),
         arguments=arguments,
-        l1_max_entries=_l1(name, _interpolate(spec.get("l1"), name, "l1")),
+        **_l1(name, _interpolate(spec.get("l1"), name, "l1")),
     )
 
 
-def _l1(region: str, value: Any) -> int | None:
+def _l1(region: str, value: Any) -> dict[str, Any]:
     if value is None:
-        return None
+        return {}
+    mode = "validated"
     if isinstance(value, Mapping):
-        unknown = [k for k in value if k != "max_entries"]
+        unknown = [k for k in value if k not in ("max_entries", "mode")]
         if unknown:
             raise ConfigurationError(
-                f"unknown L1 setting {unknown[0]!r}; accepted: max_entries",
+                f"unknown L1 setting {unknown[0]!r}; accepted: max_entries, mode",
+                region=region,
+                key="l1",
+            )
+        mode = value.get("mode", "validated")
+        if mode not in ("validated", "relaxed"):
+            raise ConfigurationError(
+                f"mode must be 'validated' or 'relaxed', not {mode!r}",
                 region=region,
                 key="l1",
             )
@@ -457,7 +468,7 @@ def _l1(region: str, value: Any) -> int | None:
             region=region,
             key="l1",
         )
-    return value
+    return {"l1_max_entries": value, "l1_mode": mode}
 
 
 def _backend(region: str, value: Any) -> str:

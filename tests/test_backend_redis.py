@@ -87,3 +87,73 @@ def test_l1_is_as_consistent_as_l2(redis_url: str, tmp_path: Any) -> None:
         reader_cache.close()
         writer_cache.close()
         engine.dispose()
+
+
+def test_relaxed_l1_sees_writes_from_other_processes(redis_url: str, tmp_path: Any) -> None:
+    """Relaxed mode: no round trip on an L1 hit; a write through another
+    cache (another process) arrives over pub/sub within a bounded time."""
+    import time
+    import uuid
+
+    from sqlalchemy import create_engine, select
+    from sqlalchemy.orm import sessionmaker
+
+    import ormcache.invalidation as inv
+    from ormcache import FromCache, OrmCache
+    from ormcache.testing import QueryCounter
+    from ormcache.testing.fixtures import Base, Template, seed
+
+    engine = create_engine(f"sqlite:///{tmp_path}/relaxed.db")
+    Base.metadata.create_all(engine)
+    seed(engine)
+    region = {
+        "backend": "redis",
+        "l1": {"max_entries": 100, "mode": "relaxed"},
+        "arguments": {"url": redis_url},
+    }
+    settings = {"namespace": "rx" + uuid.uuid4().hex[:8], "regions": {"r": region}}
+    reader_cache, writer_cache = OrmCache.from_settings(settings), OrmCache.from_settings(settings)
+    readers, writers = sessionmaker(engine), sessionmaker(engine)
+    reader_cache.attach(readers)
+    writer_cache.attach(writers)
+    inv.unregister(reader_cache)  # the reader hears of writes only over pub/sub
+    store = reader_cache._stores["r"]
+    deadline = time.monotonic() + 5
+    while not store.subscriber.healthy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.subscriber.healthy
+    stmt = select(Template).where(Template.id == 1).options(FromCache("r"))
+    backend = store.region.backend
+    calls: list[int] = []
+    original = backend.get_serialized_multi
+    backend.get_serialized_multi = lambda keys: calls.append(len(keys)) or original(keys)  # type: ignore[method-assign]
+    try:
+        for _ in range(2):
+            with readers() as s:
+                s.scalars(stmt).one()
+        calls.clear()
+        with QueryCounter(engine) as c, readers() as s:
+            assert s.scalars(stmt).one().name == "t1"
+        assert c.selects == 0 and calls == []  # no round trip at all
+        with writers() as s:
+            s.get_one(Template, 1).name = "written elsewhere"
+            s.commit()
+        started = time.monotonic()
+        while True:
+            with readers() as s:
+                if s.scalars(stmt).one().name == "written elsewhere":
+                    break
+            assert time.monotonic() - started < 2.0, "invalidation never arrived"
+            time.sleep(0.001)
+    finally:
+        reader_cache.close()
+        writer_cache.close()
+        engine.dispose()
+
+
+class TestRedisRelaxedL1(TestRedis):
+    """The whole suite with a relaxed L1 (tokens over pub/sub): one process
+    sees its own writes at once."""
+
+    l1 = 1000
+    l1_mode = "relaxed"

@@ -130,6 +130,8 @@ class BackendTests:
     signing_key: str | None = None
     #: an in-process L1 of this many entries in front of the backend
     l1: int | None = None
+    #: its mode: "validated" or "relaxed"
+    l1_mode: str = "validated"
 
     def arguments_for(self, request: pytest.FixtureRequest) -> dict[str, Any]:
         return dict(self.arguments)
@@ -149,7 +151,7 @@ class BackendTests:
                     "backend": self.backend,
                     "expiration_time": self.expiration_time,
                     "arguments": self.arguments_for(request),
-                    **({"l1": {"max_entries": self.l1}} if self.l1 else {}),
+                    **({"l1": {"max_entries": self.l1, "mode": self.l1_mode}} if self.l1 else {}),
                 }
             },
         }

@@ -1,0 +1,107 @@
+"""Invalidations over Redis pub/sub, for L1s in relaxed mode.
+
+Every process that writes version tokens to a Redis region publishes them
+on the channel ``<namespace>:inv:<region>``.  A process whose region has an
+L1 in relaxed mode keeps the tokens it has seen in memory and subscribes to
+that channel: a hit found in its L1 is then validated against those local
+tokens, with no round trip at all.  A result can be served stale for as
+long as a message takes to arrive (measured in docs/guide.md); whenever the
+subscription is not known to be live (connecting, a dropped connection),
+the local tokens are forgotten and hits are validated against Redis as in
+the default mode.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+__all__ = ["Subscriber", "publish"]
+
+log = logging.getLogger("ormcache")
+
+
+def channel_name(namespace: str, region: str) -> str:
+    return f"{namespace}:inv:{region}"
+
+
+def publish(client: Any, channel: str, mapping: dict[str, str]) -> None:
+    client.publish(channel, json.dumps(mapping, separators=(",", ":")))
+
+
+class Subscriber:
+    """Follows one channel in a daemon thread and keeps ``tokens`` current."""
+
+    def __init__(self, client: Any, channel: str) -> None:
+        self.client = client
+        self.channel = channel
+        #: version key -> token, as last published or read
+        self.tokens: dict[str, str] = {}
+        #: moves on every message: a read that began before a message must
+        #: not put its (maybe older) tokens into ``tokens``
+        self.generation = 0
+        self.healthy = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"ormcache-pubsub-{channel}", daemon=True
+        )
+        self._thread.start()
+
+    def remember(self, generation: int, keys: list[str], tokens: list[Any]) -> None:
+        """Keep tokens read from Redis, unless a message came meanwhile."""
+        if not self.healthy or generation != self.generation:
+            return
+        for key, token in zip(keys, tokens):
+            if isinstance(token, str):
+                self.tokens[key] = token
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _forget(self) -> None:
+        self.healthy = False
+        self.tokens.clear()
+        self.generation += 1
+
+    def _run(self) -> None:
+        delay = 0.05
+        while not self._stop.is_set():
+            pubsub = None
+            try:
+                pubsub = self.client.pubsub(ignore_subscribe_messages=False)
+                pubsub.subscribe(self.channel)
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=0.5)
+                    if message is None:
+                        continue
+                    kind = message.get("type")
+                    if kind == "subscribe":
+                        self.tokens.clear()
+                        self.generation += 1
+                        self.healthy = True
+                        delay = 0.05
+                    elif kind == "message":
+                        self.generation += 1
+                        try:
+                            update = json.loads(message["data"])
+                        except (ValueError, TypeError):
+                            self._forget()
+                            continue
+                        for key, token in update.items():
+                            self.tokens[key] = token
+            except Exception as err:
+                if self.healthy:
+                    log.warning("invalidation channel %r lost: %s", self.channel, err)
+                self._forget()
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                self._forget()
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except Exception:
+                        pass
