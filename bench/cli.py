@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds (smoke test)")
     parser.add_argument("--only", metavar="PATTERN", help="comma-separated globs or substrings of scenario names")
-    parser.add_argument("--backends", default=",".join(bk.BACKENDS), help="comma-separated subset of memory,redis,memcached")
+    parser.add_argument("--backends", default=",".join(bk.BACKENDS), help="comma-separated subset of memory,redis,memcached,redis_l1")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, metavar="PATH", help=f"results file (default {DEFAULT_JSON.relative_to(REPO)})")
     parser.add_argument("--no-chart", action="store_true", help="do not draw the PNG chart")
     parser.add_argument("--chart", type=Path, default=DEFAULT_CHART, metavar="PATH", help=f"chart file (default {DEFAULT_CHART.relative_to(REPO)})")
