@@ -100,7 +100,8 @@ class Plan:
         execution asks for more than the plan does)."""
         load_options = orm_context.load_options
         if (
-            load_options._populate_existing
+            orm_context.is_relationship_load
+            or load_options._populate_existing
             or load_options._refresh_state is not None
             or load_options._only_return_tuples
             or load_options._yield_per

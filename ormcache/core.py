@@ -348,6 +348,10 @@ class OrmCache:
         except CacheKeyError as err:
             log.warning("not caching: %s", err)
             return None
+        except Exception:
+            # a parameter SQLAlchemy itself cannot evaluate yet (an expired
+            # attribute of a detached object, ...): let it say so, or warn
+            return None
         self._databases.setdefault(db, dialect)
         if shard is not None and "shard_id" in bind_arguments:
             self._shard_dbs.setdefault(shard, db)
@@ -482,6 +486,8 @@ class OrmCache:
             current.append(token)
 
         capture = Capture()
+        # (autoflush runs again inside: a no-op after ours, and an execution
+        # option to skip it would reach eager loaders' statements)
         result = orm_context.invoke_statement(execution_options={CAPTURE: capture})
         if (
             fill
