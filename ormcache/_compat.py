@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.cache_key import CacheKey
@@ -36,8 +37,20 @@ def bind_value(bindparam: BindParameter[Any]) -> Any:
 
 def autoflush(session: Session) -> None:
     """Flush the way a query does before it runs (honours
-    ``Session.autoflush`` and ``no_autoflush``)."""
-    session._autoflush()
+    ``Session.autoflush`` and ``no_autoflush``).  This is
+    ``Session._autoflush()`` without calling it: SQLAlchemy calls it once
+    more when the statement runs, and code that counts its calls should see
+    one."""
+    if session.autoflush and not session._flushing:
+        try:
+            session.flush()
+        except sa_exc.StatementError as err:
+            err.add_detail(
+                "raised as a result of Query-invoked autoflush; "
+                "consider using a session.no_autoflush block if this "
+                "flush is occurring prematurely"
+            )
+            raise
 
 
 def run_after_routing(orm_context: Any, listener: Any) -> None:
