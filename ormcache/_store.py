@@ -198,40 +198,35 @@ class Store:
             return values
         return self._read_backend(keys)
 
-    def _read_tokens(self, keys: Sequence[str]) -> list[Any]:
+    def _fetch(self, keys: Sequence[str]) -> list[Any]:
+        """Raw values of ``keys`` in one backend call (bytes for
+        serializing backends), ``None`` or ``NO_VALUE`` where absent."""
         region = self.region
         mangler = region.key_mangler
         if mangler is not None:
             keys = [mangler(k) for k in keys]
         if self._serialized:
-            raw = region.backend.get_serialized_multi(keys)
-            return [
-                NO_VALUE
-                if t is None or t is NO_VALUE
-                else (t.decode("ascii", "replace") if isinstance(t, bytes) else t)
-                for t in raw
-            ]
-        return [NO_VALUE if t is None else t for t in region.backend.get_multi(keys)]
+            return list(region.backend.get_serialized_multi(keys))
+        return list(region.backend.get_multi(keys))
+
+    @staticmethod
+    def _token(raw: Any) -> Any:
+        if raw is None or raw is NO_VALUE:
+            return NO_VALUE
+        return raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw
+
+    def _read_tokens(self, keys: Sequence[str]) -> list[Any]:
+        return [self._token(t) for t in self._fetch(keys)]
 
     def _read_backend(self, keys: Sequence[str]) -> list[Any]:
-        region = self.region
-        mangler = region.key_mangler
-        if mangler is not None:
-            keys = [mangler(k) for k in keys]
+        raw = self._fetch(keys)
+        head = raw[0]
         if self._serialized:
-            raw = region.backend.get_serialized_multi(keys)
-            entry = region._parse_serialized_from_backend(raw[0])
-            values = [NO_VALUE if entry is NO_VALUE else entry.payload]
-            for token in raw[1:]:
-                if token is None or token is NO_VALUE:
-                    values.append(NO_VALUE)
-                else:
-                    values.append(token.decode("ascii", "replace") if isinstance(token, bytes) else token)
-            return values
-        raw = region.backend.get_multi(keys)
-        entry = raw[0]
-        values = [NO_VALUE if entry is NO_VALUE or entry is None else entry.payload]
-        values.extend(NO_VALUE if t is None else t for t in raw[1:])
+            entry = self.region._parse_serialized_from_backend(head)
+        else:
+            entry = NO_VALUE if head is None else head
+        values = [NO_VALUE if entry is NO_VALUE else entry.payload]
+        values.extend(self._token(t) for t in raw[1:])
         return values
 
     def get_values(self, keys: Sequence[str]) -> list[Any] | None:
