@@ -277,7 +277,11 @@ class Store:
         except Exception as err:
             if type(err).__name__ in _TOO_BIG:
                 # the backend is fine; this value is not for it
-                log.info("cache region %r: value too big for the backend, not cached", self.name)
+                log.info(
+                    "cache region %r: value too big for the backend, not cached",
+                    self.name,
+                    extra=_fields(self.name, "too_big"),
+                )
                 return False
             self.failed("write", err)
             return False
@@ -358,7 +362,11 @@ class Store:
         self._open_until = 0.0
         self._retry = self.retry_after
         if was_open:
-            log.warning("cache region %r: backend answers again", self.name)
+            log.warning(
+                "cache region %r: backend answers again",
+                self.name,
+                extra=_fields(self.name, "recovered"),
+            )
         return self._replay_lost()
 
     def _replay_lost(self) -> bool:
@@ -378,6 +386,7 @@ class Store:
             "cache region %r: wrote %d invalidation(s) lost during the outage",
             self.name,
             len(keys),
+            extra=_fields(self.name, "lost_invalidations_written", count=len(keys)),
         )
         return True
 
@@ -422,6 +431,13 @@ class Store:
         """Count a failure, open the circuit at the threshold, and log, at
         most one warning per region every 10 s."""
         self._failures += 1
+        fields = _fields(
+            self.name,
+            "backend_failed",
+            operation=what,
+            error=type(err).__name__,
+            circuit_open=self._failures >= self.failure_threshold,
+        )
         now = time.monotonic()
         if self._failures >= self.failure_threshold:
             if self._open_until:
@@ -437,9 +453,20 @@ class Store:
                 what,
                 type(err).__name__,
                 err,
+                extra=fields,
             )
         else:
-            log.debug("cache region %r: backend %s failed: %r", self.name, what, err)
+            log.debug("cache region %r: backend %s failed: %r", self.name, what, err, extra=fields)
+
+
+def _fields(region: str, event: str, **more: Any) -> dict[str, Any]:
+    """Structured fields of a log record, under ``record.ormcache``, for
+    JSON formatters and log pipelines::
+
+        {"region": "shared", "event": "backend_failed", "operation": "read",
+         "error": "ConnectionError", "circuit_open": True}
+    """
+    return {"ormcache": {"region": region, "event": event, **more}}
 
 
 def _backend_value(region: CacheRegion, value: str) -> Any:

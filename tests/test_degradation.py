@@ -153,3 +153,14 @@ def test_redis_regions_get_socket_timeouts(redis_url: str) -> None:
         assert kwargs["socket_timeout"] == 0.25 and kwargs["socket_connect_timeout"] == 0.25
     finally:
         cache.close()
+
+
+def test_log_records_carry_structured_fields(env: Any, caplog: Any) -> None:
+    engine, maker, cache, switch = env
+    switch.down = True
+    with caplog.at_level(logging.WARNING, logger="ormcache"):
+        name_and_selects(engine, maker)
+    record = next(r for r in caplog.records if r.name == "ormcache")
+    fields = record.ormcache  # type: ignore[attr-defined]
+    assert fields["region"] == "default" and fields["event"] == "backend_failed"
+    assert fields["operation"] == "read" and fields["error"] == "ConnectionError"
