@@ -56,6 +56,7 @@ class Store:
         "in_process",
         "_serialized",
         "l1",
+        "stale_while_revalidate",
         "publish_channel",
         "subscriber",
         "_add",
@@ -107,6 +108,8 @@ class Store:
         self._serialized = region.serializer is not None
         #: an in-process first tier of entries (see :meth:`use_l1`)
         self.l1: LRUCache[str, Any] | None = None
+        #: serve expired entries while another caller refreshes them
+        self.stale_while_revalidate = False
         #: the pub/sub channel version tokens are announced on (Redis)
         self.publish_channel: str | None = None
         #: follows that channel for an L1 in relaxed mode

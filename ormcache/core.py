@@ -130,6 +130,7 @@ class OrmCache:
         }
         for name, store in self._stores.items():
             spec = settings.regions[name]
+            store.stale_while_revalidate = spec.stale_while_revalidate
             if spec.l1_max_entries and not store.in_process:
                 store.use_l1(spec.l1_max_entries)
                 if spec.l1_mode == "relaxed":
@@ -400,6 +401,12 @@ class OrmCache:
         try:
             acquired = mutex is not None and mutex.acquire(False)
             if mutex is not None and not acquired:
+                if store.stale_while_revalidate:
+                    # someone is refreshing it: an expired (not invalidated)
+                    # entry is served meanwhile
+                    stale = self._serve(orm_context, store, option, shape, dialect, values, True)
+                    if stale is not None:
+                        return stale
                 # someone is filling this key: wait, then read what they stored
                 waited = True
                 acquired = mutex.acquire(True)
@@ -432,10 +439,14 @@ class OrmCache:
         shape: Any,
         dialect: Any,
         values: list[Any],
+        allow_expired: bool = False,
     ) -> Any:
-        """The result of a valid entry, or None."""
+        """The result of a valid entry (or merely expired, with
+        ``allow_expired``), or None."""
         entry = values[0]
-        if entry is NO_VALUE or not self._valid(store, option, entry, values[1:], time.time()):
+        if entry is NO_VALUE or not self._valid(
+            store, option, entry, values[1:], time.time(), allow_expired
+        ):
             return None
         rows = entry[_ROWS]
         encoding = entry[_ENCODING]
@@ -543,7 +554,13 @@ class OrmCache:
         return self._keys.entity_deps(region, db, entity, others, invalidation.pk_text(values))
 
     def _valid(
-        self, store: Store, option: FromCache, entry: Any, tokens: list[Any], now: float
+        self,
+        store: Store,
+        option: FromCache,
+        entry: Any,
+        tokens: list[Any],
+        now: float,
+        allow_expired: bool = False,
     ) -> bool:
         try:
             created = entry[_CREATED]
@@ -554,7 +571,12 @@ class OrmCache:
         expiration = option.expiration_time
         if expiration is None:
             expiration = store.region.expiration_time
-        if expiration is not None and expiration >= 0 and now - created > expiration:
+        if (
+            not allow_expired
+            and expiration is not None
+            and expiration >= 0
+            and now - created > expiration
+        ):
             return False
         if store.region.region_invalidator.is_invalidated(created):
             return False

@@ -111,7 +111,7 @@ SHORT_BACKEND_NAMES: Mapping[str, str] = MappingProxyType(
 stands for."""
 
 _TOP_LEVEL_KEYS = ("cache_all", "namespace", "regions", "signing_key", "uncached_tables")
-_REGION_KEYS = ("arguments", "backend", "expiration_time", "l1")
+_REGION_KEYS = ("arguments", "backend", "expiration_time", "l1", "stale_while_revalidate")
 _SEQUENCES = (list, tuple, set, frozenset)  # copied; subclasses are not
 _NAMESPACE = re.compile(r"[!-~]{1,32}")  # printable ASCII, no whitespace
 # "$${" (a literal "${"), "${NAME}", or a malformed "${"
@@ -140,6 +140,9 @@ class RegionSettings:
     l1_max_entries: int | None = None
     """An in-process first tier of at most this many entries in front of a
     shared backend (``l1 = {max_entries = 10000}``); ``None``: no L1."""
+    stale_while_revalidate: bool = False
+    """Serve an *expired* entry (never an invalidated one) while another
+    thread or process refreshes it, instead of waiting for it."""
     l1_mode: str = "validated"
     """``"validated"``: an L1 hit checks its version tokens in the backend;
     ``"relaxed"`` (Redis only): against tokens received over pub/sub."""
@@ -437,7 +440,20 @@ def _region_settings(name: str, spec: Any) -> RegionSettings:
         ),
         arguments=arguments,
         **_l1(name, _interpolate(spec.get("l1"), name, "l1")),
+        stale_while_revalidate=_flag(
+            name,
+            "stale_while_revalidate",
+            _interpolate(spec.get("stale_while_revalidate", False), name, "stale_while_revalidate"),
+        ),
     )
+
+
+def _flag(region: str, key: str, value: Any) -> bool:
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        value = value.lower() in ("true", "1", "yes")
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"must be true or false, not {value!r}", region=region, key=key)
+    return value
 
 
 def _l1(region: str, value: Any) -> dict[str, Any]:
