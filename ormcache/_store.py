@@ -286,7 +286,9 @@ class Store:
                     extra=_fields(self.name, "too_big"),
                 )
                 return False
-            self.failed("write", err)
+            # a result not stored (a full memcached, say) is not an outage:
+            # reads and invalidations decide whether the backend is down
+            self.failed("write", err, count=False)
             return False
         return True
 
@@ -430,10 +432,11 @@ class Store:
             return False
         return True
 
-    def failed(self, what: str, err: BaseException) -> None:
+    def failed(self, what: str, err: BaseException, count: bool = True) -> None:
         """Count a failure, open the circuit at the threshold, and log, at
         most one warning per region every 10 s."""
-        self._failures += 1
+        if count:
+            self._failures += 1
         fields = _fields(
             self.name,
             "backend_failed",
@@ -442,7 +445,7 @@ class Store:
             circuit_open=self._failures >= self.failure_threshold,
         )
         now = time.monotonic()
-        if self._failures >= self.failure_threshold:
+        if count and self._failures >= self.failure_threshold:
             if self._open_until:
                 self._retry = min(self._retry * 2, self.max_retry_after)
             else:

@@ -69,3 +69,103 @@ def test_item_over_the_limit_is_a_miss_not_an_outage(memcached_url: str, tmp_pat
     finally:
         cache.close()
         engine.dispose()
+
+
+@pytest.fixture
+def full_memcached() -> Any:
+    """A private memcached of 2 MB that refuses to evict (-M): it fills up."""
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+    import time
+
+    from servers import is_ci
+
+    if shutil.which("memcached") is None:
+        reason = "memcached binary not found (make services installs it)"
+        if is_ci():
+            pytest.fail(reason)
+        pytest.skip(reason)
+    pidfile = tempfile.mktemp(prefix="ormcache-mc-", suffix=".pid")
+    port = 11297
+    subprocess.run(
+        ["memcached", "-d", "-u", "nobody", "-l", "127.0.0.1", "-p", str(port),
+         "-m", "2", "-M", "-I", "512k", "-P", pidfile],
+        check=True,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield f"127.0.0.1:{port}"
+    import os
+    import signal
+
+    try:
+        with open(pidfile) as f:
+            os.kill(int(f.read().strip()), signal.SIGTERM)
+    except (OSError, ValueError):
+        pass
+
+
+def test_full_memcached_is_not_an_outage(full_memcached: str, tmp_path: Any) -> None:
+    """Once memcached is full (and told not to evict), results are not
+    stored, but nothing fails, nothing stale is served, and the region keeps
+    serving what it holds: the circuit does not open."""
+    import os
+    import uuid
+
+    from sqlalchemy import String, create_engine, select
+    from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+    from ormcache import FromCache, OrmCache
+    from ormcache.testing import QueryCounter
+
+    class B(DeclarativeBase):
+        pass
+
+    class Doc(B):
+        __tablename__ = "docs"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        data: Mapped[str] = mapped_column(String)
+
+    engine = create_engine(f"sqlite:///{tmp_path}/full.db")
+    B.metadata.create_all(engine)
+    maker = sessionmaker(engine)
+    with maker() as s:
+        s.add_all([Doc(id=i, data=os.urandom(30_000).hex()) for i in range(1, 80)])
+        s.add(Doc(id=1000, data="small"))
+        s.commit()
+    cache = OrmCache.from_settings(
+        {
+            "namespace": "mf" + uuid.uuid4().hex[:8],
+            "regions": {"m": {"backend": "memcached", "arguments": {"url": [full_memcached]}}},
+        }
+    )
+    cache.attach(maker)
+    small = select(Doc).where(Doc.id == 1000).options(FromCache("m"))
+    try:
+        with maker() as s:
+            assert s.scalars(small).one().data == "small"  # stored while there is room
+        for i in range(1, 80):  # 60 KB results: memcached fills up
+            with maker() as s:
+                assert len(s.get_one(Doc, i, options=[FromCache("m")]).data) == 60_000
+        fills = cache.stats()["regions"]["m"]["fills"]
+        assert fills < 80  # memcached refused some: it is full
+        store = cache._stores["m"]
+        assert store.available and store._failures == 0
+        with QueryCounter(engine) as c, maker() as s:
+            assert s.scalars(small).one().data == "small"
+        assert c.selects == 0  # still served from memcached
+        with maker() as s:  # a write still invalidates (its tokens are small)
+            s.get_one(Doc, 1000).data = "changed"
+            s.commit()
+        with maker() as s:
+            assert s.scalars(small).one().data == "changed"
+    finally:
+        cache.close()
+        engine.dispose()
