@@ -27,7 +27,6 @@ from typing import Any
 
 from dogpile.cache.api import NO_VALUE
 from dogpile.cache.region import CacheRegion
-from sqlalchemy.util import LRUCache
 
 log = logging.getLogger("ormcache")
 
@@ -107,7 +106,7 @@ class Store:
         #: the backend stores bytes (dogpile serializes for it)
         self._serialized = region.serializer is not None
         #: an in-process first tier of entries (see :meth:`use_l1`)
-        self.l1: LRUCache[str, Any] | None = None
+        self.l1: L1 | None = None
         #: serve expired entries while another caller refreshes them
         self.stale_while_revalidate = False
         #: the pub/sub channel version tokens are announced on (Redis)
@@ -161,13 +160,14 @@ class Store:
 
         self.subscriber = Subscriber(self.region.backend.writer_client, channel)
 
-    def use_l1(self, max_entries: int | None) -> None:
-        """Keep up to ``max_entries`` entries in process memory as well.  A
-        hit found there still reads its version tokens from the backend (in
-        one call, as always) and is served only if they are current, so it
-        is exactly as consistent as the backend; it only saves moving and
-        decoding the entry."""
-        self.l1 = LRUCache(max_entries) if max_entries else None
+    def use_l1(self, max_entries: int | None, max_bytes: int | None = None) -> None:
+        """Keep up to ``max_entries`` entries (and about ``max_bytes`` bytes
+        of results) in process memory as well.  A hit found there still
+        reads its version tokens from the backend (in one call, as always)
+        and is served only if they are current, so it is exactly as
+        consistent as the backend; it only saves moving and decoding the
+        entry."""
+        self.l1 = L1(max_entries, max_bytes) if max_entries else None
 
     def _read(self, keys: Sequence[str]) -> list[Any]:
         l1 = self.l1
@@ -463,6 +463,61 @@ class Store:
             )
         else:
             log.debug("cache region %r: backend %s failed: %r", self.name, what, err, extra=fields)
+
+
+class L1:
+    """A least-recently-used map bounded by entries and by bytes (the size
+    of an entry is the size of its encoded rows)."""
+
+    def __init__(self, max_entries: int, max_bytes: int | None = None) -> None:
+        from collections import OrderedDict
+
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._data: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _size(value: Any) -> int:
+        try:
+            rows = value[3]
+        except (TypeError, IndexError, KeyError):
+            return 64
+        return len(rows) + 64 if isinstance(rows, (bytes, bytearray)) else 1024
+
+    def get(self, key: str, default: Any = None) -> Any:
+        with self._lock:
+            item = self._data.get(key)
+            if item is None:
+                return default
+            self._data.move_to_end(key)
+            return item[0]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        size = self._size(value)
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self.bytes -= old[1]
+            self._data[key] = (value, size)
+            self.bytes += size
+            while len(self._data) > self.max_entries or (
+                self.max_bytes is not None and self.bytes > self.max_bytes and len(self._data) > 1
+            ):
+                _, (_, dropped) = self._data.popitem(last=False)
+                self.bytes -= dropped
+
+    def pop(self, key: str, default: Any = None) -> Any:
+        with self._lock:
+            item = self._data.pop(key, None)
+            if item is None:
+                return default
+            self.bytes -= item[1]
+            return item[0]
+
+    def __len__(self) -> int:
+        return len(self._data)
 
 
 def _fields(region: str, event: str, **more: Any) -> dict[str, Any]:

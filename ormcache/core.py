@@ -132,7 +132,7 @@ class OrmCache:
             spec = settings.regions[name]
             store.stale_while_revalidate = spec.stale_while_revalidate
             if spec.l1_max_entries and not store.in_process:
-                store.use_l1(spec.l1_max_entries)
+                store.use_l1(spec.l1_max_entries, spec.l1_max_bytes)
                 if spec.l1_mode == "relaxed":
                     if not hasattr(store.region.backend, "writer_client"):
                         raise ConfigurationError(

@@ -140,6 +140,8 @@ class RegionSettings:
     l1_max_entries: int | None = None
     """An in-process first tier of at most this many entries in front of a
     shared backend (``l1 = {max_entries = 10000}``); ``None``: no L1."""
+    l1_max_bytes: int | None = None
+    """And at most about this many bytes of results (``max_bytes``)."""
     stale_while_revalidate: bool = False
     """Serve an *expired* entry (never an invalidated one) while another
     thread or process refreshes it, instead of waiting for it."""
@@ -460,15 +462,27 @@ def _l1(region: str, value: Any) -> dict[str, Any]:
     if value is None:
         return {}
     mode = "validated"
+    max_bytes: Any = None
     if isinstance(value, Mapping):
-        unknown = [k for k in value if k not in ("max_entries", "mode")]
+        unknown = [k for k in value if k not in ("max_entries", "max_bytes", "mode")]
         if unknown:
             raise ConfigurationError(
-                f"unknown L1 setting {unknown[0]!r}; accepted: max_entries, mode",
+                f"unknown L1 setting {unknown[0]!r}; accepted: max_entries, max_bytes, mode",
                 region=region,
                 key="l1",
             )
         mode = value.get("mode", "validated")
+        max_bytes = value.get("max_bytes")
+        if isinstance(max_bytes, str) and max_bytes.isdigit():
+            max_bytes = int(max_bytes)
+        if max_bytes is not None and (
+            isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1
+        ):
+            raise ConfigurationError(
+                f"max_bytes must be a whole number >= 1, not {max_bytes!r}",
+                region=region,
+                key="l1",
+            )
         if mode not in ("validated", "relaxed"):
             raise ConfigurationError(
                 f"mode must be 'validated' or 'relaxed', not {mode!r}",
@@ -484,7 +498,11 @@ def _l1(region: str, value: Any) -> dict[str, Any]:
             region=region,
             key="l1",
         )
-    return {"l1_max_entries": value, "l1_mode": mode}
+    return {
+        "l1_max_entries": value,
+        "l1_mode": mode,
+        "l1_max_bytes": max_bytes if isinstance(value, int) else None,
+    }
 
 
 def _backend(region: str, value: Any) -> str:

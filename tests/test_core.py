@@ -146,3 +146,26 @@ def test_autocommit_writes_are_announced_at_once(env: Any) -> None:
         # still holding the connection: the write must already count
         assert selects() == 1
         assert selects() == 0
+
+
+def test_l1_bounded_by_entries_and_bytes() -> None:
+    from ormcache._store import L1
+
+    l1 = L1(max_entries=3, max_bytes=1000)
+    for i in range(5):
+        l1[f"k{i}"] = (0, (), (), b"x" * 100, 1)
+    assert len(l1) == 3 and l1.get("k0") is None and l1.get("k4") is not None
+    l1["big"] = (0, (), (), b"x" * 900, 1)  # evicts the oldest until under 1000 bytes
+    assert l1.bytes <= 1000 and l1.get("big") is not None and len(l1) == 1
+    assert l1.pop("big") is not None and l1.bytes == 0
+
+
+def test_l1_settings() -> None:
+    from ormcache import load_settings
+
+    spec = load_settings(
+        {"regions": {"r": {"backend": "redis", "l1": {"max_entries": 10, "max_bytes": 4096}}}}
+    ).region("r")
+    assert (spec.l1_max_entries, spec.l1_max_bytes, spec.l1_mode) == (10, 4096, "validated")
+    with pytest.raises(ormcache.ConfigurationError, match="max_bytes"):
+        load_settings({"regions": {"r": {"backend": "redis", "l1": {"max_entries": 1, "max_bytes": -1}}}})
