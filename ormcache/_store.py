@@ -122,15 +122,10 @@ class Store:
 
     @property
     def available(self) -> bool:
-        """False while the circuit is open."""
-        if not self._open_until:
-            return True
-        now = time.monotonic()
-        if now >= self._open_until:
-            # let this call probe; the others keep away meanwhile
-            self._open_until = now + self._retry
-            return True
-        return False
+        """False while the circuit is open.  Queries never probe a backend
+        whose circuit is open: a background thread does (see
+        :meth:`_probe_loop`), so no query waits on a dead server."""
+        return not self._open_until
 
     def get_many(self, keys: Sequence[str]) -> list[Any] | None:
         """An entry and its version tokens in one backend call: the entry's
@@ -314,6 +309,25 @@ class Store:
             self._start_retrying()
         return False
 
+    def _probe_loop(self) -> None:
+        """While the circuit is open: wait, then try one read; close the
+        circuit (and write the lost invalidations) once it answers."""
+        probe = [f"{self._lost_fallback or 'ormcache'}:probe"]
+        while self._open_until:
+            time.sleep(max(self._retry, 0.01))
+            try:
+                self._fetch(probe)
+            except Exception:
+                self._retry = min(self._retry * 2, self.max_retry_after)
+                self._open_until = time.monotonic() + self._retry
+                continue
+            try:
+                self._recovered()
+            except Exception as err:
+                self._failures = 0
+                self.failed("write", err)
+            return
+
     def _start_retrying(self) -> None:
         with _retry_lock:
             if self in _retrying:
@@ -445,12 +459,12 @@ class Store:
             circuit_open=self._failures >= self.failure_threshold,
         )
         now = time.monotonic()
-        if count and self._failures >= self.failure_threshold:
-            if self._open_until:
-                self._retry = min(self._retry * 2, self.max_retry_after)
-            else:
-                self._retry = self.retry_after
+        if count and self._failures >= self.failure_threshold and not self._open_until:
+            self._retry = self.retry_after
             self._open_until = now + self._retry
+            threading.Thread(
+                target=self._probe_loop, name=f"ormcache-probe-{self.name}", daemon=True
+            ).start()
         if now - self._last_warning >= 10.0:
             self._last_warning = now
             log.warning(

@@ -82,6 +82,16 @@ def env(tmp_path: Any) -> Iterator[tuple[Any, Any, OrmCache, Switch]]:
     engine.dispose()
 
 
+def wait_until_available(cache: OrmCache) -> None:
+    """The circuit closes when the background probe gets an answer."""
+    import time
+
+    deadline = time.monotonic() + 5
+    while not cache._stores["default"].available:
+        assert time.monotonic() < deadline, "the circuit never closed"
+        time.sleep(0.01)
+
+
 def name_and_selects(engine: Any, maker: Any) -> tuple[str, int]:
     stmt = select(Template).where(Template.id == 1).options(FromCache())
     with QueryCounter(engine) as c, maker() as s:
@@ -127,7 +137,10 @@ def test_lost_invalidation_is_written_after_recovery(env: Any) -> None:
         s.commit()
     switch.down = False
     # the entry stored before the outage is still in the backend, and the
-    # invalidation never reached it: it must not be served
+    # invalidation never reached it: it must not be served, whether the
+    # circuit is still open (the database answers) or closed again
+    assert name_and_selects(engine, maker)[0] == "changed during outage"
+    wait_until_available(cache)
     assert name_and_selects(engine, maker) == ("changed during outage", 1)
     assert name_and_selects(engine, maker) == ("changed during outage", 0)
 
@@ -141,6 +154,7 @@ def test_lost_explicit_invalidation_raises_and_is_replayed(env: Any) -> None:
     with pytest.raises(BackendError, match="region 'default'"):
         cache.invalidate(Template)
     switch.down = False
+    wait_until_available(cache)
     assert name_and_selects(engine, maker) == ("t1", 1)
 
 
@@ -164,3 +178,21 @@ def test_log_records_carry_structured_fields(env: Any, caplog: Any) -> None:
     fields = record.ormcache  # type: ignore[attr-defined]
     assert fields["region"] == "default" and fields["event"] == "backend_failed"
     assert fields["operation"] == "read" and fields["error"] == "ConnectionError"
+
+
+def test_open_circuit_keeps_queries_off_the_backend(env: Any) -> None:
+    """Once open, no query touches the backend: the background probe does,
+    and closes the circuit when the backend answers."""
+    engine, maker, cache, switch = env
+    store = cache._stores["default"]
+    store.retry_after = 0.2
+    switch.down = True
+    for _ in range(store.failure_threshold):
+        name_and_selects(engine, maker)
+    calls = switch.calls
+    for _ in range(20):
+        assert name_and_selects(engine, maker) == ("t1", 1)
+    assert switch.calls == calls  # the queries did not try it
+    switch.down = False
+    wait_until_available(cache)
+    assert switch.calls > calls  # the probe did
