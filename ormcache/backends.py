@@ -15,7 +15,7 @@ The redis driver is imported when a backend is created, as dogpile does.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from dogpile.cache.backends.redis import RedisClusterBackend as _DogpileCluster
@@ -27,10 +27,11 @@ __all__ = ["RedisClusterBackend", "RedisSentinelBackend"]
 class RedisClusterBackend(_DogpileCluster):
     """Redis Cluster, with multi-key calls split by hash slot."""
 
-    def get_serialized_multi(self, keys: Sequence[str]) -> list[Any]:
+    def get_serialized_multi(self, keys: Iterable[str]) -> list[Any]:
+        keys = list(keys)
         if not keys:
             return []
-        return list(self.reader_client.mget_nonatomic(list(keys)))
+        return list(self.reader_client.mget_nonatomic(keys))
 
     def set_serialized_multi(self, mapping: Mapping[str, bytes]) -> None:
         if not mapping:
@@ -43,7 +44,7 @@ class RedisClusterBackend(_DogpileCluster):
             pipe.setex(key, self.redis_expiration_time, value)
         pipe.execute()
 
-    def delete_multi(self, keys: Sequence[str]) -> None:
+    def delete_multi(self, keys: Iterable[str]) -> None:
         for key in keys:
             self.writer_client.delete(key)
 
