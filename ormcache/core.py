@@ -82,8 +82,9 @@ _IMMUTABLE = (
 
 #: entry layout: (created, tokens, description, rows, encoding)
 _CREATED, _TOKENS, _DESCRIPTION, _ROWS, _ENCODING = range(5)
-#: how ``rows`` is stored: as is, pickled, or pickled and zlib-compressed
-_AS_IS, _PICKLED, _COMPRESSED = 0, 1, 2
+#: how ``rows`` is stored: as is, pickled, or pickled and compressed (zlib,
+#: or zstandard when it is installed)
+_AS_IS, _PICKLED, _COMPRESSED, _ZSTD = 0, 1, 2, 3
 
 #: results whose pickled rows are larger than this are compressed (bytes):
 #: decompressing costs more than moving the bytes over a local network
@@ -453,6 +454,10 @@ class OrmCache:
         if encoding:
             if encoding == _COMPRESSED:
                 rows = zlib.decompress(rows)
+            elif encoding == _ZSTD:
+                rows = _zstd_decompress(rows)
+                if rows is None:
+                    return None  # written by a process with zstandard: a miss
             rows = pickle.loads(rows)
         plan: Any = shape.plans.get(id(dialect)) if shape.mapper is not None else False
         if plan:
@@ -522,6 +527,9 @@ class OrmCache:
             return _AS_IS, tuple(rows)
         data = pickle.dumps(rows, pickle.HIGHEST_PROTOCOL)
         if len(data) > self.compress_threshold:
+            compressed = _zstd_compress(data)
+            if compressed is not None:
+                return _ZSTD, compressed
             return _COMPRESSED, zlib.compress(data, 1)
         return _PICKLED, data
 
@@ -791,6 +799,35 @@ def _is_sharded(session: Session) -> bool:
 
         sharded = _sharded_classes[cls] = issubclass(cls, ShardedSession)
     return sharded
+
+
+_zstd: Any = None
+
+
+def _zstd_module() -> Any:
+    global _zstd
+    if _zstd is None:
+        try:
+            import zstandard
+        except ImportError:
+            _zstd = False
+        else:
+            _zstd = zstandard
+    return _zstd
+
+
+def _zstd_compress(data: bytes) -> bytes | None:
+    module = _zstd_module()
+    if not module:
+        return None
+    return module.ZstdCompressor(level=3).compress(data)  # type: ignore[no-any-return]
+
+
+def _zstd_decompress(data: bytes) -> bytes | None:
+    module = _zstd_module()
+    if not module:
+        return None
+    return module.ZstdDecompressor().decompress(data)  # type: ignore[no-any-return]
 
 
 def _plain(rows: list[Any]) -> bool:
