@@ -45,7 +45,6 @@ from sqlalchemy import event, inspect
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 from sqlalchemy.orm.attributes import QueryableAttribute
-from sqlalchemy.orm.base import instance_state
 from sqlalchemy.orm.query import Query
 from sqlalchemy.sql.base import Executable
 
@@ -337,16 +336,7 @@ class OrmCache:
                 if option.cache_key is not None
                 else parameter_values(cache_key, parameters)
             )
-            key = query_key(
-                self.settings.namespace,
-                option.region,
-                db,
-                (shard, self.schema_version) if self.schema_version else shard,
-                schema_map,
-                shape.sql_digest,
-                params,
-                option.cache_key,
-            )
+            key = self._result_key(option, db, shard, schema_map, shape, params)
         except CacheKeyError as err:
             log.warning("not caching: %s", err)
             return None
@@ -519,6 +509,26 @@ class OrmCache:
                         self._stats.count(store.name, label, "bytes_written", len(rows_value))
         return result
 
+    def _result_key(
+        self,
+        option: FromCache,
+        db: str,
+        shard: Any,
+        schema_map: Mapping[Any, Any] | None,
+        shape: Any,
+        params: tuple[Any, ...] | None,
+    ) -> str:
+        return query_key(
+            self.settings.namespace,
+            option.region,
+            db,
+            (shard, self.schema_version) if self.schema_version else shard,
+            schema_map,
+            shape.sql_digest,
+            params,
+            option.cache_key,
+        )
+
     def _encode_rows(self, store: Store, rows: list[Any]) -> tuple[int, Any]:
         """Rows as stored: kept as they are in an in-process memory backend
         when every value is immutable, else pickled, and compressed above
@@ -554,10 +564,7 @@ class OrmCache:
             if type(value) is not kind:
                 return None
             values.append(value)
-        default_schema = dialect.default_schema_name
-        entity = tuple(
-            table_name(n, s, schema_map, default_schema) for n, s in shape.get_tables
-        )
+        entity = shape.table_names(schema_map, dialect.default_schema_name, "get_tables")
         others = tuple(t for t in tables if t not in entity)
         return self._keys.entity_deps(region, db, entity, others, invalidation.pk_text(values))
 
@@ -592,10 +599,10 @@ class OrmCache:
 
     @staticmethod
     def _session_writes(session: Session, db: str) -> set[str] | None:
+        if not invalidation.any_writes():
+            return None
         written: set[str] | None = None
         for conn in _compat.session_connections(session):
-            if database_id(conn) != db:
-                continue
             tables = invalidation.written_tables(conn, db)
             if tables:
                 written = set(tables) if written is None else written | tables
@@ -737,16 +744,7 @@ class OrmCache:
         for db, dialect in targets:
             shape = self._shapes.shape(cache_key, statement, dialect)
             values = None if option.cache_key is not None else parameter_values(cache_key, params)
-            key = query_key(
-                self.settings.namespace,
-                option.region,
-                db,
-                (shard, self.schema_version) if self.schema_version else shard,
-                None,
-                shape.sql_digest,
-                values,
-                option.cache_key,
-            )
+            key = self._result_key(option, db, shard, None, shape, values)
             if not store.delete(key):
                 raise BackendError(store.name, "delete an entry")
 
@@ -856,5 +854,3 @@ def _mapper_tables(mapper: Mapper[Any]) -> set[str]:
             tables.add(table_name(name, getattr(t, "schema", None)))
     return tables
 
-
-_ = instance_state  # re-exported for the fast path

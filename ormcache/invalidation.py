@@ -148,16 +148,25 @@ class VersionKeys:
         other_tables: tuple[str, ...],
         pk: str,
     ) -> list[str]:
-        """The version keys a primary-key lookup depends on."""
-        keys = [self.region(region), self.db_unknown(db)]
-        for t in entity_tables:
-            keys.append(self.model(t))
-            keys.append(self.bulk(db, t))
-            keys.append(self.row(db, t, pk))
-        for t in other_tables:
-            keys.append(self.model(t))
-            keys.append(self.table(db, t))
-        return keys
+        """The version keys a primary-key lookup depends on: those of the
+        statement's shape (memoized) and one row key per entity table."""
+        memo_key = ("get", region, db, entity_tables, other_tables)
+        shared: list[str] | None = self._memo.get(memo_key)
+        if shared is None:
+            shared = [self.region(region), self.db_unknown(db)]
+            for t in entity_tables:
+                shared.append(self.model(t))
+                shared.append(self.bulk(db, t))
+            for t in other_tables:
+                shared.append(self.model(t))
+                shared.append(self.table(db, t))
+            self._remember(memo_key, shared)
+        return [*shared, *(self.row(db, t, pk) for t in entity_tables)]
+
+    def _remember(self, memo_key: Any, keys: list[str]) -> None:
+        if len(self._memo) > 10000:
+            self._memo.clear()
+        self._memo[memo_key] = keys
 
     def deps(self, region: str, db: str, tables: tuple[str, ...]) -> list[str]:
         """The version keys a result of ``tables`` on ``db`` depends on."""
@@ -171,9 +180,7 @@ class VersionKeys:
                     keys.append(self.table(db, t))
             else:
                 keys.append(self.db_any(db))
-            if len(self._memo) > 10000:
-                self._memo.clear()
-            self._memo[memo_key] = keys
+            self._remember(memo_key, keys)
         return keys
 
     def written(self, db: str, items: Iterable[str]) -> list[str]:
@@ -257,6 +264,12 @@ def unregister(cache: OrmCache) -> None:
         _caches.discard(cache)
 
 
+def any_writes() -> bool:
+    """Whether any connection of the process holds writes not yet
+    announced (False in a process that only reads)."""
+    return bool(_dirty)
+
+
 def written_tables(conn: Connection, db: str) -> set[str] | None:
     """Tables the connection's open transaction wrote on ``db``."""
     if not _dirty:
@@ -306,8 +319,8 @@ def _record(conn: Connection, context: Any, tables: set[str]) -> None:
 
     if in_transaction(context) is False:
         # autocommit: the write is committed already
-        _on_rollback_info(info)
-        _announce(info, committed=True)
+        _settle(info)
+        _announce(info)
 
 
 _flush_local = threading.local()
@@ -345,55 +358,46 @@ def _on_row_write(mapper: Mapper[Any], connection: Connection, target: Any) -> N
     _record(connection, None, items)
 
 
-def _on_commit(conn: Connection) -> None:
-    if not _dirty:
-        return
-    info = conn.info
+def _settle(info: dict[str, Any]) -> None:
+    """The transaction ended (committed or rolled back): what it wrote is
+    due for fresh tokens."""
     written = info.pop(_WRITTEN, None)
     if written:
         done = info.setdefault(_DONE, {})
         for db, tables in written.items():
             done.setdefault(db, set()).update(tables)
+
+
+def _on_commit(conn: Connection) -> None:
+    # before the DBAPI commit: fresh tokens wait for the next begin or checkin
+    if _dirty:
+        _settle(conn.info)
 
 
 def _on_rollback(conn: Connection) -> None:
-    if not _dirty:
-        return
-    info = conn.info
-    written = info.pop(_WRITTEN, None)
-    if written:
-        done = info.setdefault(_DONE, {})
-        for db, tables in written.items():
-            done.setdefault(db, set()).update(tables)
-    _announce(info, committed=False)
+    # nothing the transaction wrote is visible to others: announce at once
+    if _dirty:
+        info = conn.info
+        _settle(info)
+        _announce(info)
 
 
 def _on_begin(conn: Connection) -> None:
-    if not _dirty:
-        return
-    _announce(conn.info, committed=True)
+    if _dirty:
+        _announce(conn.info)
 
 
 def _on_checkin(dbapi_connection: Any, connection_record: Any) -> None:
     if not _dirty or connection_record is None:
         return
     info = connection_record.info
-    if _WRITTEN in info:
-        # returned to the pool without commit or rollback: the pool's reset
-        # rolls it back
-        _on_rollback_info(info)
-    _announce(info, committed=True)
+    # returned to the pool without commit or rollback: the pool's reset
+    # rolls it back
+    _settle(info)
+    _announce(info)
 
 
-def _on_rollback_info(info: dict[str, Any]) -> None:
-    written = info.pop(_WRITTEN, None)
-    if written:
-        done = info.setdefault(_DONE, {})
-        for db, tables in written.items():
-            done.setdefault(db, set()).update(tables)
-
-
-def _announce(info: dict[str, Any], committed: bool) -> None:
+def _announce(info: dict[str, Any]) -> None:
     done = info.pop(_DONE, None)
     if _WRITTEN not in info:
         _dirty.discard(id(info))

@@ -145,7 +145,7 @@ class StatementShape:
     #: a digest of ``sql``, what keys are made of
     sql_digest: str = ""
     #: ``tables`` resolved by default schema, when no schema_translate_map
-    resolved: dict[str | None, tuple[str, ...]] = field(default_factory=dict)
+    resolved: dict[tuple[str, str | None], tuple[str, ...]] = field(default_factory=dict)
     #: for a primary-key lookup (``Session.get``, a many-to-one lazy load):
     #: the bound parameter names of the key columns, their Python types,
     #: and the tables of the entity
@@ -163,19 +163,23 @@ class StatementShape:
         self.sql_digest = digest(self.sql)
 
     def table_names(
-        self, schema_translate_map: Mapping[Any, Any] | None, default_schema: str | None
+        self,
+        schema_translate_map: Mapping[Any, Any] | None,
+        default_schema: str | None,
+        which: str = "tables",
     ) -> tuple[str, ...]:
-        """The tables read, as version keys name them."""
+        """The tables read (``which="get_tables"``: those of the entity of
+        a primary-key lookup), as version keys name them; memoized when no
+        ``schema_translate_map`` applies."""
+        pairs = getattr(self, which)
         if schema_translate_map is None:
-            names = self.resolved.get(default_schema)
+            names = self.resolved.get((which, default_schema))
             if names is None:
-                names = self.resolved[default_schema] = tuple(
-                    table_name(n, s, None, default_schema) for n, s in self.tables
+                names = self.resolved[(which, default_schema)] = tuple(
+                    table_name(n, s, None, default_schema) for n, s in pairs
                 )
             return names
-        return tuple(
-            table_name(n, s, schema_translate_map, default_schema) for n, s in self.tables
-        )
+        return tuple(table_name(n, s, schema_translate_map, default_schema) for n, s in pairs)
 
 
 class ShapeCache:

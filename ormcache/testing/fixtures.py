@@ -17,7 +17,6 @@ tests never see each other's entries, even on a shared server.
 
 from __future__ import annotations
 
-import tempfile
 import uuid
 from collections.abc import Iterator
 from typing import Any
