@@ -41,6 +41,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
+from typing import NoReturn
 from dataclasses import dataclass
 
 import pytest
@@ -54,6 +55,7 @@ __all__ = [
     "postgresql_url",
     "redis_url",
     "require_server",
+    "unavailable",
 ]
 
 
@@ -168,9 +170,17 @@ def _give_up(server: Server, url: str, problem: str) -> None:
         f"Start it with `make services` (or `scripts/services.sh {server.name}`), "
         f"or point {server.env} at a running server."
     )
+    unavailable(reason)
+
+
+def unavailable(reason: str) -> NoReturn:
+    """A server or binary a test needs is missing: under ``CI`` the test
+    fails (a CI run cannot pass by skipping); elsewhere it is skipped with
+    ``reason``."""
     if is_ci():
         pytest.fail(f"CI is set, so a missing server fails the run: {reason}")
-    pytest.skip(reason)
+    else:
+        pytest.skip(reason)
 
 
 def check_server(name: str, url: str | None = None) -> str:

@@ -80,13 +80,10 @@ def full_memcached() -> Any:
     import tempfile
     import time
 
-    from servers import is_ci
+    from servers import unavailable
 
     if shutil.which("memcached") is None:
-        reason = "memcached binary not found (make services installs it)"
-        if is_ci():
-            pytest.fail(reason)
-        pytest.skip(reason)
+        unavailable("memcached binary not found (make services installs it)")
     pidfile = tempfile.mktemp(prefix="ormcache-mc-", suffix=".pid")
     port = 11297
     subprocess.run(
