@@ -6,7 +6,7 @@ project changes one of these, this is the only module to adapt.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
@@ -19,8 +19,10 @@ __all__ = [
     "autoflush",
     "bind_value",
     "generate_cache_key",
+    "fan_out",
     "run_after_routing",
     "session_connections",
+    "shard_binds",
 ]
 
 
@@ -61,6 +63,29 @@ def run_after_routing(orm_context: Any, listener: Any) -> None:
     runs after class-level listeners such as ours, and the per-shard
     executions it invokes only run the listeners after it."""
     orm_context._events_todo.append(listener)
+
+
+def fan_out(orm_context: Any) -> tuple[Any, ...] | None:
+    """The shard ids horizontal_shard's router will run a SELECT on, or
+    None when something routes it to one shard.  Mirrors the checks of
+    ``sqlalchemy.ext.horizontal_shard.execute_and_instances``."""
+    from sqlalchemy.ext.horizontal_shard import set_shard_id
+
+    for opt in orm_context._non_compile_orm_options:
+        if isinstance(opt, set_shard_id):
+            return None
+    if orm_context.load_options._identity_token is not None:
+        return None
+    if "_sa_shard_id" in orm_context.execution_options:
+        return None
+    if "shard_id" in orm_context.bind_arguments:
+        return None
+    return tuple(orm_context.session.execute_chooser(orm_context))
+
+
+def shard_binds(session: Any) -> Mapping[Any, Any]:
+    """A ``ShardedSession``'s shard id -> engine mapping."""
+    return session._ShardedSession__shards  # type: ignore[no-any-return]
 
 
 def session_connections(session: Session) -> Iterator[Connection]:

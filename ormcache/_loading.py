@@ -94,10 +94,13 @@ class Plan:
         self._identity_class = mapper._identity_class
         self._keys = [key for key, _, _ in columns]
 
-    def build(self, orm_context: ORMExecuteState, rows: Any) -> IteratorResult[Any] | None:
+    def build(
+        self, orm_context: ORMExecuteState, rows: Any, token: Any = None
+    ) -> IteratorResult[Any] | None:
         """A result of live instances, or None when the regular path must
         be used (an existing instance needs attributes refreshed, or the
-        execution asks for more than the plan does)."""
+        execution asks for more than the plan does).  ``token``: the
+        identity token (shard id) of the rows, if not the execution's."""
         load_options = orm_context.load_options
         if (
             orm_context.is_relationship_load
@@ -110,7 +113,8 @@ class Plan:
         session = orm_context.session
         if session.dispatch.loaded_as_persistent:
             return None
-        token = load_options._identity_token
+        if token is None:
+            token = load_options._identity_token
         identity_map = session.identity_map
         identity_class = self._identity_class
         new = self._new

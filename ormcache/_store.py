@@ -224,7 +224,15 @@ class Store:
         else:
             entry = NO_VALUE if head is None else head
         values = [NO_VALUE if entry is NO_VALUE else entry.payload]
-        values.extend(self._token(t) for t in raw[1:])
+        if self._serialized:
+            values.extend(
+                [
+                    t.decode("ascii", "replace") if type(t) is bytes else (NO_VALUE if t is None else t)
+                    for t in raw[1:]
+                ]
+            )
+        else:
+            values.extend([NO_VALUE if t is None else t for t in raw[1:]])
         return values
 
     def get_values(self, keys: Sequence[str]) -> list[Any] | None:

@@ -54,7 +54,7 @@ from ._replay import CAPTURE, REPLAY, Capture, Replay, instrument
 from ._store import Store
 from .exc import BackendError, CacheKeyError, ConfigurationError, UnknownRegionError
 from .invalidation import UNKNOWN, VersionKeys, is_pending, new_token, pending_expired, pending_token
-from .keys import ShapeCache, database_id, parameter_values, query_key, table_name
+from .keys import ShapeCache, database_id, digest, parameter_values, query_key, table_name
 from .options import FromCache
 from .serialization import SignedSerializer
 from .stats import Stats
@@ -79,8 +79,14 @@ _IMMUTABLE = (
     uuid.UUID,
 )
 
-#: entry layout: (created, tokens, description, rows, encoding)
-_CREATED, _TOKENS, _DESCRIPTION, _ROWS, _ENCODING = range(5)
+#: entry layout: (created, tokens, description, rows, encoding), and for a
+#: result merged from several shards, the (shard index, row count) of each
+#: shard that returned rows
+_CREATED, _TOKENS, _DESCRIPTION, _ROWS, _ENCODING, _BOUNDS = range(6)
+#: execution option of a shard's statement run to fill a merged entry: the
+#: :class:`_Pieces` that collects its rows, whether from the cache or not
+COLLECT = "_ormcache_collect"
+_MISSING: Any = object()
 #: how ``rows`` is stored: as is, pickled, or pickled and compressed (zlib,
 #: or zstandard when it is installed)
 _AS_IS, _PICKLED, _COMPRESSED, _ZSTD = 0, 1, 2, 3
@@ -148,6 +154,7 @@ class OrmCache:
                     store.follow(channel)
         self._shapes = ShapeCache()
         self._databases: dict[str, Any] = {}
+        self._groups: dict[Any, _ShardGroup | None] = {}
         self._attached: list[Any] = []
         self._shard_dbs: dict[Any, str] = {}
         self._stats = Stats()
@@ -284,11 +291,6 @@ class OrmCache:
         store = self._store(option.region)
         session = orm_context.session
         bind_arguments = orm_context.bind_arguments
-        if "shard_id" not in bind_arguments and _is_sharded(session):
-            # cache per shard: run again inside each shard's execution
-            _compat.run_after_routing(orm_context, self._do_orm_execute)
-            return None
-
         statement = orm_context.statement
         exec_options = orm_context.execution_options
         if (
@@ -296,6 +298,15 @@ class OrmCache:
             or exec_options.get("yield_per")
             or getattr(statement, "_for_update_arg", None) is not None
         ):
+            return None
+        if "shard_id" not in bind_arguments and _is_sharded(session):
+            # a statement run on several shards is one entry; else (or
+            # when that is not possible) cache per shard: run again inside
+            # each shard's execution
+            merged = self._sharded(orm_context, option, store, cache_all)
+            if merged is not None:
+                return merged
+            _compat.run_after_routing(orm_context, self._do_orm_execute)
             return None
 
         if orm_context.load_options._autoflush:
@@ -336,7 +347,8 @@ class OrmCache:
                 if option.cache_key is not None
                 else parameter_values(cache_key, parameters)
             )
-            key = self._result_key(option, db, shard, schema_map, shape, params)
+            pk = self._entity_pk(shape, params, parameters)
+            key = self._result_key(option, db, shard, schema_map, shape, params, pk)
         except CacheKeyError as err:
             log.warning("not caching: %s", err)
             return None
@@ -348,10 +360,11 @@ class OrmCache:
         if shard is not None and "shard_id" in bind_arguments:
             self._shard_dbs.setdefault(shard, db)
 
-        deps = None
-        if shape.get_params is not None and params is not None:
-            deps = self._entity_deps(option.region, db, shape, tables, schema_map, dialect, orm_context.parameters)
-        if deps is None:
+        if pk is not None:
+            entity = shape.table_names(schema_map, dialect.default_schema_name, "get_tables")
+            others = tuple(t for t in tables if t not in entity)
+            deps = self._keys.entity_deps(option.region, db, entity, others, pk)
+        else:
             deps = self._keys.deps(option.region, db, tables)
         stats = self._stats
         started = time.perf_counter()
@@ -370,6 +383,211 @@ class OrmCache:
         finally:
             stats.time(option.region, "misses", time.perf_counter() - started)
 
+    def _sharded(
+        self,
+        orm_context: ORMExecuteState,
+        option: FromCache,
+        store: Store,
+        cache_all: bool,
+    ) -> Any:
+        """A ``ShardedSession`` statement that its router would run on
+        several shards: cached as one entry that depends on every one of
+        those shards' tables, so that a hit is one backend round trip.
+        None to cache per shard instead (routed to one shard, shards of
+        different dialects, schema translation)."""
+        shard_ids = _compat.fan_out(orm_context)
+        if shard_ids is None or len(shard_ids) < 2:
+            return None
+        session = orm_context.session
+        group = self._shard_group(session, shard_ids)
+        if group is None:
+            return None
+        exec_options = orm_context.execution_options
+        if exec_options.get("schema_translate_map") is not None:
+            return None
+        if orm_context.load_options._autoflush:
+            _compat.autoflush(session)
+        statement = orm_context.statement
+        cache_key = _compat.generate_cache_key(statement)
+        if cache_key is None:
+            return None
+        dialect = group.dialect
+        shape = self._shapes.shape(cache_key, statement, dialect)
+        tables = shape.table_names(None, dialect.default_schema_name)
+        if not tables or (
+            cache_all and (shape.volatile or not self._uncached.isdisjoint(tables))
+        ):
+            return None
+        fill = True
+        if invalidation.any_writes():
+            for db in group.dbs:
+                written = self._session_writes(session, db)
+                if written:
+                    if UNKNOWN in written or not tables or not written.isdisjoint(tables):
+                        return None  # read your writes, shard by shard
+                    fill = False
+        parameters = orm_context.parameters
+        if parameters is not None and not isinstance(parameters, Mapping):
+            return None
+        try:
+            params = (
+                None
+                if option.cache_key is not None
+                else parameter_values(cache_key, parameters)
+            )
+            pk = self._entity_pk(shape, params, parameters)
+            key = self._result_key(option, group.db, group.shards, None, shape, params, pk)
+        except CacheKeyError as err:
+            log.warning("not caching: %s", err)
+            return None
+        except Exception:
+            return None
+        entity = None
+        if pk is not None:
+            entity = shape.table_names(None, dialect.default_schema_name, "get_tables")
+        deps = self._keys.group_deps(option.region, group.dbs, tables, entity, pk)
+        # entries per shard as well, to refill a merged entry that a write
+        # to one shard invalidated from the others; not for primary-key
+        # lookups, whose per-shard entries would mostly say "not here"
+        fanout = _Fanout(shard_ids, group, per_shard=pk is None)
+        stats = self._stats
+        started = time.perf_counter()
+        values = store.get_many([key, *deps])
+        if values is None:
+            stats.count(option.region, shape.label, "errors")
+            return orm_context.invoke_statement()
+        served = self._serve(orm_context, store, option, shape, dialect, values, fanout=fanout)
+        if served is not None:
+            stats.count(option.region, shape.label, "hits")
+            stats.time(option.region, "hits", time.perf_counter() - started)
+            return served
+        stats.count(option.region, shape.label, "misses")
+        try:
+            return self._lookup_miss(
+                orm_context, store, option, shape, dialect, key, deps, values, group.db, fill, fanout
+            )
+        finally:
+            stats.time(option.region, "misses", time.perf_counter() - started)
+
+    def _shard_group(self, session: Session, shard_ids: tuple[Any, ...]) -> _ShardGroup | None:
+        binds = _compat.shard_binds(session)
+        try:
+            engines = tuple([binds[sid] for sid in shard_ids])
+        except KeyError:
+            return None
+        memo_key = (shard_ids, engines)
+        group = self._groups.get(memo_key, _MISSING)
+        if group is _MISSING:
+            group = None
+            dialects = {(type(e.dialect), e.dialect.default_schema_name) for e in engines}
+            if len(dialects) == 1 and not any(
+                e.get_execution_options().get("schema_translate_map") for e in engines
+            ):
+                dbs = tuple(database_id(e) for e in engines)
+                for sid, engine, db in zip(shard_ids, engines, dbs):
+                    instrument(engine.engine)
+                    self._databases.setdefault(db, engine.dialect)
+                    self._shard_dbs.setdefault(sid, db)
+                merged_db = "shards:" + digest("\n".join(dbs))
+                group = _ShardGroup(dbs, merged_db, engines[0].dialect, digest(repr(shard_ids)))
+            if len(self._groups) > 1000:
+                self._groups.clear()
+            self._groups[memo_key] = group
+        return group  # type: ignore[return-value]
+
+    def _fetch_shards(
+        self, orm_context: ORMExecuteState, fanout: _Fanout
+    ) -> tuple[Any, Capture, tuple[tuple[int, int], ...]]:
+        """Run the statement on each shard as horizontal_shard's router
+        does, collecting every shard's rows: the merged result, a capture
+        of all rows (``fresh`` when every shard's are) and the
+        (shard index, row count) of the shards that returned rows."""
+        statement = orm_context.statement
+        pieces = _Pieces(statement)
+        if fanout.per_shard:
+            _compat.run_after_routing(orm_context, self._do_orm_execute)
+        bind_arguments = orm_context.bind_arguments
+        results = []
+        for sid in fanout.shard_ids:
+            options: dict[str, Any] = {"identity_token": sid}
+            capture = None
+            if fanout.per_shard:
+                options[COLLECT] = pieces
+            else:
+                capture = options[CAPTURE] = Capture()
+            results.append(
+                orm_context.invoke_statement(
+                    bind_arguments={**bind_arguments, "shard_id": sid},
+                    execution_options=options,
+                )
+            )
+            if capture is not None:
+                pieces.add(sid, capture.description, capture.rows, capture.fresh)
+        merged = Capture()
+        bounds = []
+        rows: list[Any] = []
+        fresh = True
+        for i, sid in enumerate(fanout.shard_ids):
+            piece = pieces.by_shard.get(sid)
+            if piece is None or piece[1] is None:
+                fresh = False
+                break
+            description, shard_rows, shard_fresh = piece
+            fresh = fresh and shard_fresh
+            if merged.description is None or (shard_rows and not rows):
+                merged.description = description
+            if shard_rows:
+                bounds.append((i, len(shard_rows)))
+                rows.extend(shard_rows)
+        if fresh:
+            merged.rows = rows
+            merged.fresh = True
+        result = results[0].merge(*results[1:]) if len(results) > 1 else results[0]
+        return result, merged, tuple(bounds)
+
+    def _serve_shards(
+        self,
+        orm_context: ORMExecuteState,
+        fanout: _Fanout,
+        shape: Any,
+        dialect: Any,
+        entry: Any,
+        rows: Any,
+    ) -> Any:
+        """The merged result of a cached multi-shard entry: each shard's
+        rows loaded with that shard's identity token."""
+        try:
+            bounds = entry[_BOUNDS]
+            shard_ids = fanout.shard_ids
+            pieces = []
+            start = 0
+            for i, count in bounds:
+                pieces.append((shard_ids[i], rows[start : start + count]))
+                start += count
+        except (TypeError, IndexError, ValueError):
+            return None
+        plan: Any = shape.plans.get(id(dialect)) if shape.mapper is not None else False
+        if plan:
+            built = [plan.build(orm_context, piece, sid) for sid, piece in pieces] or [
+                plan.build(orm_context, ())
+            ]
+            if None not in built:
+                return built[0].merge(*built[1:]) if len(built) > 1 else built[0]
+        if not pieces:
+            pieces = [(shard_ids[0], ())]
+        bind_arguments = orm_context.bind_arguments
+        description = entry[_DESCRIPTION]
+        results = [
+            orm_context.invoke_statement(
+                bind_arguments={**bind_arguments, "shard_id": sid},
+                execution_options={"identity_token": sid, REPLAY: Replay(description, piece)},
+            )
+            for sid, piece in pieces
+        ]
+        if plan is None:
+            shape.plans[id(dialect)] = make_plan(shape.mapper, results[0]) or False
+        return results[0].merge(*results[1:]) if len(results) > 1 else results[0]
+
     def _lookup_miss(
         self,
         orm_context: ORMExecuteState,
@@ -382,9 +600,10 @@ class OrmCache:
         values: list[Any],
         db: str,
         fill: bool,
+        fanout: _Fanout | None = None,
     ) -> Any:
         if not fill:
-            return self._miss(orm_context, store, key, deps, values, db, False, shape.label)
+            return self._miss(orm_context, store, key, deps, values, db, False, shape.label, fanout)
         # one query per cold key: dogpile's lock for the key (in-process, or
         # the backend's distributed lock when the region is configured so)
         mutex = store.mutex(key)
@@ -395,7 +614,7 @@ class OrmCache:
                 if store.stale_while_revalidate:
                     # someone is refreshing it: an expired (not invalidated)
                     # entry is served meanwhile
-                    stale = self._serve(orm_context, store, option, shape, dialect, values, True)
+                    stale = self._serve(orm_context, store, option, shape, dialect, values, True, fanout)
                     if stale is not None:
                         return stale
                 # someone is filling this key: wait, then read what they stored
@@ -405,17 +624,17 @@ class OrmCache:
             store.failed("lock", err)
             acquired = False
         if not acquired:
-            return self._miss(orm_context, store, key, deps, values, db, True, shape.label)
+            return self._miss(orm_context, store, key, deps, values, db, True, shape.label, fanout)
         try:
             if not waited:
-                return self._miss(orm_context, store, key, deps, values, db, True, shape.label)
+                return self._miss(orm_context, store, key, deps, values, db, True, shape.label, fanout)
             again = store.get_many([key, *deps])
             if again is None:
-                return self._miss(orm_context, store, key, deps, values, db, False, shape.label)
-            served = self._serve(orm_context, store, option, shape, dialect, again)
+                return self._miss(orm_context, store, key, deps, values, db, False, shape.label, fanout)
+            served = self._serve(orm_context, store, option, shape, dialect, again, fanout=fanout)
             if served is not None:
                 return served
-            return self._miss(orm_context, store, key, deps, again, db, True, shape.label)
+            return self._miss(orm_context, store, key, deps, again, db, True, shape.label, fanout)
         finally:
             try:
                 mutex.release()
@@ -431,6 +650,7 @@ class OrmCache:
         dialect: Any,
         values: list[Any],
         allow_expired: bool = False,
+        fanout: _Fanout | None = None,
     ) -> Any:
         """The result of a valid entry (or merely expired, with
         ``allow_expired``), or None."""
@@ -449,6 +669,12 @@ class OrmCache:
                 if rows is None:
                     return None  # written by a process with zstandard: a miss
             rows = pickle.loads(rows)
+        if fanout is not None:
+            return self._serve_shards(orm_context, fanout, shape, dialect, entry, rows)
+        if not allow_expired:
+            pieces = orm_context.execution_options.get(COLLECT)
+            if pieces is not None and pieces.statement is orm_context.statement:
+                pieces.add(orm_context.bind_arguments.get("shard_id"), entry[_DESCRIPTION], rows, True)
         plan: Any = shape.plans.get(id(dialect)) if shape.mapper is not None else False
         if plan:
             built = plan.build(orm_context, rows)
@@ -471,6 +697,7 @@ class OrmCache:
         db: str,
         fill: bool,
         label: str = "?",
+        fanout: _Fanout | None = None,
     ) -> Any:
         """Query the database; store the rows under the tokens read before
         the query, when that is safe."""
@@ -491,19 +718,36 @@ class OrmCache:
                     store.set_token(dep, new_token())
             current.append(token)
 
-        capture = Capture()
-        # (autoflush runs again inside: a no-op after ours, and an execution
-        # option to skip it would reach eager loaders' statements)
-        result = orm_context.invoke_statement(execution_options={CAPTURE: capture})
+        if fanout is not None:
+            result, capture, bounds = self._fetch_shards(orm_context, fanout)
+            dbs: tuple[str, ...] = fanout.group.dbs
+        else:
+            capture = Capture()
+            # (autoflush runs again inside: a no-op after ours, and an
+            # execution option to skip it would reach eager loaders' statements)
+            result = orm_context.invoke_statement(execution_options={CAPTURE: capture})
+            bounds = None
+            dbs = (db,)
+            pieces = orm_context.execution_options.get(COLLECT)
+            if pieces is not None and pieces.statement is orm_context.statement:
+                pieces.add(
+                    orm_context.bind_arguments.get("shard_id"),
+                    capture.description,
+                    capture.rows,
+                    capture.fresh and not self._session_writes(orm_context.session, db),
+                )
         if (
             fill
             and capture.rows is not None
             and capture.fresh
-            and not self._session_writes(orm_context.session, db)
+            and not any(self._session_writes(orm_context.session, d) for d in dbs)
         ):
             encoding, rows_value = self._encode_rows(store, capture.rows)
             if encoding == _AS_IS or len(rows_value) <= self.max_entry_bytes:
-                if store.set(key, (now, tuple(current), capture.description, rows_value, encoding)):
+                entry: tuple[Any, ...] = (now, tuple(current), capture.description, rows_value, encoding)
+                if bounds is not None:
+                    entry += (bounds,)
+                if store.set(key, entry):
                     self._stats.count(store.name, label, "fills")
                     if encoding != _AS_IS:
                         self._stats.count(store.name, label, "bytes_written", len(rows_value))
@@ -517,7 +761,11 @@ class OrmCache:
         schema_map: Mapping[Any, Any] | None,
         shape: Any,
         params: tuple[Any, ...] | None,
+        pk: str | None = None,
     ) -> str:
+        """The entry's key.  A primary-key lookup that depends on its row
+        (``pk``) has its own: a statement with the same SQL that depends on
+        whole tables stores its entry under other version tokens."""
         return query_key(
             self.settings.namespace,
             option.region,
@@ -527,6 +775,7 @@ class OrmCache:
             shape.sql_digest,
             params,
             option.cache_key,
+            "row" if pk is not None else None,
         )
 
     def _encode_rows(self, store: Store, rows: list[Any]) -> tuple[int, Any]:
@@ -543,20 +792,12 @@ class OrmCache:
             return _COMPRESSED, zlib.compress(data, 1)
         return _PICKLED, data
 
-    def _entity_deps(
-        self,
-        region: str,
-        db: str,
-        shape: Any,
-        tables: tuple[str, ...],
-        schema_map: Mapping[Any, Any] | None,
-        dialect: Any,
-        parameters: Any,
-    ) -> list[str] | None:
-        """Row-level dependencies of a primary-key lookup, or None to depend
-        on whole tables (a key value of an unexpected type could be spelled
-        differently by a writer)."""
-        if not isinstance(parameters, Mapping):
+    @staticmethod
+    def _entity_pk(shape: Any, params: Any, parameters: Any) -> str | None:
+        """The primary key a primary-key lookup asks for, as row keys spell
+        it, or None to depend on whole tables (not such a lookup, or a key
+        value of an unexpected type that a writer could spell differently)."""
+        if shape.get_params is None or params is None or not isinstance(parameters, Mapping):
             return None
         values = []
         for name, kind in zip(shape.get_params, shape.get_types):
@@ -564,9 +805,7 @@ class OrmCache:
             if type(value) is not kind:
                 return None
             values.append(value)
-        entity = shape.table_names(schema_map, dialect.default_schema_name, "get_tables")
-        others = tuple(t for t in tables if t not in entity)
-        return self._keys.entity_deps(region, db, entity, others, invalidation.pk_text(values))
+        return invalidation.pk_text(values)
 
     def _valid(
         self,
@@ -690,6 +929,9 @@ class OrmCache:
         db = self._shard_database(shard)
         keys = [self._keys.table(db, t) for t in tables]
         keys += [self._keys.bulk(db, t) for t in tables]
+        # results merged from several shards depend on these instead
+        keys += [self._keys.any_table(t) for t in tables]
+        keys += [self._keys.any_bulk(t) for t in tables]
         self._bump(keys)
 
     def _shard_database(self, shard: Any) -> str:
@@ -744,7 +986,8 @@ class OrmCache:
         for db, dialect in targets:
             shape = self._shapes.shape(cache_key, statement, dialect)
             values = None if option.cache_key is not None else parameter_values(cache_key, params)
-            key = self._result_key(option, db, shard, None, shape, values)
+            pk = self._entity_pk(shape, values, params)
+            key = self._result_key(option, db, shard, None, shape, values, pk)
             if not store.delete(key):
                 raise BackendError(store.name, "delete an entry")
 
@@ -784,6 +1027,42 @@ def _with_defaults(spec: RegionSettings) -> RegionSettings:
         arguments = {**REDIS_TIMEOUTS, **spec.arguments}
         return dataclasses.replace(spec, arguments=arguments)
     return spec
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShardGroup:
+    """The databases behind a list of shard ids."""
+
+    dbs: tuple[str, ...]
+    #: the database part of a merged entry's key
+    db: str
+    dialect: Any
+    #: the shard part of a merged entry's key (the ids, in order)
+    shards: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fanout:
+    """A statement run on several shards and cached as one entry."""
+
+    shard_ids: tuple[Any, ...]
+    group: _ShardGroup
+    #: refill through per-shard entries
+    per_shard: bool
+
+
+class _Pieces:
+    """Each shard's rows of a statement run to fill a merged entry."""
+
+    __slots__ = ("statement", "by_shard")
+
+    def __init__(self, statement: Any) -> None:
+        self.statement = statement
+        self.by_shard: dict[Any, tuple[Any, Any, bool]] = {}
+
+    def add(self, shard: Any, description: Any, rows: Any, fresh: bool) -> None:
+        if shard not in self.by_shard:
+            self.by_shard[shard] = (description, rows, fresh)
 
 
 _sharded_classes: dict[type, bool] = {}

@@ -115,7 +115,7 @@ class VersionKeys:
 
     def __init__(self, namespace: str) -> None:
         self.ns = namespace
-        self._memo: dict[Any, list[str]] = {}
+        self._memo: dict[Any, Any] = {}
 
     def region(self, name: str) -> str:
         return f"{self.ns}:v:r:{_short(name)}"
@@ -163,7 +163,55 @@ class VersionKeys:
             self._remember(memo_key, shared)
         return [*shared, *(self.row(db, t, pk) for t in entity_tables)]
 
-    def _remember(self, memo_key: Any, keys: list[str]) -> None:
+    def any_table(self, table: str) -> str:
+        """Moved by every write to ``table``, in any database."""
+        return f"{self.ns}:v:a:t:{_short(table)}"
+
+    def any_bulk(self, table: str) -> str:
+        """Moved by every write to ``table`` not known row by row, in any
+        database."""
+        return f"{self.ns}:v:a:b:{_short(table)}"
+
+    def any_unknown(self) -> str:
+        """Moved by every write whose tables are not known, in any database."""
+        return f"{self.ns}:v:a:*"
+
+    def group_deps(
+        self,
+        region: str,
+        dbs: tuple[str, ...],
+        tables: tuple[str, ...],
+        entity_tables: tuple[str, ...] | None = None,
+        pk: str | None = None,
+    ) -> list[str]:
+        """The version keys a result merged from several databases (the
+        shards of a ``ShardedSession``) depends on.  Writes move the
+        cross-database keys (:meth:`any_table`, ...) as well as their own
+        database's, so that such a result needs a handful of keys rather
+        than a few per database; with ``entity_tables`` and ``pk``, those
+        of a primary-key lookup, plus one row key per database and entity
+        table (a write to another row leaves it valid)."""
+        memo_key = ("group", region, dbs, tables, entity_tables)
+        memo: Any = self._memo.get(memo_key)
+        if memo is None:
+            shared = [self.region(region), self.any_unknown()]
+            prefixes: list[str] = []
+            for t in tables:
+                shared.append(self.model(t))
+                if entity_tables is not None and t in entity_tables:
+                    shared.append(self.any_bulk(t))
+                    prefixes.extend(self.row(db, t, "").rpartition(":")[0] + ":" for db in dbs)
+                else:
+                    shared.append(self.any_table(t))
+            memo = (shared, prefixes)
+            self._remember(memo_key, memo)
+        shared, prefixes = memo
+        if not prefixes or pk is None:
+            return shared  # type: ignore[no-any-return]
+        tail = digest(pk, 8)
+        return [*shared, *(p + tail for p in prefixes)]
+
+    def _remember(self, memo_key: Any, keys: Any) -> None:
         if len(self._memo) > 10000:
             self._memo.clear()
         self._memo[memo_key] = keys
@@ -191,14 +239,17 @@ class VersionKeys:
         for item in items:
             if item == UNKNOWN:
                 keys.append(self.db_unknown(db))
+                keys.append(self.any_unknown())
             elif item[0] == "\x00":
                 kind, table, pk = item[1:].split("\x00", 2)
                 if kind == "b":
                     keys.append(self.bulk(db, table))
+                    keys.append(self.any_bulk(table))
                 else:
                     keys.append(self.row(db, table, pk))
             else:
                 keys.append(self.table(db, item))
+                keys.append(self.any_table(item))
         return keys
 
 

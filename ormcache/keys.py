@@ -319,6 +319,7 @@ def query_key(
     sql: str,
     params: tuple[Any, ...] | None,
     user_key: str | None,
+    variant: str | None = None,
 ) -> str:
     """The backend key of one query result.
 
@@ -329,6 +330,8 @@ def query_key(
         text = repr((region, database, shard, schema, "user", user_key))
     else:
         text = repr((region, database, shard, schema, sql, params))
+        if variant is not None:
+            text += variant
         if " at 0x" in text:
             raise CacheKeyError(
                 "a bound parameter of this statement has no stable text form "

@@ -96,6 +96,24 @@ def test_schema_version_separates_entries(env: Any) -> None:
     assert selects() == 0
 
 
+def test_get_and_select_of_the_same_sql_keep_their_own_entries(env: Any) -> None:
+    """``session.get`` depends on its row, ``select(...).where(id == x)`` on
+    the table; their SQL is the same, their entries must not overwrite
+    each other."""
+    engine, maker, cache = env
+
+    def both() -> int:
+        with QueryCounter(engine) as c, maker() as s:
+            s.get(Template, 7, options=[FromCache()])
+        with QueryCounter(engine) as d, maker() as s:
+            s.scalars(select(Template).where(Template.id == 7).options(FromCache())).one()
+        return c.selects + d.selects
+
+    assert both() == 2
+    assert both() == 0
+    assert both() == 0
+
+
 def test_region_lookup(env: Any) -> None:
     _, _, cache = env
     assert cache.region("default").backend is not None

@@ -162,3 +162,103 @@ def test_invalidate_model_and_one_shard(env: Env) -> None:
     assert run() == {"s0": 1, "s1": 1, "s2": 1}
     with pytest.raises(ConfigurationError, match="unknown shard 's9'"):
         env.cache.invalidate(Template, shard="s9")
+
+
+# -- statements run on several shards: one entry ---------------------------
+
+
+def _hits(env: Env) -> int:
+    return sum(r["hits"] for r in env.cache.stats()["regions"].values())
+
+
+def test_multi_shard_statement_is_one_entry(env: Env) -> None:
+    stmt = select(Template).where(Template.id <= 2).order_by(Template.id).options(FromCache())
+    with env.plain() as s:
+        expected = snapshot(s.scalars(stmt).all())
+    with env.cached() as s:
+        assert snapshot(s.scalars(stmt).all()) == expected
+    env.selects()
+    before = _hits(env)
+    with env.cached() as s:
+        assert snapshot(s.scalars(stmt).all()) == expected
+    assert sum(env.selects().values()) == 0
+    # one backend read for the three shards, not one per shard
+    assert _hits(env) - before == 1
+
+
+def test_get_across_shards_hits_and_follows_writes(env: Env) -> None:
+    def get(tid: int) -> Any:
+        with env.cached() as s:
+            t = s.get(Template, tid, options=[FromCache()])
+            return None if t is None else (t.name, inspect(t).identity_token)
+
+    with env.plain() as s:  # a template that only shard s1 holds
+        s.execute(
+            Template.__table__.insert().values(id=50, store_id=1, name="only on s1", body={}),
+            bind_arguments={"shard_id": "s1"},
+        )
+        s.commit()
+    env.selects()
+    assert get(50) == ("only on s1", "s1")
+    assert env.selects() == {"s0": 1, "s1": 1, "s2": 1}
+    before = _hits(env)
+    assert get(50) == ("only on s1", "s1")
+    assert get(99) is None
+    env.selects()
+    assert get(99) is None
+    assert env.selects() == {"s0": 0, "s1": 0, "s2": 0}
+    assert _hits(env) - before == 2
+
+    with env.plain() as s:  # another row, another shard: the entry stays
+        s.get(Template, 2, identity_token="s2").name = "other"
+        s.commit()
+    env.selects()
+    assert get(50) == ("only on s1", "s1")
+    assert env.selects() == {"s0": 0, "s1": 0, "s2": 0}
+
+    with env.plain() as s:  # the row itself
+        s.get(Template, 50, identity_token="s1").name = "renamed"
+        s.commit()
+    assert get(50) == ("renamed", "s1")
+    assert get(50) == ("renamed", "s1")
+
+
+def test_multi_shard_hit_keeps_pending_changes(env: Env) -> None:
+    stmt = select(Template).where(Template.id <= 2).options(FromCache())
+    with env.cached() as s:
+        s.scalars(stmt).all()
+    with env.cached() as s, s.no_autoflush:
+        t = s.get(Template, 1, identity_token="s1")
+        t.name = "pending"
+        loaded = s.scalars(stmt).all()
+        assert t in loaded
+        assert t.name == "pending"
+        assert {inspect(x).identity_token for x in loaded} == set(SHARDS)
+
+
+def test_multi_shard_read_your_writes(env: Env) -> None:
+    stmt = select(Template).where(Template.id == 1).options(FromCache())
+    with env.cached() as s:
+        s.scalars(stmt).all()
+        t = s.get(Template, 1, identity_token="s0")
+        t.name = "flushed, not committed"
+        s.flush()
+        names = {x.name for x in s.scalars(select(Template).where(Template.id == 1).options(FromCache()))}
+        assert "flushed, not committed" in names
+        s.rollback()
+    with env.cached() as s:
+        names = {x.name for x in s.scalars(stmt)}
+    assert "flushed, not committed" not in names
+
+
+def test_multi_shard_when_the_cache_is_down(tmp_path: Any) -> None:
+    e = Env(tmp_path, "redis", {"url": "redis://127.0.0.1:1/0"})
+    try:
+        stmt = select(Template).where(Template.id <= 2).order_by(Template.id).options(FromCache())
+        with e.plain() as s:
+            expected = snapshot(s.scalars(stmt).all())
+        for _ in range(2):
+            with e.cached() as s:
+                assert snapshot(s.scalars(stmt).all()) == expected
+    finally:
+        e.close()

@@ -122,6 +122,9 @@ def test_cached_resolution_is_the_scan(store: Store_) -> None:
                 found(q.resolve_scan(session, i, store.shards, region="templates")) for i in SAMPLE
             ]
             assert cached_scan == expected
+        with store.Cached() as session:
+            merged = [found(q.resolve_merged(session, i, region="templates")) for i in SAMPLE]
+            assert merged == expected
     store.queries()
     with store.Cached() as session:
         assert [found(store.resolver.resolve(session, i)) for i in SAMPLE] == expected
@@ -129,6 +132,9 @@ def test_cached_resolution_is_the_scan(store: Store_) -> None:
         assert [
             found(q.resolve_scan(session, i, store.shards, region="templates")) for i in SAMPLE
         ] == expected
+    with store.Cached() as session:
+        # every shard at once: one entry per id
+        assert [found(q.resolve_merged(session, i, region="templates")) for i in SAMPLE] == expected
     assert store.queries() == {}
     assert store.resolver.stats.hinted > 0
 
@@ -235,6 +241,9 @@ def test_moved_template_and_new_template(store: Store_) -> None:
         assert template is not None
         home = q.shard_of(template)
         assert store.resolver.resolve(session, 251) is None
+    with store.Cached() as session:
+        assert found(q.resolve_merged(session, 12, region="templates")) == found(template)
+        assert q.resolve_merged(session, 251, region="templates") is None
     other = next(s for s in store.shards if s != home)
 
     with store.Plain() as session:
@@ -260,6 +269,9 @@ def test_moved_template_and_new_template(store: Store_) -> None:
         new = store.resolver.resolve(session, 251)
     assert found(moved) == (12, 1, "moved", other)
     assert found(new) == (251, 1, "moved", other)
+    with store.Cached() as session:
+        assert found(q.resolve_merged(session, 12, region="templates")) == found(moved)
+        assert found(q.resolve_merged(session, 251, region="templates")) == found(new)
     assert store.resolver.stats.stale_hints == 1
 
 

@@ -11,6 +11,13 @@ same loop with every per-shard lookup cached, the empty ones ("not on this
 shard") included; warm, it reaches no database, but it still makes one
 cache lookup per shard it asks.
 
+:func:`resolve_merged` asks the ``ShardedSession`` itself, without naming a
+shard: SQLAlchemy runs the lookup on every shard and merges the results,
+and ormcache keeps that merged result as one entry, which depends on the
+template's row in every shard.  Warm, a resolution is one cache lookup;
+a write to another template leaves it valid, and a template created,
+moved or deleted on any shard invalidates it.
+
 :class:`TemplateResolver` is the cached design the demo uses; a hit is one
 cache lookup and no database:
 
@@ -71,6 +78,7 @@ from .seed import EVENT_DAYS, NOW
 __all__ = [
     "TemplateResolver",
     "events_per_day",
+    "resolve_merged",
     "resolve_scan",
     "scans_per_day",
     "shard_of",
@@ -108,6 +116,16 @@ def resolve_scan(
         if template is not None:
             return template
     return None
+
+
+def resolve_merged(
+    session: ShardedSession, template_id: int, *, region: str | None = None
+) -> Template | None:
+    """The template with this id, asked of every shard at once (ids are
+    unique across shards); with ``region``, one cache entry for the
+    merged answer."""
+    stmt = select(Template).where(Template.id == template_id).options(*_cached(region))
+    return session.scalars(stmt).one_or_none()
 
 
 @dataclass
