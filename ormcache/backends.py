@@ -21,7 +21,7 @@ from typing import Any
 from dogpile.cache.backends.redis import RedisClusterBackend as _DogpileCluster
 from dogpile.cache.backends.redis import RedisSentinelBackend as _DogpileSentinel
 
-__all__ = ["RedisClusterBackend", "RedisSentinelBackend"]
+__all__ = ["RedisClusterBackend", "RedisSentinelBackend", "without_retries"]
 
 
 class RedisClusterBackend(_DogpileCluster):
@@ -61,3 +61,26 @@ class RedisSentinelBackend(_DogpileSentinel):
             super()._create_client()
         finally:
             self.db = db
+
+
+def without_retries(backend: Any) -> bool:
+    """Have a Redis backend's clients try each command once: redis-py 6+
+    retries a timed-out command three times by default, which would wait
+    for a silent server four times the timeout.  Redis Cluster clients and
+    clients given their own ``retry`` are left alone.  True when changed."""
+    from redis import Redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    changed = False
+    seen: set[int] = set()
+    for name in ("writer_client", "reader_client"):
+        client = getattr(backend, name, None)
+        if not isinstance(client, Redis) or id(client) in seen:
+            continue
+        seen.add(id(client))
+        if "retry" in getattr(backend, "connection_kwargs", {}):
+            continue
+        client.set_retry(Retry(NoBackoff(), 0))
+        changed = True
+    return changed

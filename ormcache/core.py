@@ -129,6 +129,14 @@ class OrmCache:
                 else:
                     built[name] = make_region(spec)
         self._regions: dict[str, CacheRegion] = built
+        for name, region in built.items():
+            spec = settings.regions[name]
+            if spec.backend_timeout is not None and spec.backend.startswith(
+                ("dogpile.cache.redis", "ormcache.redis")
+            ):
+                from .backends import without_retries
+
+                without_retries(region.backend)
         self._keys = VersionKeys(settings.namespace)
         self._stores = {
             name: Store(name, region, self._keys.region(name), new_token)
@@ -445,7 +453,7 @@ class OrmCache:
         entity = None
         if pk is not None:
             entity = shape.table_names(None, dialect.default_schema_name, "get_tables")
-        deps = self._keys.group_deps(option.region, group.dbs, tables, entity, pk)
+        deps = self._keys.group_deps(option.region, tables, entity, pk)
         # entries per shard as well, to refill a merged entry that a write
         # to one shard invalidated from the others; not for primary-key
         # lookups, whose per-shard entries would mostly say "not here"
@@ -1015,17 +1023,40 @@ _UNSERIALIZED = frozenset({"dogpile.cache.memory", "dogpile.cache.null"})
 
 #: socket timeouts (seconds) given to Redis regions that set none, so that a
 #: server that hangs costs a query little (redis-py waits forever by default)
-REDIS_TIMEOUTS = {"socket_timeout": 0.25, "socket_connect_timeout": 0.25}
-
-
 def _with_defaults(spec: RegionSettings) -> RegionSettings:
+    """The region's backend timeouts (``backend_timeout``) as the driver's
+    arguments, unless the arguments set them: redis-py waits forever by
+    default, libmemcached seconds."""
+    timeout = spec.backend_timeout
+    if timeout is None:
+        return spec
     if (
         spec.backend.startswith(("dogpile.cache.redis", "ormcache.redis"))
         and "connection_pool" not in spec.arguments
         and "cluster" not in spec.backend
     ):
-        arguments = {**REDIS_TIMEOUTS, **spec.arguments}
-        return dataclasses.replace(spec, arguments=arguments)
+        defaults = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        return dataclasses.replace(spec, arguments={**defaults, **spec.arguments})
+    if spec.backend.endswith("redis_cluster") and not (
+        {"socket_timeout", "socket_connect_timeout"} & set(spec.arguments)
+    ):
+        # dogpile hands ``connection_kwargs`` to RedisCluster
+        kwargs = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            **spec.arguments.get("connection_kwargs", {}),
+        }
+        return dataclasses.replace(spec, arguments={**spec.arguments, "connection_kwargs": kwargs})
+    if spec.backend == "dogpile.cache.pylibmc":
+        ms = max(1, round(timeout * 1000))
+        behaviors = {
+            "connect_timeout": ms,
+            "_poll_timeout": ms,
+            "receive_timeout": ms * 1000,
+            "send_timeout": ms * 1000,
+            **spec.arguments.get("behaviors", {}),
+        }
+        return dataclasses.replace(spec, arguments={**spec.arguments, "behaviors": behaviors})
     return spec
 
 

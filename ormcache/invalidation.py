@@ -172,6 +172,10 @@ class VersionKeys:
         database."""
         return f"{self.ns}:v:a:b:{_short(table)}"
 
+    def any_row(self, table: str, pk: str) -> str:
+        """Moved by every write to this row of ``table``, in any database."""
+        return f"{self.ns}:v:a:r:{_short(table)}:{digest(pk, 8)}"
+
     def any_unknown(self) -> str:
         """Moved by every write whose tables are not known, in any database."""
         return f"{self.ns}:v:a:*"
@@ -179,37 +183,35 @@ class VersionKeys:
     def group_deps(
         self,
         region: str,
-        dbs: tuple[str, ...],
         tables: tuple[str, ...],
         entity_tables: tuple[str, ...] | None = None,
         pk: str | None = None,
     ) -> list[str]:
         """The version keys a result merged from several databases (the
-        shards of a ``ShardedSession``) depends on.  Writes move the
-        cross-database keys (:meth:`any_table`, ...) as well as their own
-        database's, so that such a result needs a handful of keys rather
-        than a few per database; with ``entity_tables`` and ``pk``, those
-        of a primary-key lookup, plus one row key per database and entity
-        table (a write to another row leaves it valid)."""
-        memo_key = ("group", region, dbs, tables, entity_tables)
+        shards of a ``ShardedSession``) depends on.  Writes move
+        cross-database keys (:meth:`any_table`, :meth:`any_row`, ...) as
+        well as their own database's, so that such a result depends on a
+        handful of keys whatever the number of databases; with
+        ``entity_tables`` and ``pk``, those of a primary-key lookup, which
+        depends on its row (a write to another row leaves it valid)."""
+        memo_key = ("group", region, tables, entity_tables)
         memo: Any = self._memo.get(memo_key)
         if memo is None:
             shared = [self.region(region), self.any_unknown()]
-            prefixes: list[str] = []
+            rows = []
             for t in tables:
                 shared.append(self.model(t))
                 if entity_tables is not None and t in entity_tables:
                     shared.append(self.any_bulk(t))
-                    prefixes.extend(self.row(db, t, "").rpartition(":")[0] + ":" for db in dbs)
+                    rows.append(t)
                 else:
                     shared.append(self.any_table(t))
-            memo = (shared, prefixes)
+            memo = (shared, rows)
             self._remember(memo_key, memo)
-        shared, prefixes = memo
-        if not prefixes or pk is None:
+        shared, rows = memo
+        if not rows or pk is None:
             return shared  # type: ignore[no-any-return]
-        tail = digest(pk, 8)
-        return [*shared, *(p + tail for p in prefixes)]
+        return [*shared, *(self.any_row(t, pk) for t in rows)]
 
     def _remember(self, memo_key: Any, keys: Any) -> None:
         if len(self._memo) > 10000:
@@ -247,6 +249,7 @@ class VersionKeys:
                     keys.append(self.any_bulk(table))
                 else:
                     keys.append(self.row(db, table, pk))
+                    keys.append(self.any_row(table, pk))
             else:
                 keys.append(self.table(db, item))
                 keys.append(self.any_table(item))

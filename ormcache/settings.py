@@ -111,7 +111,19 @@ SHORT_BACKEND_NAMES: Mapping[str, str] = MappingProxyType(
 stands for."""
 
 _TOP_LEVEL_KEYS = ("cache_all", "namespace", "regions", "signing_key", "uncached_tables")
-_REGION_KEYS = ("arguments", "backend", "expiration_time", "l1", "stale_while_revalidate")
+_REGION_KEYS = (
+    "arguments",
+    "backend",
+    "backend_timeout",
+    "expiration_time",
+    "l1",
+    "stale_while_revalidate",
+)
+#: seconds a query waits for a network backend before it answers from the
+#: database.  Issue 6 allows 5 ms added per query while a backend hangs:
+#: redis-py adds about 1 ms to a socket timeout (reconnecting, cleaning up),
+#: and opening the circuit some more (python -m bench.degraded)
+DEFAULT_BACKEND_TIMEOUT = 0.003
 _SEQUENCES = (list, tuple, set, frozenset)  # copied; subclasses are not
 _NAMESPACE = re.compile(r"[!-~]{1,32}")  # printable ASCII, no whitespace
 # "$${" (a literal "${"), "${NAME}", or a malformed "${"
@@ -148,6 +160,10 @@ class RegionSettings:
     l1_mode: str = "validated"
     """``"validated"``: an L1 hit checks its version tokens in the backend;
     ``"relaxed"`` (Redis only): against tokens received over pub/sub."""
+    backend_timeout: float | None = DEFAULT_BACKEND_TIMEOUT
+    """Seconds to wait for a Redis or memcached server before giving up on
+    it (socket and connect timeouts; arguments that set them win);
+    ``None`` (``false`` in settings): the driver's own defaults."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "arguments", MappingProxyType(_copy(self.arguments)))
@@ -267,7 +283,7 @@ def settings_from_config(
             continue
         region, _, setting = rest.partition(".")
         spec = regions.setdefault(region, {}) if region else {}
-        if region and setting in ("backend", "expiration_time"):
+        if region and setting in ("backend", "expiration_time", "backend_timeout"):
             spec[setting] = value
         elif region and setting.startswith("arguments.") and setting != "arguments.":
             spec.setdefault("arguments", {})[setting[len("arguments.") :]] = value
@@ -275,6 +291,7 @@ def settings_from_config(
             raise ConfigurationError(
                 f"unknown setting; use {prefix}<region>.backend, "
                 f"{prefix}<region>.expiration_time, "
+                f"{prefix}<region>.backend_timeout, "
                 f"{prefix}<region>.arguments.<name>, {prefix}cache_all, "
                 f"{prefix}namespace or {prefix}uncached_tables",
                 region=region or None,
@@ -447,6 +464,52 @@ def _region_settings(name: str, spec: Any) -> RegionSettings:
             "stale_while_revalidate",
             _interpolate(spec.get("stale_while_revalidate", False), name, "stale_while_revalidate"),
         ),
+        backend_timeout=_timeout(
+            name,
+            _interpolate(spec["backend_timeout"], name, "backend_timeout")
+            if "backend_timeout" in spec
+            else _default_timeout(name),
+        ),
+    )
+
+
+def _default_timeout(region: str) -> float | None:
+    """``$ORMCACHE_BACKEND_TIMEOUT``, else :data:`DEFAULT_BACKEND_TIMEOUT`."""
+    value = os.environ.get("ORMCACHE_BACKEND_TIMEOUT")
+    if value is None:
+        return DEFAULT_BACKEND_TIMEOUT
+    try:
+        return _timeout(region, value)
+    except ConfigurationError as err:
+        raise ConfigurationError(
+            f"$ORMCACHE_BACKEND_TIMEOUT: {err.args[0].split(': ', 1)[-1]}",
+            region=region,
+            key="backend_timeout",
+        ) from None
+
+
+def _timeout(region: str, value: Any) -> float | None:
+    if value is None or value is False:
+        return None
+    if isinstance(value, str):
+        if value.lower() in ("false", "none", "off"):
+            return None
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    ):
+        return float(value)
+    raise ConfigurationError(
+        f"{value!r} is not a timeout; use a number of seconds > 0 (default "
+        f"{DEFAULT_BACKEND_TIMEOUT}), or false for the driver's own timeouts",
+        region=region,
+        key="backend_timeout",
     )
 
 

@@ -5,6 +5,7 @@ outage are written when it answers again."""
 from __future__ import annotations
 
 import logging
+import socket
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -158,15 +159,97 @@ def test_lost_explicit_invalidation_raises_and_is_replayed(env: Any) -> None:
     assert name_and_selects(engine, maker) == ("t1", 1)
 
 
-def test_redis_regions_get_socket_timeouts(redis_url: str) -> None:
+def test_redis_regions_get_socket_timeouts(redis_url: str, monkeypatch: Any) -> None:
+    monkeypatch.delenv("ORMCACHE_BACKEND_TIMEOUT", raising=False)
     cache = OrmCache.from_settings(
-        {"regions": {"r": {"backend": "redis", "arguments": {"url": redis_url}}}}
+        {
+            "regions": {
+                "r": {"backend": "redis", "arguments": {"url": redis_url}},
+                "slow": {"backend": "redis", "arguments": {"url": redis_url}, "backend_timeout": 0.1},
+                "own": {
+                    "backend": "redis",
+                    "arguments": {"url": redis_url, "socket_timeout": 2},
+                },
+                "off": {"backend": "redis", "arguments": {"url": redis_url}, "backend_timeout": False},
+            }
+        }
     )
     try:
-        kwargs = cache.region("r").backend.writer_client.connection_pool.connection_kwargs
-        assert kwargs["socket_timeout"] == 0.25 and kwargs["socket_connect_timeout"] == 0.25
+
+        def kwargs(name: str) -> Any:
+            return cache.region(name).backend.writer_client.connection_pool.connection_kwargs
+
+        assert kwargs("r")["socket_timeout"] == 0.003
+        assert kwargs("r")["socket_connect_timeout"] == 0.003
+        assert kwargs("slow")["socket_timeout"] == 0.1
+        assert kwargs("own")["socket_timeout"] == 2  # the arguments win
+        assert kwargs("own")["socket_connect_timeout"] == 0.003
+        assert kwargs("off").get("socket_timeout") is None
     finally:
         cache.close()
+
+
+def test_memcached_regions_get_timeouts(monkeypatch: Any) -> None:
+    pytest.importorskip("pylibmc")
+    monkeypatch.delenv("ORMCACHE_BACKEND_TIMEOUT", raising=False)
+    cache = OrmCache.from_settings(
+        {
+            "regions": {
+                "m": {"backend": "memcached", "arguments": {"url": "127.0.0.1:11211"}},
+                "own": {
+                    "backend": "memcached",
+                    "arguments": {"url": "127.0.0.1:11211", "behaviors": {"connect_timeout": 50}},
+                },
+            }
+        }
+    )
+    try:
+        behaviors = cache.region("m").backend.behaviors
+        assert behaviors["connect_timeout"] == 3 and behaviors["_poll_timeout"] == 3
+        assert behaviors["receive_timeout"] == 3000 and behaviors["send_timeout"] == 3000
+        assert cache.region("own").backend.behaviors["connect_timeout"] == 50
+    finally:
+        cache.close()
+
+
+def test_a_hanging_backend_costs_a_query_its_timeout_then_nothing(
+    tmp_path: Any, caplog: Any, monkeypatch: Any
+) -> None:
+    """A Redis that accepts connections and never answers: queries are
+    answered by the database and the circuit opens (the added time per
+    query is measured by ``python -m bench.degraded``)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)  # never accepted, never answered
+    port = listener.getsockname()[1]
+    monkeypatch.delenv("ORMCACHE_BACKEND_TIMEOUT", raising=False)  # the default
+    engine = create_engine(f"sqlite:///{tmp_path}/hang.db")
+    Base.metadata.create_all(engine)
+    seed(engine)
+    cache = OrmCache.from_settings(
+        {
+            "namespace": "hg" + uuid.uuid4().hex[:8],
+            "regions": {"r": {"backend": "redis", "arguments": {"url": f"redis://127.0.0.1:{port}/0"}}},
+        }
+    )
+    maker = sessionmaker(engine)
+    cache.attach(maker)
+    stmt = select(Template).where(Template.id == 1).options(FromCache("r"))
+    try:
+        with caplog.at_level(logging.WARNING, logger="ormcache"):
+            for _ in range(5):
+                with QueryCounter(engine) as counter, maker() as s:
+                    assert s.scalars(stmt).one().id == 1
+                assert counter.selects == 1
+            with maker() as s:
+                s.get(Template, 1).name = "written while the cache hangs"
+                s.commit()
+        assert not cache._stores["r"].available
+        assert any("TimeoutError" in r.getMessage() for r in caplog.records)
+    finally:
+        cache.close()
+        listener.close()
+        engine.dispose()
 
 
 def test_log_records_carry_structured_fields(env: Any, caplog: Any) -> None:

@@ -87,6 +87,12 @@ SETTINGS_FLAT = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _default_backend_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests check the defaults, not the test suite's (conftest.py)."""
+    monkeypatch.delenv("ORMCACHE_BACKEND_TIMEOUT", raising=False)
+
+
 def regions(**specs: Any) -> dict[str, Any]:
     return {"regions": specs}
 
@@ -208,7 +214,32 @@ class TestErrors:
             load_settings(regions(r={"backend": "memory", "expires": 10}))
         assert (info.value.region, info.value.key) == ("r", "expires")
         assert "region 'r', setting 'expires'" in str(info.value)
-        assert "arguments, backend, expiration_time" in str(info.value)
+        assert "arguments, backend, backend_timeout, expiration_time" in str(info.value)
+
+    @pytest.mark.parametrize("value", [0, -1, "soon", True, [0.1], float("nan")])
+    def test_bad_backend_timeout(self, value: Any) -> None:
+        with pytest.raises(ConfigurationError) as info:
+            load_settings(regions(r={"backend": "redis", "backend_timeout": value}))
+        assert (info.value.region, info.value.key) == ("r", "backend_timeout")
+        assert "number of seconds > 0" in str(info.value)
+
+    @pytest.mark.parametrize(
+        ("value", "seconds"),
+        [(None, None), (False, None), ("false", None), (0.02, 0.02), ("0.5", 0.5), (1, 1.0)],
+    )
+    def test_good_backend_timeout(self, value: Any, seconds: float | None) -> None:
+        spec = load_settings(regions(r={"backend": "redis", "backend_timeout": value})).region("r")
+        assert spec.backend_timeout == seconds
+        assert load_settings(regions(r={"backend": "redis"})).region("r").backend_timeout == 0.003
+
+    def test_backend_timeout_from_the_environment(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("ORMCACHE_BACKEND_TIMEOUT", "0.1")
+        assert load_settings(regions(r={"backend": "redis"})).region("r").backend_timeout == 0.1
+        spec = regions(r={"backend": "redis", "backend_timeout": 0.02})
+        assert load_settings(spec).region("r").backend_timeout == 0.02  # settings win
+        monkeypatch.setenv("ORMCACHE_BACKEND_TIMEOUT", "soon")
+        with pytest.raises(ConfigurationError, match=r"\$ORMCACHE_BACKEND_TIMEOUT: 'soon' is not"):
+            load_settings(regions(r={"backend": "redis"}))
 
     def test_missing_backend(self) -> None:
         with pytest.raises(ConfigurationError) as info:
