@@ -27,6 +27,7 @@ from typing import Any
 
 from dogpile.cache.api import NO_VALUE
 from dogpile.cache.region import CacheRegion
+from dogpile.util import NameRegistry
 
 log = logging.getLogger("ormcache")
 
@@ -71,6 +72,7 @@ class Store:
         "retry_after",
         "max_retry_after",
         "max_lost",
+        "_local_locks",
     )
 
     def __init__(
@@ -115,6 +117,8 @@ class Store:
         self.subscriber: Any = None
         self._add = _adder(region)
         self._last_warning = 0.0
+        #: in-process locks in front of a backend's distributed lock
+        self._local_locks = NameRegistry(_local_lock)
 
     @property
     def supports_add(self) -> bool:
@@ -435,10 +439,34 @@ class Store:
         if self._open_until and not self.available:
             return None
         try:
-            return self.region._mutex(key)
+            mutex = self.region._mutex(key)
         except Exception as err:
             self.failed("lock", err)
             return None
+        if type(mutex) is CacheRegion._LockWrapper:  # (isinstance: an ABC that takes any lock)
+            return mutex
+        # a distributed lock: threads of this process queue on a local lock
+        # first, so that only one of them polls the backend
+        return _TwoLevelLock(self._local_locks.get(key), mutex, self)
+
+    def _lock_unsupported(self, mutex: Any, err: Exception) -> None:
+        """The server cannot release dogpile's Redis lock (redis-py runs a
+        Lua script; fakeredis without ``lupa`` has none): drop the lock held
+        and use in-process locks from now on, rather than leave every
+        waiter for this key waiting until the lock expires."""
+        backend = self.region.backend
+        backend.distributed_lock = False
+        try:
+            backend.writer_client.delete(mutex.mutex.name)
+        except Exception:
+            pass
+        log.warning(
+            "cache region %r: the backend cannot release a distributed lock (%s); "
+            "using in-process locks",
+            self.name,
+            err,
+            extra=_fields(self.name, "lock_unsupported", error=type(err).__name__),
+        )
 
     def delete(self, key: str) -> bool:
         if self.l1 is not None:
@@ -621,3 +649,41 @@ def _adder(region: CacheRegion) -> Any:
 
 
 MISSING = NO_VALUE
+
+
+def _local_lock(key: str) -> Any:
+    return CacheRegion._LockWrapper()
+
+
+class _TwoLevelLock:
+    """An in-process lock, then a backend's distributed lock."""
+
+    __slots__ = ("local", "remote", "store")
+
+    def __init__(self, local: Any, remote: Any, store: Store) -> None:
+        self.local = local
+        self.remote = remote
+        self.store = store
+
+    def acquire(self, wait: bool = True) -> bool:
+        if not self.local.acquire(wait):
+            return False
+        try:
+            if self.remote.acquire(wait):
+                return True
+        except BaseException:
+            self.local.release()
+            raise
+        self.local.release()
+        return False
+
+    def release(self) -> None:
+        try:
+            self.remote.release()
+        except Exception as err:
+            if type(err).__name__ == "ResponseError" and "unknown command" in str(err).lower():
+                self.store._lock_unsupported(self.remote, err)
+            else:
+                raise
+        finally:
+            self.local.release()

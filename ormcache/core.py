@@ -1023,10 +1023,33 @@ _UNSERIALIZED = frozenset({"dogpile.cache.memory", "dogpile.cache.null"})
 
 #: socket timeouts (seconds) given to Redis regions that set none, so that a
 #: server that hangs costs a query little (redis-py waits forever by default)
+#: dogpile lock arguments for shared backends, unless the region's arguments
+#: set them: one query per cold key across processes (issue 6).  A lock
+#: expires 30 s after its holder took it (a process that died holding it
+#: does not stop the others for longer), and a waiter polls every 10 ms
+#: (dogpile's default, 0.1 s, would make it wait that long).
+REDIS_LOCK = {
+    "distributed_lock": True,
+    "thread_local_lock": False,
+    "lock_timeout": 30,
+    "lock_sleep": 0.01,
+    "lock_blocking_timeout": 30,
+}
+MEMCACHED_LOCK = {"distributed_lock": True, "lock_timeout": 30}
+
+
 def _with_defaults(spec: RegionSettings) -> RegionSettings:
-    """The region's backend timeouts (``backend_timeout``) as the driver's
-    arguments, unless the arguments set them: redis-py waits forever by
-    default, libmemcached seconds."""
+    """Defaults for shared backends, unless the arguments set them: a
+    distributed dogpile lock, and the backend timeouts
+    (``backend_timeout``) as the driver's arguments (redis-py waits forever
+    by default, libmemcached seconds)."""
+    redis_family = spec.backend.startswith(("dogpile.cache.redis", "ormcache.redis"))
+    if redis_family and spec.arguments.get("distributed_lock", True) is not False:
+        spec = dataclasses.replace(spec, arguments={**REDIS_LOCK, **spec.arguments})
+    elif spec.backend.startswith("dogpile.cache.") and spec.backend.endswith(
+        ("pylibmc", "memcached", "bmemcached", "pymemcache")
+    ):
+        spec = dataclasses.replace(spec, arguments={**MEMCACHED_LOCK, **spec.arguments})
     timeout = spec.backend_timeout
     if timeout is None:
         return spec

@@ -189,6 +189,41 @@ def test_redis_regions_get_socket_timeouts(redis_url: str, monkeypatch: Any) -> 
         cache.close()
 
 
+def test_shared_regions_get_a_distributed_lock(redis_url: str) -> None:
+    cache = OrmCache.from_settings(
+        {
+            "regions": {
+                "r": {"backend": "redis", "arguments": {"url": redis_url}},
+                "m": {"backend": "memcached", "arguments": {"url": "127.0.0.1:11211"}},
+                "off": {"backend": "redis", "arguments": {"url": redis_url, "distributed_lock": False}},
+                "own": {"backend": "redis", "arguments": {"url": redis_url, "lock_timeout": 5}},
+                "local": {"backend": "memory"},
+            }
+        }
+    )
+    try:
+        r = cache.region("r").backend
+        assert r.distributed_lock and r.lock_timeout == 30 and not r.thread_local_lock
+        assert cache.region("m").backend.distributed_lock
+        assert cache.region("m").backend.lock_timeout == 30
+        assert not cache.region("off").backend.distributed_lock
+        assert cache.region("own").backend.lock_timeout == 5
+        # threads queue on a local lock before one of them asks Redis
+        store = cache._stores["r"]
+        mutex = store.mutex("k")
+        assert mutex.acquire(False)
+        other = store.mutex("k")
+        assert not other.acquire(False)
+        backend = cache.region("r").backend
+        assert backend.writer_client.exists(backend.lock_template.format("k"))
+        mutex.release()
+        assert other.acquire(False)
+        other.release()
+        assert type(cache._stores["local"].mutex("k")).__name__ == "_LockWrapper"
+    finally:
+        cache.close()
+
+
 def test_memcached_regions_get_timeouts(monkeypatch: Any) -> None:
     pytest.importorskip("pylibmc")
     monkeypatch.delenv("ORMCACHE_BACKEND_TIMEOUT", raising=False)
@@ -279,3 +314,32 @@ def test_open_circuit_keeps_queries_off_the_backend(env: Any) -> None:
     switch.down = False
     wait_until_available(cache)
     assert switch.calls > calls  # the probe did
+
+
+def test_a_redis_without_lua_falls_back_to_local_locks(caplog: Any) -> None:
+    """redis-py releases its lock with a Lua script; fakeredis without
+    ``lupa`` has none.  The held lock is dropped and the region keeps to
+    in-process locks, instead of leaving waiters until it expires."""
+    fakeredis = pytest.importorskip("fakeredis")
+    import redis
+
+    server = fakeredis.FakeServer()
+    pool = redis.ConnectionPool(connection_class=fakeredis.FakeRedisConnection, server=server)
+    cache = OrmCache.from_settings(
+        {"regions": {"r": {"backend": "redis", "arguments": {"connection_pool": pool}}}}
+    )
+    try:
+        store = cache._stores["r"]
+        backend = cache.region("r").backend
+        mutex = store.mutex("k")
+        assert mutex.acquire(False)
+        assert backend.writer_client.exists(backend.lock_template.format("k"))
+        with caplog.at_level(logging.WARNING, logger="ormcache"):
+            mutex.release()
+        if backend.distributed_lock:  # this fakeredis runs Lua
+            return
+        assert not backend.writer_client.exists(backend.lock_template.format("k"))
+        assert "cannot release a distributed lock" in caplog.text
+        assert type(store.mutex("other")).__name__ == "_LockWrapper"
+    finally:
+        cache.close()

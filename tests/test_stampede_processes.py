@@ -68,15 +68,8 @@ def test_processes_share_one_query(tmp_path: Any, redis_url: str) -> None:
     settings = {
         "namespace": "sp" + uuid.uuid4().hex[:8],
         "regions": {
-            "r": {
-                "backend": "redis",
-                "arguments": {
-                    "url": redis_url,
-                    "distributed_lock": True,
-                    "thread_local_lock": False,
-                    "lock_timeout": 30,
-                },
-            }
+            # ormcache's defaults: a distributed lock for shared backends
+            "r": {"backend": "redis", "arguments": {"url": redis_url}}
         },
     }
     from ormcache import FromCache, OrmCache
