@@ -51,8 +51,10 @@ A store's templates (:func:`store_templates`) are one query on the store's
 shard, cached in the ``templates`` region.  The dashboards count scans per
 day and store (:func:`scans_per_day`) and analytics events per day, store
 and kind (:func:`events_per_day`), for one shard (a tenant's stores) or for
-all of them, cached in the ``analytics`` region: one entry per shard, each
-invalidated by writes to its own shard only.  Give ``analytics`` a
+all of them, cached in the ``analytics`` region.  Over all shards, the
+merged result is one entry backed by one entry per shard: a write to one
+shard invalidates the merged entry and that shard's, and the refill
+queries that shard only.  Give ``analytics`` a
 serializing backend (``memory_pickle``, Redis, memcached): results are
 pickled there and compressed when larger than ``cache.compress_threshold``
 (16 KiB by default).
