@@ -9,6 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}
+# the runs happen in a temporary directory: make a relative path absolute
+case "$PY" in /*) ;; */*) PY="$(pwd)/$PY" ;; esac
 HOOK_DIR=$(pwd)/scripts
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
