@@ -683,6 +683,10 @@ class _TwoLevelLock:
         except Exception as err:
             if type(err).__name__ == "ResponseError" and "unknown command" in str(err).lower():
                 self.store._lock_unsupported(self.remote, err)
+            elif type(err).__name__ in ("LockNotOwnedError", "LockError"):
+                # held longer than lock_timeout: it expired (and may be
+                # someone else's now); the backend is fine
+                log.debug("cache region %r: lock expired before release", self.store.name)
             else:
                 raise
         finally:

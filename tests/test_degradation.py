@@ -343,3 +343,21 @@ def test_a_redis_without_lua_falls_back_to_local_locks(caplog: Any) -> None:
         assert type(store.mutex("other")).__name__ == "_LockWrapper"
     finally:
         cache.close()
+
+
+def test_an_expired_distributed_lock_is_not_an_outage(redis_url: str) -> None:
+    cache = OrmCache.from_settings(
+        {"regions": {"r": {"backend": "redis", "arguments": {"url": redis_url}}}}
+    )
+    try:
+        store = cache._stores["r"]
+        backend = cache.region("r").backend
+        mutex = store.mutex("expiring-" + uuid.uuid4().hex)
+        assert mutex.acquire(False)
+        backend.writer_client.delete(mutex.remote.mutex.name)  # as if it expired
+        mutex.release()
+        assert store._failures == 0 and store.available
+        assert mutex.local.acquire(False)  # the in-process lock was released
+        mutex.local.release()
+    finally:
+        cache.close()
