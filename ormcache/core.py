@@ -338,32 +338,14 @@ class OrmCache:
             return None
         shard = bind_arguments.get("shard_id", exec_options.get("identity_token"))
 
-        fill = True
-        written = self._session_writes(session, db)
-        if written:
-            if UNKNOWN in written or not tables or not written.isdisjoint(tables):
-                self._stats.count(option.region, shape.label, "bypassed")
-                return None
-            fill = False
-
-        parameters = orm_context.parameters
-        if parameters is not None and not isinstance(parameters, Mapping):
-            return None  # executemany: not a query
-        try:
-            params = (
-                None
-                if option.cache_key is not None
-                else parameter_values(cache_key, parameters)
-            )
-            pk = self._entity_pk(shape, params, parameters)
-            key = self._result_key(option, db, shard, schema_map, shape, params, pk)
-        except CacheKeyError as err:
-            log.warning("not caching: %s", err)
+        fill = self._may_fill(session, (db,), tables)
+        if fill is None:
+            self._stats.count(option.region, shape.label, "bypassed")
             return None
-        except Exception:
-            # a parameter SQLAlchemy itself cannot evaluate yet (an expired
-            # attribute of a detached object, ...): let it say so, or warn
+        keyed = self._key(orm_context, option, cache_key, shape, db, shard, schema_map)
+        if keyed is None:
             return None
+        key, pk = keyed
         self._databases.setdefault(db, dialect)
         if shard is not None and "shard_id" in bind_arguments:
             self._shard_dbs.setdefault(shard, db)
@@ -374,20 +356,89 @@ class OrmCache:
             deps = self._keys.entity_deps(option.region, db, entity, others, pk)
         else:
             deps = self._keys.deps(option.region, db, tables)
+        return self._lookup(orm_context, store, option, shape, dialect, key, deps, db, fill)
+
+    def _may_fill(self, session: Session, dbs: Iterable[str], tables: tuple[str, ...]) -> bool | None:
+        """Read your own writes: None when the session's transaction wrote
+        one of ``tables`` (or what, it cannot tell) on one of ``dbs`` (skip
+        the cache), False when it wrote others there (read, do not store),
+        else True."""
+        if not invalidation.any_writes():
+            return True
+        fill = True
+        for db in dbs:
+            written = self._session_writes(session, db)
+            if written:
+                if UNKNOWN in written or not tables or not written.isdisjoint(tables):
+                    return None
+                fill = False
+        return fill
+
+    def _key(
+        self,
+        orm_context: ORMExecuteState,
+        option: FromCache,
+        cache_key: Any,
+        shape: Any,
+        db: str,
+        shard: Any,
+        schema_map: Mapping[Any, Any] | None,
+    ) -> tuple[str, str | None] | None:
+        """The entry's key and, for a primary-key lookup, the key it asks
+        for; None when the statement cannot be cached (executemany, a
+        parameter without a stable text form)."""
+        parameters = orm_context.parameters
+        if parameters is not None and not isinstance(parameters, Mapping):
+            return None  # executemany: not a query
+        try:
+            params = (
+                None
+                if option.cache_key is not None
+                else parameter_values(cache_key, parameters)
+            )
+            pk = self._entity_pk(shape, params, parameters)
+            return self._result_key(option, db, shard, schema_map, shape, params, pk), pk
+        except CacheKeyError as err:
+            log.warning("not caching: %s", err)
+            return None
+        except Exception:
+            # a parameter SQLAlchemy itself cannot evaluate yet (an expired
+            # attribute of a detached object, ...): let it say so, or warn
+            return None
+
+    def _lookup(
+        self,
+        orm_context: ORMExecuteState,
+        store: Store,
+        option: FromCache,
+        shape: Any,
+        dialect: Any,
+        key: str,
+        deps: list[str],
+        db: str,
+        fill: bool,
+        fanout: _Fanout | None = None,
+    ) -> Any:
+        """Read the entry and its tokens in one round trip: the hit's
+        result, or the miss's.  None (the database answers) when the
+        backend failed; a statement run on several shards is then run
+        uncached here, not retried shard by shard."""
         stats = self._stats
         started = time.perf_counter()
         values = store.get_many([key, *deps])
         if values is None:
             stats.count(option.region, shape.label, "errors")
-            return None
-        served = self._serve(orm_context, store, option, shape, dialect, values)
+            return None if fanout is None else orm_context.invoke_statement()
+        served = self._serve(orm_context, store, option, shape, dialect, values, fanout=fanout)
         if served is not None:
             stats.count(option.region, shape.label, "hits")
             stats.time(option.region, "hits", time.perf_counter() - started)
             return served
         stats.count(option.region, shape.label, "misses")
         try:
-            return self._lookup_miss(orm_context, store, option, shape, dialect, key, deps, values, db, fill)
+            return self._lookup_miss(
+                orm_context, store, option, shape, dialect, key, deps, values, db, fill, fanout
+            )
         finally:
             stats.time(option.region, "misses", time.perf_counter() - started)
 
@@ -426,30 +477,13 @@ class OrmCache:
             cache_all and (shape.volatile or not self._uncached.isdisjoint(tables))
         ):
             return None
-        fill = True
-        if invalidation.any_writes():
-            for db in group.dbs:
-                written = self._session_writes(session, db)
-                if written:
-                    if UNKNOWN in written or not tables or not written.isdisjoint(tables):
-                        return None  # read your writes, shard by shard
-                    fill = False
-        parameters = orm_context.parameters
-        if parameters is not None and not isinstance(parameters, Mapping):
+        fill = self._may_fill(session, group.dbs, tables)
+        if fill is None:
+            return None  # read your writes, shard by shard
+        keyed = self._key(orm_context, option, cache_key, shape, group.db, group.shards, None)
+        if keyed is None:
             return None
-        try:
-            params = (
-                None
-                if option.cache_key is not None
-                else parameter_values(cache_key, parameters)
-            )
-            pk = self._entity_pk(shape, params, parameters)
-            key = self._result_key(option, group.db, group.shards, None, shape, params, pk)
-        except CacheKeyError as err:
-            log.warning("not caching: %s", err)
-            return None
-        except Exception:
-            return None
+        key, pk = keyed
         entity = None
         if pk is not None:
             entity = shape.table_names(None, dialect.default_schema_name, "get_tables")
@@ -458,24 +492,9 @@ class OrmCache:
         # to one shard invalidated from the others; not for primary-key
         # lookups, whose per-shard entries would mostly say "not here"
         fanout = _Fanout(shard_ids, group, per_shard=pk is None)
-        stats = self._stats
-        started = time.perf_counter()
-        values = store.get_many([key, *deps])
-        if values is None:
-            stats.count(option.region, shape.label, "errors")
-            return orm_context.invoke_statement()
-        served = self._serve(orm_context, store, option, shape, dialect, values, fanout=fanout)
-        if served is not None:
-            stats.count(option.region, shape.label, "hits")
-            stats.time(option.region, "hits", time.perf_counter() - started)
-            return served
-        stats.count(option.region, shape.label, "misses")
-        try:
-            return self._lookup_miss(
-                orm_context, store, option, shape, dialect, key, deps, values, group.db, fill, fanout
-            )
-        finally:
-            stats.time(option.region, "misses", time.perf_counter() - started)
+        return self._lookup(
+            orm_context, store, option, shape, dialect, key, deps, group.db, fill, fanout
+        )
 
     def _shard_group(self, session: Session, shard_ids: tuple[Any, ...]) -> _ShardGroup | None:
         binds = _compat.shard_binds(session)
