@@ -177,10 +177,9 @@ def unavailable(reason: str) -> NoReturn:
     """A server or binary a test needs is missing: under ``CI`` the test
     fails (a CI run cannot pass by skipping); elsewhere it is skipped with
     ``reason``."""
-    if is_ci():
-        pytest.fail(f"CI is set, so a missing server fails the run: {reason}")
-    else:
-        pytest.skip(reason)
+    if not is_ci():
+        pytest.skip(reason)  # outside CI only
+    pytest.fail(f"CI is set, so a missing server fails the run: {reason}")
 
 
 def check_server(name: str, url: str | None = None) -> str:
