@@ -25,6 +25,7 @@ import statistics
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import cached_property, partial
 from pathlib import Path
@@ -605,17 +606,25 @@ def shards_resolve(ctx: Context) -> list[Row]:
 # -- sizes -----------------------------------------------------------------
 
 
-def _record_keys(region: Any) -> list[str]:
-    """Keys written through ``region.set`` from now on."""
+@contextmanager
+def _record_keys(store: Any) -> Iterator[list[str]]:
+    """Keys that ormcache writes to ``store`` (its view of a region) in the
+    block.  (``Store.set``, not the region's: on Redis an entry's write
+    also releases its lock, in one pipeline.)"""
     keys: list[str] = []
-    original = region.set
+    cls = type(store)
+    original = cls.set
 
-    def set_and_record(key: str, value: Any) -> Any:
-        keys.append(key)
-        return original(key, value)
+    def set_and_record(self: Any, key: str, value: Any, *args: Any, **kw: Any) -> Any:
+        if self is store:
+            keys.append(key)
+        return original(self, key, value, *args, **kw)
 
-    region.set = set_and_record
-    return keys
+    cls.set = set_and_record
+    try:
+        yield keys
+    finally:
+        cls.set = original
 
 
 def _stored_size(backend: str, key: str) -> int | None:
@@ -648,8 +657,7 @@ def _size_rows(ctx: Context, scenario: str, title: str, stmt_for: Callable[[Any]
         cache.attach(maker)
         try:
             for name in servers:
-                keys = _record_keys(cache.region(name))
-                with maker() as session:
+                with _record_keys(cache._store(name)) as keys, maker() as session:
                     session.scalars(stmt_for(FromCache(name))).all()
                 entry_keys = [k for k in keys if ":q:" in k]
                 if len(entry_keys) != 1:

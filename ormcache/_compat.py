@@ -21,6 +21,7 @@ __all__ = [
     "generate_cache_key",
     "fan_out",
     "run_after_routing",
+    "serialized_payload",
     "session_connections",
     "shard_binds",
 ]
@@ -30,6 +31,12 @@ def generate_cache_key(statement: Any) -> CacheKey | None:
     """The statement's structural cache key (memoized by SQLAlchemy), or
     None when the statement cannot be cached (it says so itself)."""
     return statement._generate_cache_key()  # type: ignore[no-any-return]
+
+
+def serialized_payload(region: Any, value: Any) -> bytes:
+    """What dogpile's ``CacheRegion.set`` hands a serializing backend for
+    ``value`` (its metadata header, then the serialized value)."""
+    return region._serialized_payload(value)  # type: ignore[no-any-return]
 
 
 def bind_value(bindparam: BindParameter[Any]) -> Any:

@@ -143,10 +143,8 @@ def snapshot_is_fresh(context: Any) -> bool:
         # BEGIN keeps an older snapshot.
         if in_transaction(context) is not False:
             return False
-        from ._sqlite import busy
-
         dbapi_conn = context.root_connection.connection.dbapi_connection
-        return busy(dbapi_conn) is False
+        return _sqlite_busy()(dbapi_conn) is False
     if in_transaction(context) is False:
         return True
     level = context.execution_options.get("isolation_level")
@@ -159,6 +157,19 @@ def snapshot_is_fresh(context: Any) -> bool:
             dialect, "default_isolation_level", None
         )
     return isinstance(level, str) and level.upper() in _READ_COMMITTED
+
+
+_busy: Any = None
+
+
+def _sqlite_busy() -> Any:
+    """``_sqlite.busy``, imported on first use (it loads ctypes)."""
+    global _busy
+    if _busy is None:
+        from ._sqlite import busy
+
+        _busy = busy
+    return _busy
 
 
 def _pg_isolation(context: Any) -> str | None:

@@ -654,14 +654,18 @@ class OrmCache:
             return self._miss(orm_context, store, key, deps, values, db, True, shape.label, fanout)
         try:
             if not waited:
-                return self._miss(orm_context, store, key, deps, values, db, True, shape.label, fanout)
+                return self._miss(
+                    orm_context, store, key, deps, values, db, True, shape.label, fanout, mutex
+                )
             again = store.get_many([key, *deps])
             if again is None:
                 return self._miss(orm_context, store, key, deps, values, db, False, shape.label, fanout)
             served = self._serve(orm_context, store, option, shape, dialect, again, fanout=fanout)
             if served is not None:
                 return served
-            return self._miss(orm_context, store, key, deps, again, db, True, shape.label, fanout)
+            return self._miss(
+                orm_context, store, key, deps, again, db, True, shape.label, fanout, mutex
+            )
         finally:
             try:
                 mutex.release()
@@ -725,9 +729,11 @@ class OrmCache:
         fill: bool,
         label: str = "?",
         fanout: _Fanout | None = None,
+        unlock: Any = None,
     ) -> Any:
         """Query the database; store the rows under the tokens read before
-        the query, when that is safe."""
+        the query, when that is safe.  ``unlock``: the key's lock, held (see
+        :meth:`Store.set`)."""
         now = time.time()
         current: list[str] = []
         for dep, token in zip(deps, values[1:]):
@@ -774,7 +780,7 @@ class OrmCache:
                 entry: tuple[Any, ...] = (now, tuple(current), capture.description, rows_value, encoding)
                 if bounds is not None:
                     entry += (bounds,)
-                if store.set(key, entry):
+                if store.set(key, entry, unlock):
                     self._stats.count(store.name, label, "fills")
                     if encoding != _AS_IS:
                         self._stats.count(store.name, label, "bytes_written", len(rows_value))

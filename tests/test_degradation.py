@@ -361,3 +361,89 @@ def test_an_expired_distributed_lock_is_not_an_outage(redis_url: str) -> None:
         mutex.local.release()
     finally:
         cache.close()
+
+
+def test_a_miss_stores_its_entry_and_releases_its_lock_in_one_round_trip(
+    redis_url: str, monkeypatch: Any
+) -> None:
+    """On Redis, the entry's write and the distributed lock's release go in
+    one pipeline: the release's own round trip is saved on every miss."""
+    import redis.connection
+
+    cache = OrmCache.from_settings(
+        {"regions": {"r": {"backend": "redis", "arguments": {"url": redis_url}}}}
+    )
+    try:
+        store = cache._stores["r"]
+        client = cache.region("r").backend.writer_client
+        key = "one-trip-" + uuid.uuid4().hex
+        mutex = store.mutex(key)
+        assert mutex.acquire(False)
+        lock_name = mutex.remote.mutex.name
+        assert client.exists(lock_name)
+        sent: list[int] = []
+        original = redis.connection.AbstractConnection.send_packed_command
+
+        def counting(self: Any, command: Any, check_health: bool = True) -> None:
+            sent.append(1)
+            original(self, command, check_health)
+
+        monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+        assert store.set(key, ("entry",), unlock=mutex)
+        assert len(sent) == 1
+        monkeypatch.undo()
+        assert not client.exists(lock_name)
+        mutex.release()  # the in-process lock; the remote one is not released twice
+        assert store.get_values([key]) == [("entry",)]
+        assert store._failures == 0
+        assert mutex.local.acquire(False)
+        mutex.local.release()
+    finally:
+        cache.close()
+
+
+def test_a_lock_that_expired_before_the_entry_was_written(redis_url: str, caplog: Any) -> None:
+    cache = OrmCache.from_settings(
+        {"regions": {"r": {"backend": "redis", "arguments": {"url": redis_url}}}}
+    )
+    try:
+        store = cache._stores["r"]
+        client = cache.region("r").backend.writer_client
+        key = "expired-" + uuid.uuid4().hex
+        mutex = store.mutex(key)
+        assert mutex.acquire(False)
+        client.set(mutex.remote.mutex.name, b"someone else's")  # expired, taken again
+        with caplog.at_level(logging.WARNING, logger="ormcache"):
+            assert store.set(key, ("entry",), unlock=mutex)
+            mutex.release()
+        assert client.get(mutex.remote.mutex.name) == b"someone else's"  # not ours to drop
+        assert store.get_values([key]) == [("entry",)]
+        assert store._failures == 0 and not caplog.records
+    finally:
+        cache.close()
+
+
+def test_a_redis_without_lua_releases_through_the_entry_write() -> None:
+    """The combined write-and-release on a server without Lua: the entry is
+    stored, the lock dropped, and the region goes on with local locks."""
+    fakeredis = pytest.importorskip("fakeredis")
+    import redis
+
+    server = fakeredis.FakeServer()
+    pool = redis.ConnectionPool(connection_class=fakeredis.FakeRedisConnection, server=server)
+    cache = OrmCache.from_settings(
+        {"regions": {"r": {"backend": "redis", "arguments": {"connection_pool": pool}}}}
+    )
+    try:
+        store = cache._stores["r"]
+        backend = cache.region("r").backend
+        mutex = store.mutex("k")
+        assert mutex.acquire(False)
+        assert store.set("k", ("entry",), unlock=mutex)
+        mutex.release()
+        assert store.get_values(["k"]) == [("entry",)]
+        assert not backend.writer_client.exists(backend.lock_template.format("k"))
+        if not backend.distributed_lock:  # no Lua here: local locks from now on
+            assert type(store.mutex("other")).__name__ == "_LockWrapper"
+    finally:
+        cache.close()
