@@ -63,6 +63,7 @@ class Store:
         "subscriber",
         "_add",
         "_set_unlocking",
+        "_lock_adding",
         "_last_warning",
         "_failures",
         "_open_until",
@@ -120,6 +121,7 @@ class Store:
         self.subscriber: Any = None
         self._add = _adder(region)
         self._set_unlocking = _set_unlocker(region)
+        self._lock_adding = _lock_adder(region)
         self._last_warning = 0.0
         #: in-process locks in front of a backend's distributed lock
         self._local_locks = NameRegistry(_local_lock)
@@ -447,6 +449,24 @@ class Store:
             self.failed("write", err)
             return None
 
+    def acquire_adding(self, mutex: Any, tokens: Mapping[str, str]) -> tuple[bool, dict[str, bool | None] | None]:
+        """``mutex.acquire(False)``, and :meth:`add` of ``tokens`` (version
+        keys a miss found absent), in one round trip when the backend can
+        (Redis).  Returns whether the lock was taken, and what each add
+        returned (None: not attempted, the caller adds them itself)."""
+        if self._lock_adding is not None and tokens and type(mutex) is _TwoLevelLock:
+            if not mutex.local.acquire(False):
+                return False, None
+            try:
+                acquired, added = self._lock_adding(mutex.remote, tokens)
+            except BaseException:
+                mutex.local.release()
+                raise
+            if not acquired:
+                mutex.local.release()
+            return acquired, added
+        return bool(mutex.acquire(False)), None
+
     def mutex(self, key: str) -> Any:
         """dogpile's mutex for ``key``: the backend's distributed lock when
         the region has one (e.g. Redis with ``distributed_lock``), else an
@@ -707,6 +727,37 @@ def _set_unlocker(region: CacheRegion) -> Any:
             raise stored
 
     return set_unlocking
+
+
+def _lock_adder(region: CacheRegion) -> Any:
+    """For the Redis regions of :func:`_set_unlocker`: a function that
+    creates absent version tokens (``SET NX``, as ``add`` does) and takes
+    dogpile's distributed lock (``SET NX PX``, as redis-py's ``Lock`` does)
+    in one round trip.  None elsewhere."""
+    if _set_unlocker(region) is None or region.key_mangler is not None:
+        return None
+    import uuid
+
+    from redis.lock import Lock
+
+    backend = region.backend
+
+    def lock_adding(remote: Any, tokens: Mapping[str, str]) -> tuple[bool, dict[str, bool | None] | None]:
+        lock = getattr(remote, "mutex", None)
+        if type(lock) is not Lock or lock.local.token is not None:
+            return bool(remote.acquire(False)), None
+        ttl = backend.redis_expiration_time or None  # type: ignore[attr-defined]
+        pipe = backend.writer_client.pipeline(transaction=False)  # type: ignore[attr-defined]
+        for key, token in tokens.items():
+            pipe.set(key, _backend_value(region, token), nx=True, ex=ttl)
+        owner = uuid.uuid1().hex.encode()
+        pipe.set(lock.name, owner, nx=True, px=int(lock.timeout * 1000) if lock.timeout else None)
+        *adds, locked = pipe.execute()
+        if locked:
+            lock.local.token = owner
+        return bool(locked), {key: bool(a) for key, a in zip(tokens, adds)}
+
+    return lock_adding
 
 
 MISSING = NO_VALUE

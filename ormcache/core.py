@@ -635,8 +635,16 @@ class OrmCache:
         # the backend's distributed lock when the region is configured so)
         mutex = store.mutex(key)
         waited = False
+        created = None
         try:
-            acquired = mutex is not None and mutex.acquire(False)
+            acquired = False
+            if mutex is not None:
+                # version tokens found absent are created as the lock is
+                # taken (one round trip on Redis)
+                absent = {d: new_token() for d, t in zip(deps, values[1:]) if t is NO_VALUE}
+                acquired, added = store.acquire_adding(mutex, absent)
+                if added is not None:
+                    created = {d: (absent[d], added.get(d)) for d in absent}
             if mutex is not None and not acquired:
                 if store.stale_while_revalidate:
                     # someone is refreshing it: an expired (not invalidated)
@@ -651,11 +659,13 @@ class OrmCache:
             store.failed("lock", err)
             acquired = False
         if not acquired:
-            return self._miss(orm_context, store, key, deps, values, db, True, shape.label, fanout)
+            return self._miss(
+                orm_context, store, key, deps, values, db, True, shape.label, fanout, None, created
+            )
         try:
             if not waited:
                 return self._miss(
-                    orm_context, store, key, deps, values, db, True, shape.label, fanout, mutex
+                    orm_context, store, key, deps, values, db, True, shape.label, fanout, mutex, created
                 )
             again = store.get_many([key, *deps])
             if again is None:
@@ -730,14 +740,22 @@ class OrmCache:
         label: str = "?",
         fanout: _Fanout | None = None,
         unlock: Any = None,
+        created: Mapping[str, tuple[str, bool | None]] | None = None,
     ) -> Any:
         """Query the database; store the rows under the tokens read before
         the query, when that is safe.  ``unlock``: the key's lock, held (see
-        :meth:`Store.set`)."""
+        :meth:`Store.set`); ``created``: what adding the absent tokens
+        returned, when :meth:`Store.acquire_adding` did."""
         now = time.time()
         current: list[str] = []
         for dep, token in zip(deps, values[1:]):
             if token is NO_VALUE:
+                if created is not None and dep in created:
+                    token, added = created[dep]
+                    if added is not True:
+                        fill = False  # someone else created it meanwhile
+                    current.append(token)
+                    continue
                 token = new_token()
                 added = store.add(dep, token)
                 if added is not True:

@@ -157,3 +157,56 @@ class TestRedisRelaxedL1(TestRedis):
 
     l1 = 1000
     l1_mode = "relaxed"
+
+
+def test_round_trips_of_a_miss_and_a_hit(redis_url: str, tmp_path: Any, monkeypatch: Any) -> None:
+    """A first ``session.get`` of a row on Redis (default settings:
+    distributed lock) makes three round trips: read the entry and its
+    version tokens; create the row's token and take the lock; store the
+    entry and release the lock.  The next one is one round trip, and the
+    database is asked once."""
+    import uuid
+
+    import redis.connection
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import sessionmaker
+
+    from ormcache import FromCache, OrmCache
+    from ormcache.testing import QueryCounter
+    from ormcache.testing.fixtures import Base, Template, seed
+
+    engine = create_engine(f"sqlite:///{tmp_path}/trips.db")
+    Base.metadata.create_all(engine)
+    seed(engine)
+    cache = OrmCache.from_settings(
+        {"namespace": "rt" + uuid.uuid4().hex[:8], "regions": {"r": {"backend": "redis", "arguments": {"url": redis_url}}}}
+    )
+    maker = sessionmaker(engine)
+    cache.attach(maker)
+    sent: list[int] = []
+    original = redis.connection.AbstractConnection.send_packed_command
+
+    def counting(self: Any, command: Any, check_health: bool = True) -> None:
+        sent.append(1)
+        original(self, command, check_health)
+
+    def name(tid: int) -> str:
+        with maker() as s:
+            return s.get(Template, tid, options=[FromCache("r")]).name  # type: ignore[union-attr]
+
+    try:
+        name(1)  # the table's version tokens now exist
+        monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+        with QueryCounter(engine) as first:
+            assert name(2) == "t2"
+        assert first.selects == 1 and len(sent) == 3
+        sent.clear()
+        with QueryCounter(engine) as second:
+            assert name(2) == "t2"
+        assert second.selects == 0 and len(sent) == 1
+        monkeypatch.undo()
+        lock_keys = cache.region("r").backend.writer_client.keys("_lock*")
+        assert not [k for k in lock_keys if b"rt" in k]
+    finally:
+        cache.close()
+        engine.dispose()
