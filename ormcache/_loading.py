@@ -23,6 +23,7 @@ Private SQLAlchemy API used here (supported 2.0.30 to 2.1.x):
 
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import Column
@@ -77,7 +78,19 @@ def eligible_mapper(statement: Any) -> Mapper[Any] | None:
 class Plan:
     """How to build one mapper's instances from one statement's raw rows."""
 
-    __slots__ = ("mapper", "columns", "pk", "metadata", "_new", "_identity_class", "_keys")
+    __slots__ = (
+        "mapper",
+        "columns",
+        "pk",
+        "metadata",
+        "_new",
+        "_identity_class",
+        "_keys",
+        "_pk_index",
+        "_plain_keys",
+        "_plain_values",
+        "_converted",
+    )
 
     def __init__(
         self,
@@ -93,6 +106,14 @@ class Plan:
         self._new = mapper.class_manager.new_instance
         self._identity_class = mapper._identity_class
         self._keys = [key for key, _, _ in columns]
+        #: a one-column primary key read as it is: its index in the row
+        self._pk_index = pk[0][0] if len(pk) == 1 and pk[0][1] is None else None
+        #: the attributes whose values need no result processor, and a
+        #: getter of their values (always a tuple)
+        plain = [(key, i) for key, i, proc in columns if proc is None]
+        self._plain_keys = tuple(key for key, _ in plain)
+        self._plain_values = _tuple_getter([i for _, i in plain])
+        self._converted = [(key, i, proc) for key, i, proc in columns if proc is not None]
 
     def build(
         self, orm_context: ORMExecuteState, rows: Any, token: Any = None
@@ -118,12 +139,18 @@ class Plan:
         identity_map = session.identity_map
         identity_class = self._identity_class
         new = self._new
-        columns = self.columns
         pk = self.pk
+        pk_index = self._pk_index
+        plain_keys = self._plain_keys
+        plain_values = self._plain_values
+        converted = self._converted
         session_id = session.hash_key
         objects = []
         for raw in rows:
-            ident = tuple(proc(raw[i]) if proc else raw[i] for i, proc in pk)
+            if pk_index is not None:
+                ident: tuple[Any, ...] = (raw[pk_index],)
+            else:
+                ident = tuple([proc(raw[i]) if proc else raw[i] for i, proc in pk])
             key = (identity_class, ident, token)
             existing = identity_map.get(key)
             if existing is not None:
@@ -136,9 +163,10 @@ class Plan:
             obj = new()
             state = instance_state(obj)
             dict_ = state.dict
-            for attr, i, proc in columns:
+            dict_.update(zip(plain_keys, plain_values(raw)))
+            for attr, i, proc in converted:
                 value = raw[i]
-                dict_[attr] = proc(value) if proc is not None and value is not None else value
+                dict_[attr] = proc(value) if value is not None else value
             state.key = key
             state.identity_token = token
             state.session_id = session_id
@@ -148,6 +176,16 @@ class Plan:
         result._attributes = _ATTRIBUTES
         result._source_supports_scalars = True
         return result
+
+
+def _tuple_getter(indexes: list[int]) -> Any:
+    """``row -> tuple of row[i] for i in indexes``."""
+    if not indexes:
+        return lambda row: ()
+    if len(indexes) == 1:
+        index = indexes[0]
+        return lambda row: (row[index],)
+    return itemgetter(*indexes)
 
 
 def make_plan(mapper: Mapper[Any], result: Any) -> Plan | None:
