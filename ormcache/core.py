@@ -352,7 +352,7 @@ class OrmCache:
 
         if pk is not None:
             entity = shape.table_names(schema_map, dialect.default_schema_name, "get_tables")
-            others = tuple(t for t in tables if t not in entity)
+            others = tuple([t for t in tables if t not in entity])
             deps = self._keys.entity_deps(option.region, db, entity, others, pk)
         else:
             deps = self._keys.deps(option.region, db, tables)

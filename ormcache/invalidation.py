@@ -161,7 +161,7 @@ class VersionKeys:
                 shared.append(self.model(t))
                 shared.append(self.table(db, t))
             self._remember(memo_key, shared)
-        return [*shared, *(self.row(db, t, pk) for t in entity_tables)]
+        return [*shared, *[self.row(db, t, pk) for t in entity_tables]]
 
     def any_table(self, table: str) -> str:
         """Moved by every write to ``table``, in any database."""

@@ -305,8 +305,10 @@ def parameter_values(cache_key: Any, parameters: Mapping[str, Any] | None) -> tu
     if not cache_key.bindparams:
         return tuple((k, params[k]) for k in sorted(params))
     return tuple(
-        params[bp.key] if bp.key in params else _compat.bind_value(bp)
-        for bp in cache_key.bindparams
+        [
+            params[bp.key] if bp.key in params else _compat.bind_value(bp)
+            for bp in cache_key.bindparams
+        ]
     )
 
 
