@@ -24,6 +24,7 @@ __all__ = [
     "serialized_payload",
     "session_connections",
     "shard_binds",
+    "statement_options",
 ]
 
 
@@ -37,6 +38,17 @@ def serialized_payload(region: Any, value: Any) -> bytes:
     """What dogpile's ``CacheRegion.set`` hands a serializing backend for
     ``value`` (its metadata header, then the serialized value)."""
     return region._serialized_payload(value)  # type: ignore[no-any-return]
+
+
+def statement_options(orm_context: Any) -> Any:
+    """The options of the statement being executed: those that
+    ``ORMExecuteState.user_defined_options`` filters (and, in SQLAlchemy
+    2.1, those of the entities a ``with_only_columns()`` replaced), read
+    without building that list for the common statement with none."""
+    statement = orm_context.statement
+    if getattr(statement, "_memoized_select_entities", ()):
+        return orm_context.user_defined_options
+    return getattr(statement, "_with_options", ())
 
 
 def bind_value(bindparam: BindParameter[Any]) -> Any:

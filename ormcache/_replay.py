@@ -19,15 +19,10 @@ parent's execution options into their own statements.
 
 from __future__ import annotations
 
-import threading
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import event
-from sqlalchemy.engine import Engine
-
-__all__ = ["CAPTURE", "REPLAY", "Capture", "Replay", "instrument", "snapshot_is_fresh"]
+__all__ = ["CAPTURE", "REPLAY", "Capture", "Replay", "replay_or_capture", "snapshot_is_fresh"]
 
 CAPTURE = "_ormcache_capture"
 REPLAY = "_ormcache_replay"
@@ -186,7 +181,10 @@ def _pg_isolation(context: Any) -> str | None:
     return str(row[0]) if row else None
 
 
-def _do_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+def replay_or_capture(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+    """The ``do_execute`` step (called by ormcache's one ``do_execute``
+    listener, see :mod:`ormcache.invalidation`): True when a replayed or
+    captured execution took the statement's place."""
     options = context.execution_options
     replay = options.get(REPLAY)
     if replay is not None and not replay.used:
@@ -211,18 +209,3 @@ def _do_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> b
         context.cursor = FetchedCursor(capture.description, rows, connection)
         return True
     return False
-
-
-_instrumented: weakref.WeakSet[Any] = weakref.WeakSet()
-_lock = threading.Lock()
-
-
-def instrument(engine: Engine) -> None:
-    """Install the replay hook on ``engine``'s dialect, once."""
-    dialect = engine.dialect
-    if dialect in _instrumented:
-        return
-    with _lock:
-        if dialect not in _instrumented:
-            event.listen(engine, "do_execute", _do_execute)
-            _instrumented.add(dialect)

@@ -50,7 +50,7 @@ from sqlalchemy.sql.base import Executable
 
 from . import _compat, invalidation
 from ._loading import make_plan
-from ._replay import CAPTURE, REPLAY, Capture, Replay, instrument
+from ._replay import CAPTURE, REPLAY, Capture, Replay
 from ._store import Store
 from .exc import BackendError, CacheKeyError, ConfigurationError, UnknownRegionError
 from .invalidation import UNKNOWN, VersionKeys, is_pending, new_token, pending_expired, pending_token
@@ -281,7 +281,7 @@ class OrmCache:
 
     def _do_orm_execute(self, orm_context: ORMExecuteState) -> Any:
         option = None
-        for opt in orm_context.user_defined_options:
+        for opt in _compat.statement_options(orm_context):
             if isinstance(opt, FromCache):
                 option = opt._for_execution(orm_context)
                 if option is not None:
@@ -324,7 +324,6 @@ class OrmCache:
         if cache_key is None:
             return None
         bind = session.get_bind(**bind_arguments)
-        instrument(bind.engine)
         dialect = bind.dialect
         db = database_id(bind)
         shape = self._shapes.shape(cache_key, statement, dialect)
@@ -512,7 +511,6 @@ class OrmCache:
             ):
                 dbs = tuple(database_id(e) for e in engines)
                 for sid, engine, db in zip(shard_ids, engines, dbs):
-                    instrument(engine.engine)
                     self._databases.setdefault(db, engine.dialect)
                     self._shard_dbs.setdefault(sid, db)
                 merged_db = "shards:" + digest("\n".join(dbs))

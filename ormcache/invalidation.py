@@ -62,6 +62,7 @@ from sqlalchemy.orm.base import instance_state
 from sqlalchemy.pool import Pool
 from sqlalchemy.sql import util as sql_util
 
+from ._replay import replay_or_capture
 from .keys import database_id, digest, table_name
 
 if TYPE_CHECKING:
@@ -312,10 +313,9 @@ def register(cache: OrmCache) -> None:
         if not _installed:
             # first, so that a listener that runs the statement itself
             # (returning True) cannot hide a write from us
-            event.listen(Engine, "do_execute", _arm_execute, insert=True)
+            event.listen(Engine, "do_execute", _on_execute, insert=True)
             event.listen(Engine, "do_executemany", _arm_execute, insert=True)
             event.listen(Engine, "do_execute_no_params", _arm_no_params, insert=True)
-            event.listen(Pool, "checkin", _on_checkin)
             event.listen(Mapper, "after_insert", _on_row_write)
             event.listen(Mapper, "after_update", _on_row_write)
             event.listen(Mapper, "after_delete", _on_row_write)
@@ -345,6 +345,19 @@ def written_tables(conn: Connection, db: str) -> set[str] | None:
 
 
 _armed: weakref.WeakSet[Connection] = weakref.WeakSet()
+#: pools whose check-ins are followed (those of connections that wrote)
+_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+def _on_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+    """Every ``do_execute``: arm the connection of a write, then let the
+    replay hook serve a cached result or capture a miss's rows (one
+    listener for both: one call per statement)."""
+    if context is None:
+        return False
+    if context.isinsert or context.isupdate or context.isdelete or context.isddl or context.is_text:
+        _arm(context.root_connection)
+    return replay_or_capture(cursor, statement, parameters, context)
 
 
 def _arm_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> None:
@@ -359,10 +372,19 @@ def _arm_no_params(cursor: Any, statement: str, context: Any) -> None:
 
 
 def _arm(conn: Connection) -> None:
-    """Follow this connection's statements and transactions (it writes)."""
+    """Follow this connection's statements and transactions (it writes),
+    and its pool's check-ins (a connection returned without commit or
+    rollback)."""
     if conn in _armed:
         return
     _armed.add(conn)
+    pool = conn.engine.pool
+    if pool not in _pools:
+        with _install_lock:
+            # (a pool that an engine's dispose() recreated keeps listeners)
+            if pool not in _pools and not event.contains(pool, "checkin", _on_checkin):
+                event.listen(pool, "checkin", _on_checkin)
+            _pools.add(pool)
     event.listen(conn, "after_cursor_execute", _after_cursor_execute)
     event.listen(conn, "commit", _on_commit)
     event.listen(conn, "rollback", _on_rollback)

@@ -169,6 +169,36 @@ def test_autocommit_writes_are_announced_at_once(env: Any) -> None:
         assert selects() == 0
 
 
+def test_a_write_never_committed_nor_rolled_back_settles_at_checkin(env: Any) -> None:
+    """A connection that wrote and is dropped without commit or rollback
+    goes back to the pool, whose reset rolls it back: the tables it wrote
+    are cacheable again from then on (ormcache follows the check-ins of
+    the pools its writing connections come from)."""
+    import gc
+
+    from sqlalchemy import update
+
+    from ormcache import invalidation
+
+    engine, maker, cache = env
+    stmt = select(Template).where(Template.id == 1).options(FromCache())
+
+    def selects() -> int:
+        with QueryCounter(engine) as c, maker() as s:
+            assert s.scalars(stmt).one().name == "t1"
+        return c.selects
+
+    selects()
+    conn = engine.connect()
+    conn.execute(update(Template).where(Template.id == 1).values(name="never committed"))
+    assert invalidation.any_writes()
+    del conn
+    gc.collect()
+    assert not invalidation.any_writes()
+    assert selects() == 1
+    assert selects() == 0
+
+
 def test_l1_bounded_by_entries_and_bytes() -> None:
     from ormcache._store import L1
 
