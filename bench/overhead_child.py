@@ -8,6 +8,9 @@ serve the same query *without* cache options: the parent writes a number
 answers with the seconds they took; ``quit`` ends it.  The parent alternates
 slices between the two children (see :func:`bench.timing.measure_runners`),
 so both see the same machine conditions while only one runs at a time.
+
+With ``--calls N`` the child makes one round of warm-up calls and ``N``
+calls, then exits: ``overhead.instructions`` runs it under callgrind.
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", type=Path, required=True)
     parser.add_argument("--mode", choices=("plain", "attached"), required=True)
     parser.add_argument("--ids", type=int, default=100)
+    parser.add_argument(
+        "--calls",
+        type=int,
+        default=None,
+        help="make this many calls after one round of warm-up, then exit (for callgrind)",
+    )
     args = parser.parse_args(argv)
 
     engine = sqlite_engine(args.db)
@@ -50,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     def query() -> object:
         with Session() as session:
             return session.scalars(select(Template).where(Template.id == next(ids))).one()
+
+    if args.calls is not None:
+        for _ in range(args.ids):
+            query()
+        for _ in range(args.calls):
+            query()
+        engine.dispose()
+        return 0
 
     print("ready", flush=True)
     for line in sys.stdin:
