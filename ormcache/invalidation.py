@@ -316,6 +316,7 @@ def register(cache: OrmCache) -> None:
             event.listen(Engine, "do_execute", _on_execute, insert=True)
             event.listen(Engine, "do_executemany", _arm_execute, insert=True)
             event.listen(Engine, "do_execute_no_params", _arm_no_params, insert=True)
+            event.listen(Pool, "checkin", _on_checkin)
             event.listen(Mapper, "after_insert", _on_row_write)
             event.listen(Mapper, "after_update", _on_row_write)
             event.listen(Mapper, "after_delete", _on_row_write)
@@ -345,8 +346,6 @@ def written_tables(conn: Connection, db: str) -> set[str] | None:
 
 
 _armed: weakref.WeakSet[Connection] = weakref.WeakSet()
-#: pools whose check-ins are followed (those of connections that wrote)
-_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 
 def _on_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
@@ -372,19 +371,10 @@ def _arm_no_params(cursor: Any, statement: str, context: Any) -> None:
 
 
 def _arm(conn: Connection) -> None:
-    """Follow this connection's statements and transactions (it writes),
-    and its pool's check-ins (a connection returned without commit or
-    rollback)."""
+    """Follow this connection's statements and transactions (it writes)."""
     if conn in _armed:
         return
     _armed.add(conn)
-    pool = conn.engine.pool
-    if pool not in _pools:
-        with _install_lock:
-            # (a pool that an engine's dispose() recreated keeps listeners)
-            if pool not in _pools and not event.contains(pool, "checkin", _on_checkin):
-                event.listen(pool, "checkin", _on_checkin)
-            _pools.add(pool)
     event.listen(conn, "after_cursor_execute", _after_cursor_execute)
     event.listen(conn, "commit", _on_commit)
     event.listen(conn, "rollback", _on_rollback)
