@@ -846,7 +846,15 @@ class OrmCache:
         """The primary key a primary-key lookup asks for, as row keys spell
         it, or None to depend on whole tables (not such a lookup, or a key
         value of an unexpected type that a writer could spell differently)."""
-        if shape.get_params is None or params is None or not isinstance(parameters, Mapping):
+        if shape.get_params is None or params is None:
+            return None
+        index = shape.get_index
+        if index is not None:  # select(Model).where(Model.pk == value)
+            value = params[index]
+            if type(value) is not shape.get_types[0]:
+                return None
+            return invalidation.pk_text([value])
+        if not isinstance(parameters, Mapping):
             return None
         values = []
         for name, kind in zip(shape.get_params, shape.get_types):

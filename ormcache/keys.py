@@ -30,7 +30,8 @@ from typing import Any
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql import visitors
-from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import BinaryExpression, BindParameter, ColumnClause, TextClause
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.util import LRUCache
 
@@ -151,6 +152,9 @@ class StatementShape:
     #: and the tables of the entity
     get_params: tuple[str, ...] | None = None
     get_types: tuple[type, ...] = ()
+    #: for ``select(Model).where(Model.pk == value)``: the position of the
+    #: value among the statement's bound parameters (:func:`parameter_values`)
+    get_index: int | None = None
     get_tables: tuple[tuple[str, str | None], ...] = ()
     #: what statistics count this statement under: its entity, else its tables
     label: str = ""
@@ -193,14 +197,14 @@ class ShapeCache:
     def shape(self, cache_key: Any, statement: Any, dialect: Dialect) -> StatementShape:
         shape = self._shapes.get(cache_key.key)
         if shape is None:
-            shape = self._shapes[cache_key.key] = _describe(statement, dialect)
+            shape = self._shapes[cache_key.key] = _describe(statement, dialect, cache_key)
         return shape
 
     def __len__(self) -> int:
         return len(self._shapes)
 
 
-def _describe(statement: Any, dialect: Dialect) -> StatementShape:
+def _describe(statement: Any, dialect: Dialect, cache_key: Any = None) -> StatementShape:
     compiled = statement.compile(dialect=dialect)
     core = getattr(getattr(compiled, "compile_state", None), "statement", None)
     if core is None:
@@ -228,7 +232,7 @@ def _describe(statement: Any, dialect: Dialect) -> StatementShape:
         mapper=eligible_mapper(statement),
         volatile=_volatile(core),
     )
-    _describe_get(statement, shape)
+    _describe_get(statement, shape, cache_key)
     try:
         entity = statement.column_descriptions[0].get("entity")
     except (AttributeError, IndexError):
@@ -266,9 +270,10 @@ def _volatile(core: Any) -> bool:
     return False
 
 
-def _describe_get(statement: Any, shape: StatementShape) -> None:
+def _describe_get(statement: Any, shape: StatementShape, cache_key: Any = None) -> None:
     """Fill in ``get_*`` when ``statement`` looks an entity up by its
-    primary key, the way ``Session.get`` and lazy loaders build it."""
+    primary key, the way ``Session.get`` and lazy loaders build it, or as
+    ``select(Model).where(Model.pk == value)`` (one key column, one table)."""
     try:
         descriptions = statement.column_descriptions
         criteria = statement._where_criteria
@@ -283,8 +288,11 @@ def _describe_get(statement: Any, shape: StatementShape) -> None:
     if mapper is None:
         return
     get_clause, get_params = mapper._get_clause
+    index = None
     if not get_clause.compare(criteria[0]):
-        return
+        index = _pk_bind_index(mapper, criteria[0], cache_key)
+        if index is None:
+            return
     types = []
     for col in mapper.primary_key:
         try:
@@ -293,9 +301,32 @@ def _describe_get(statement: Any, shape: StatementShape) -> None:
             return
     shape.get_params = tuple(get_params[col].key for col in mapper.primary_key)
     shape.get_types = tuple(types)
+    shape.get_index = index
     shape.get_tables = tuple(
         (t.name, getattr(t, "schema", None)) for t in mapper.tables if getattr(t, "name", None)
     )
+
+
+def _pk_bind_index(mapper: Any, criterion: Any, cache_key: Any) -> int | None:
+    """For ``pk_column == <bound value>`` on a mapper of one table and one
+    key column: the value's position among ``cache_key``'s bound
+    parameters; else None."""
+    if cache_key is None or len(mapper.primary_key) != 1 or len(mapper.tables) != 1:
+        return None
+    if not isinstance(criterion, BinaryExpression) or criterion.operator is not operators.eq:
+        return None
+    pk = mapper.primary_key[0]
+    for column, bind in ((criterion.left, criterion.right), (criterion.right, criterion.left)):
+        if (
+            isinstance(bind, BindParameter)
+            and not bind.expanding
+            and isinstance(column, ColumnClause)
+            and column.compare(pk)
+        ):
+            for i, bp in enumerate(cache_key.bindparams):
+                if bp is bind:
+                    return i
+    return None
 
 
 def parameter_values(cache_key: Any, parameters: Mapping[str, Any] | None) -> tuple[Any, ...]:

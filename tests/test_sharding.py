@@ -147,7 +147,8 @@ def test_write_on_one_shard_invalidates_only_that_shard(env: Env) -> None:
 
 
 def test_invalidate_model_and_one_shard(env: Env) -> None:
-    stmt = select(Template).where(Template.id == 1).options(FromCache())
+    # (not a primary-key lookup: those keep no per-shard entries)
+    stmt = select(Template).where(Template.id <= 1).options(FromCache())
 
     def run() -> dict[str, int]:
         with env.cached() as s:
@@ -186,10 +187,17 @@ def test_multi_shard_statement_is_one_entry(env: Env) -> None:
     assert _hits(env) - before == 1
 
 
-def test_get_across_shards_hits_and_follows_writes(env: Env) -> None:
+@pytest.mark.parametrize("how", ["get", "select"])
+def test_get_across_shards_hits_and_follows_writes(env: Env, how: str) -> None:
+    """``session.get`` and ``select().where(pk == value)`` across the
+    shards: one entry, which depends on that row in every shard."""
+
     def get(tid: int) -> Any:
         with env.cached() as s:
-            t = s.get(Template, tid, options=[FromCache()])
+            if how == "get":
+                t = s.get(Template, tid, options=[FromCache()])
+            else:
+                t = s.scalars(select(Template).where(Template.id == tid).options(FromCache())).one_or_none()
             return None if t is None else (t.name, inspect(t).identity_token)
 
     with env.plain() as s:  # a template that only shard s1 holds
