@@ -21,6 +21,7 @@ EXPECTED = {
     "cold.first_query",
     "overhead.no_options",
     "overhead.process",
+    "overhead.instructions",
     "shards.resolve",
     "size.row_2kb",
     "size.large_result",
@@ -55,3 +56,17 @@ def test_bench_quick_runs_and_writes_json(tmp_path: Path) -> None:
     assert {"hit.one_row", "hit.session_get", "hit.100_rows", "cold.first_query", "invalidate.model"} <= memory
     assert data["meta"]["mode"] == "quick"
     assert data["profile"]["phases"], "the hit path profile is missing"
+
+
+def test_bench_floor_runs() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.floor", "--calls", "20", "--rounds", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = {line.split("  ")[0]: line for line in proc.stdout.splitlines()}
+    assert {"uncached one-row select()", "listener answering at once", "_generate_cache_key() alone"} <= set(lines)

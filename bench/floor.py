@@ -1,0 +1,108 @@
+"""The floor under any cache that answers from inside ``Session.execute``.
+
+``python -m bench.floor`` times, side by side (rounds alternate, medians),
+on the benchmark's data:
+
+* the uncached one-row ``select()`` (a new session per call);
+* the same call with a ``do_orm_execute`` listener that returns a result
+  made in advance, at once: what a hit costs when the cache itself costs
+  nothing (the session, the statement, ``Session.execute`` around the
+  listener, ``.one()``, closing the session);
+* building the statement and a session only;
+* SQLAlchemy's ``_generate_cache_key()`` of the statement, which a cache
+  keyed on the statement's structure has to pay on every hit.
+
+It prints microseconds per call and each as a ratio of the uncached query,
+so that the hit targets of ``hit.one_row`` can be read against what is
+left for the cache's own work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event, select
+from sqlalchemy.engine import IteratorResult
+from sqlalchemy.engine.result import SimpleResultMetaData
+from sqlalchemy.orm import sessionmaker
+
+from .data import Template, create_templates, sqlite_engine
+
+
+def _rounds(sides: dict[str, Callable[[int], object]], calls: int, rounds: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, fn in sides.items():
+            start = time.perf_counter()
+            for i in range(calls):
+                fn(1 + i % 100)
+            times[name].append((time.perf_counter() - start) / calls)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.floor")
+    parser.add_argument("--calls", type=int, default=2000, help="calls per side per round")
+    parser.add_argument("--rounds", type=int, default=9)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="ormcache-floor-") as tmp:
+        path = Path(tmp) / "templates.db"
+        create_templates(path, 1000)
+        plain_engine, instant_engine = sqlite_engine(path), sqlite_engine(path)
+        Plain, Instant = sessionmaker(plain_engine), sessionmaker(instant_engine)
+        with Plain() as session:
+            template = session.get(Template, 1)
+        metadata = SimpleResultMetaData(["Template"])
+
+        @event.listens_for(Instant, "do_orm_execute")
+        def instant(orm_context: Any) -> Any:
+            return IteratorResult(metadata, iter([(template,)]))
+
+        def uncached(tid: int) -> object:
+            with Plain() as session:
+                return session.scalars(select(Template).where(Template.id == tid)).one()
+
+        def instant_hit(tid: int) -> object:
+            with Instant() as session:
+                return session.scalars(select(Template).where(Template.id == tid)).one()
+
+        def statement_and_session(tid: int) -> object:
+            with Plain():
+                return select(Template).where(Template.id == tid)
+
+        def statement_only(tid: int) -> object:
+            return select(Template).where(Template.id == tid)
+
+        def statement_and_key(tid: int) -> object:
+            return select(Template).where(Template.id == tid)._generate_cache_key()
+
+        sides: dict[str, Callable[[int], object]] = {
+            "uncached one-row select()": uncached,
+            "listener answering at once": instant_hit,
+            "statement + session only": statement_and_session,
+            "statement only": statement_only,
+            "statement + _generate_cache_key()": statement_and_key,
+        }
+        for fn in sides.values():  # warm up
+            for i in range(200):
+                fn(1 + i % 100)
+        medians = _rounds(sides, args.calls, args.rounds)
+        plain_engine.dispose()
+        instant_engine.dispose()
+    base = medians["uncached one-row select()"]
+    key = medians["statement + _generate_cache_key()"] - medians["statement only"]
+    for name, seconds in medians.items():
+        print(f"{name:<36} {seconds * 1e6:8.1f} us  {seconds / base:5.2f}x")
+    print(f"{'_generate_cache_key() alone':<36} {key * 1e6:8.1f} us  {key / base:5.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
