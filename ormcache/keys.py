@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import Column
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql import visitors
@@ -287,6 +288,10 @@ def _describe_get(statement: Any, shape: StatementShape, cache_key: Any = None) 
     mapper = getattr(entity, "__mapper__", None)
     if mapper is None:
         return
+    for prop in mapper.column_attrs:
+        # a mapped SQL expression may read other rows of the table
+        if not all(isinstance(col, Column) for col in prop.columns):
+            return
     get_clause, get_params = mapper._get_clause
     index = None
     if not get_clause.compare(criteria[0]):

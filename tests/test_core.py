@@ -265,3 +265,49 @@ def test_zlib_entries_are_read_without_zstandard(env: Any, monkeypatch: Any) -> 
     with QueryCounter(engine) as c, maker() as s:
         assert len(s.scalars(stmt).all()) == 100
     assert c.selects == 0  # stored again with zlib, and read back
+
+
+def test_a_key_lookup_whose_columns_read_other_rows_depends_on_the_table(tmp_path: Any) -> None:
+    """A mapped SQL expression (``column_property``) can read other rows of
+    the same table: a lookup by primary key of such an entity cannot depend
+    on its row alone, or a write to another row would leave it stale."""
+    from sqlalchemy import Column, Integer, func
+    from sqlalchemy.orm import DeclarativeBase, Session, aliased, column_property
+
+    class Local(DeclarativeBase):
+        pass
+
+    class Node(Local):
+        __tablename__ = "nodes"
+        id = Column(Integer, primary_key=True)
+        group = Column(Integer)
+
+    peer = aliased(Node)
+    Node.peers = column_property(  # type: ignore[attr-defined]
+        select(func.count()).where(peer.group == Node.group).correlate_except(peer).scalar_subquery()
+    )
+    engine = create_engine(f"sqlite:///{tmp_path}/nodes.db")
+    Local.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([Node(id=1, group=1), Node(id=2, group=1), Node(id=3, group=2)])
+        s.commit()
+    cache = OrmCache.from_settings({"namespace": "n" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}})
+    maker = sessionmaker(engine)
+    cache.attach(maker)
+    try:
+        def peers(how: str) -> int:
+            with maker() as s:
+                if how == "get":
+                    node = s.get_one(Node, 1, options=[FromCache()])
+                else:
+                    node = s.scalars(select(Node).where(Node.id == 1).options(FromCache())).one()
+                return node.peers  # type: ignore[attr-defined,no-any-return]
+
+        assert peers("get") == peers("select") == 2
+        with maker() as s:
+            s.get_one(Node, 3).group = 1  # another row
+            s.commit()
+        assert peers("get") == peers("select") == 3
+    finally:
+        cache.close()
+        engine.dispose()
