@@ -650,34 +650,27 @@ def shards_resolve(ctx: Context) -> list[Row]:
             note="uncached: scan the shards in order until found",
         )
         base = result["uncached"]
-        for name in ctx.backends:
-            side = result[f"{name}+scan"]
-            rows.append(
-                Row(
-                    "shards.scan_cached",
-                    name,
-                    f"resolve over {cfg.shards} shards: the scan loop, FromCache on each per-shard lookup",
-                    baseline=base.median,
-                    measured=side.median,
-                    value=paired_ratio(side, base),
-                    note="one backend read per shard asked",
-                    detail={"baseline": base.as_dict(), "measured": side.as_dict()},
+        info_rows = (
+            ("scan", "shards.scan_cached", "the scan loop, FromCache on each per-shard lookup",
+             "one backend read per shard asked"),
+            ("directory", "shards.directory", "cached shard directory + one cached lookup",
+             "a design option, not the issue's definition; stale if a copy appears in an earlier shard"),
+        )
+        for suffix, scenario, what, note in info_rows:
+            for name in ctx.backends:
+                side = result[f"{name}+{suffix}"]
+                rows.append(
+                    Row(
+                        scenario,
+                        name,
+                        f"resolve over {cfg.shards} shards: {what}",
+                        baseline=base.median,
+                        measured=side.median,
+                        value=paired_ratio(side, base),
+                        note=note,
+                        detail={"baseline": base.as_dict(), "measured": side.as_dict()},
+                    )
                 )
-            )
-        for name in ctx.backends:
-            side = result[f"{name}+directory"]
-            rows.append(
-                Row(
-                    "shards.directory",
-                    name,
-                    f"resolve over {cfg.shards} shards: cached shard directory + one cached lookup",
-                    baseline=base.median,
-                    measured=side.median,
-                    value=paired_ratio(side, base),
-                    note="a design option, not the issue's definition; stale if a copy appears in an earlier shard",
-                    detail={"baseline": base.as_dict(), "measured": side.as_dict()},
-                )
-            )
         depth = statistics.mean(shard_of(i, cfg.shards) + 1 for i in lookups)
         for row in rows:
             row.detail["mean_shards_scanned"] = depth

@@ -80,7 +80,6 @@ class Plan:
 
     __slots__ = (
         "mapper",
-        "columns",
         "pk",
         "metadata",
         "_new",
@@ -100,7 +99,6 @@ class Plan:
         label: str,
     ) -> None:
         self.mapper = mapper
-        self.columns = columns
         self.pk = pk
         self.metadata = SimpleResultMetaData([label], extra=[(mapper.class_,)])
         self._new = mapper.class_manager.new_instance

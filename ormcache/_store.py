@@ -131,6 +131,12 @@ class Store:
         return self._add is not None
 
     @property
+    def adds_with_lock(self) -> bool:
+        """Whether :meth:`acquire_adding` creates tokens in the lock's
+        round trip (else it only takes the lock)."""
+        return self._lock_adding is not None
+
+    @property
     def available(self) -> bool:
         """False while the circuit is open.  Queries never probe a backend
         whose circuit is open: a background thread does (see
@@ -683,19 +689,26 @@ def _adder(region: CacheRegion) -> Any:
     return None
 
 
-def _set_unlocker(region: CacheRegion) -> Any:
-    """For Redis regions (not Cluster: a lock's key may live on another
-    node): a function that stores an entry and releases dogpile's
-    distributed lock (redis-py's ``Lock``) in one round trip, saving the
-    release's own round trip on every miss.  None elsewhere."""
+def _single_redis(region: CacheRegion) -> bool:
+    """A Redis region on one server (plain or Sentinel, not Cluster: there
+    a lock's key may live on another node), its backend not proxied."""
     backend = region.backend
     module = type(backend).__module__
     cls = type(backend).__name__
-    if region.serializer is None or not (
+    return region.serializer is not None and (
         (module == "dogpile.cache.backends.redis" and cls in ("RedisBackend", "RedisSentinelBackend"))
         or (module == "ormcache.backends" and cls == "RedisSentinelBackend")
-    ):
+    )
+
+
+def _set_unlocker(region: CacheRegion) -> Any:
+    """For :func:`_single_redis` regions: a function that stores an entry
+    and releases dogpile's distributed lock (redis-py's ``Lock``) in one
+    round trip, saving the release's own round trip on every miss.  None
+    elsewhere."""
+    if not _single_redis(region):
         return None
+    backend = region.backend
     from redis.exceptions import LockNotOwnedError
     from redis.lock import Lock
 
@@ -730,11 +743,11 @@ def _set_unlocker(region: CacheRegion) -> Any:
 
 
 def _lock_adder(region: CacheRegion) -> Any:
-    """For the Redis regions of :func:`_set_unlocker`: a function that
-    creates absent version tokens (``SET NX``, as ``add`` does) and takes
-    dogpile's distributed lock (``SET NX PX``, as redis-py's ``Lock`` does)
-    in one round trip.  None elsewhere."""
-    if _set_unlocker(region) is None or region.key_mangler is not None:
+    """For :func:`_single_redis` regions: a function that creates absent
+    version tokens (``SET NX``, as ``add`` does) and takes dogpile's
+    distributed lock (``SET NX PX``, as redis-py's ``Lock`` does) in one
+    round trip.  None elsewhere."""
+    if not _single_redis(region) or region.key_mangler is not None:
         return None
     import uuid
 

@@ -636,13 +636,15 @@ class OrmCache:
         created = None
         try:
             acquired = False
-            if mutex is not None:
+            if mutex is not None and store.adds_with_lock:
                 # version tokens found absent are created as the lock is
                 # taken (one round trip on Redis)
                 absent = {d: new_token() for d, t in zip(deps, values[1:]) if t is NO_VALUE}
                 acquired, added = store.acquire_adding(mutex, absent)
                 if added is not None:
                     created = {d: (absent[d], added.get(d)) for d in absent}
+            elif mutex is not None:
+                acquired = mutex.acquire(False)
             if mutex is not None and not acquired:
                 if store.stale_while_revalidate:
                     # someone is refreshing it: an expired (not invalidated)
@@ -658,7 +660,7 @@ class OrmCache:
             acquired = False
         if not acquired:
             return self._miss(
-                orm_context, store, key, deps, values, db, True, shape.label, fanout, None, created
+                orm_context, store, key, deps, values, db, True, shape.label, fanout, created=created
             )
         try:
             if not waited:
