@@ -41,7 +41,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 from dataclasses import dataclass
 
 import pytest
@@ -233,3 +233,20 @@ def memcached_url() -> str:
 def postgresql_url() -> str:
     """SQLAlchemy URL of a PostgreSQL database that answers."""
     return require_server("postgresql")
+
+
+def count_redis_commands(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on (until ``monkeypatch.undo()``), append to the returned
+    list once per request redis-py sends: a command, or a whole pipeline
+    (one round trip)."""
+    import redis.connection
+
+    sent: list[int] = []
+    original = redis.connection.AbstractConnection.send_packed_command
+
+    def counting(self: Any, command: Any, check_health: bool = True) -> None:
+        sent.append(1)
+        original(self, command, check_health)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+    return sent

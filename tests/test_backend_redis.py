@@ -167,13 +167,13 @@ def test_round_trips_of_a_miss_and_a_hit(redis_url: str, tmp_path: Any, monkeypa
     database is asked once."""
     import uuid
 
-    import redis.connection
     from sqlalchemy import create_engine
     from sqlalchemy.orm import sessionmaker
 
     from ormcache import FromCache, OrmCache
     from ormcache.testing import QueryCounter
     from ormcache.testing.fixtures import Base, Template, seed
+    from servers import count_redis_commands
 
     engine = create_engine(f"sqlite:///{tmp_path}/trips.db")
     Base.metadata.create_all(engine)
@@ -183,20 +183,13 @@ def test_round_trips_of_a_miss_and_a_hit(redis_url: str, tmp_path: Any, monkeypa
     )
     maker = sessionmaker(engine)
     cache.attach(maker)
-    sent: list[int] = []
-    original = redis.connection.AbstractConnection.send_packed_command
-
-    def counting(self: Any, command: Any, check_health: bool = True) -> None:
-        sent.append(1)
-        original(self, command, check_health)
-
     def name(tid: int) -> str:
         with maker() as s:
             return s.get(Template, tid, options=[FromCache("r")]).name  # type: ignore[union-attr]
 
     try:
         name(1)  # the table's version tokens now exist
-        monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+        sent = count_redis_commands(monkeypatch)
         with QueryCounter(engine) as first:
             assert name(2) == "t2"
         assert first.selects == 1 and len(sent) == 3

@@ -8,6 +8,7 @@ import logging
 import socket
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from sqlalchemy.orm import sessionmaker
 from ormcache import FromCache, OrmCache, load_settings
 from ormcache.testing import QueryCounter
 from ormcache.testing.fixtures import Base, Template, seed
+from servers import count_redis_commands
 
 
 class Switch(ProxyBackend):
@@ -316,21 +318,31 @@ def test_open_circuit_keeps_queries_off_the_backend(env: Any) -> None:
     assert switch.calls > calls  # the probe did
 
 
-def test_a_redis_without_lua_falls_back_to_local_locks(caplog: Any) -> None:
-    """redis-py releases its lock with a Lua script; fakeredis without
-    ``lupa`` has none.  The held lock is dropped and the region keeps to
-    in-process locks, instead of leaving waiters until it expires."""
+@contextmanager
+def redis_region(arguments: dict[str, Any]) -> Iterator[tuple[OrmCache, Any, Any]]:
+    """An OrmCache with one Redis region ``r`` (default settings: the
+    distributed lock): the cache, its ormcache store and its backend."""
+    cache = OrmCache.from_settings({"regions": {"r": {"backend": "redis", "arguments": arguments}}})
+    try:
+        yield cache, cache._stores["r"], cache.region("r").backend
+    finally:
+        cache.close()
+
+
+def fakeredis_arguments() -> dict[str, Any]:
+    """Region arguments for a fresh fakeredis server (skips without it)."""
     fakeredis = pytest.importorskip("fakeredis")
     import redis
 
     server = fakeredis.FakeServer()
-    pool = redis.ConnectionPool(connection_class=fakeredis.FakeRedisConnection, server=server)
-    cache = OrmCache.from_settings(
-        {"regions": {"r": {"backend": "redis", "arguments": {"connection_pool": pool}}}}
-    )
-    try:
-        store = cache._stores["r"]
-        backend = cache.region("r").backend
+    return {"connection_pool": redis.ConnectionPool(connection_class=fakeredis.FakeRedisConnection, server=server)}
+
+
+def test_a_redis_without_lua_falls_back_to_local_locks(caplog: Any) -> None:
+    """redis-py releases its lock with a Lua script; fakeredis without
+    ``lupa`` has none.  The held lock is dropped and the region keeps to
+    in-process locks, instead of leaving waiters until it expires."""
+    with redis_region(fakeredis_arguments()) as (cache, store, backend):
         mutex = store.mutex("k")
         assert mutex.acquire(False)
         assert backend.writer_client.exists(backend.lock_template.format("k"))
@@ -341,17 +353,10 @@ def test_a_redis_without_lua_falls_back_to_local_locks(caplog: Any) -> None:
         assert not backend.writer_client.exists(backend.lock_template.format("k"))
         assert "cannot release a distributed lock" in caplog.text
         assert type(store.mutex("other")).__name__ == "_LockWrapper"
-    finally:
-        cache.close()
 
 
 def test_an_expired_distributed_lock_is_not_an_outage(redis_url: str) -> None:
-    cache = OrmCache.from_settings(
-        {"regions": {"r": {"backend": "redis", "arguments": {"url": redis_url}}}}
-    )
-    try:
-        store = cache._stores["r"]
-        backend = cache.region("r").backend
+    with redis_region({"url": redis_url}) as (cache, store, backend):
         mutex = store.mutex("expiring-" + uuid.uuid4().hex)
         assert mutex.acquire(False)
         backend.writer_client.delete(mutex.remote.mutex.name)  # as if it expired
@@ -359,8 +364,6 @@ def test_an_expired_distributed_lock_is_not_an_outage(redis_url: str) -> None:
         assert store._failures == 0 and store.available
         assert mutex.local.acquire(False)  # the in-process lock was released
         mutex.local.release()
-    finally:
-        cache.close()
 
 
 def test_a_miss_stores_its_entry_and_releases_its_lock_in_one_round_trip(
@@ -368,27 +371,14 @@ def test_a_miss_stores_its_entry_and_releases_its_lock_in_one_round_trip(
 ) -> None:
     """On Redis, the entry's write and the distributed lock's release go in
     one pipeline: the release's own round trip is saved on every miss."""
-    import redis.connection
-
-    cache = OrmCache.from_settings(
-        {"regions": {"r": {"backend": "redis", "arguments": {"url": redis_url}}}}
-    )
-    try:
-        store = cache._stores["r"]
-        client = cache.region("r").backend.writer_client
+    with redis_region({"url": redis_url}) as (cache, store, backend):
+        client = backend.writer_client
         key = "one-trip-" + uuid.uuid4().hex
         mutex = store.mutex(key)
         assert mutex.acquire(False)
         lock_name = mutex.remote.mutex.name
         assert client.exists(lock_name)
-        sent: list[int] = []
-        original = redis.connection.AbstractConnection.send_packed_command
-
-        def counting(self: Any, command: Any, check_health: bool = True) -> None:
-            sent.append(1)
-            original(self, command, check_health)
-
-        monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+        sent = count_redis_commands(monkeypatch)
         assert store.set(key, ("entry",), unlock=mutex)
         assert len(sent) == 1
         monkeypatch.undo()
@@ -398,17 +388,11 @@ def test_a_miss_stores_its_entry_and_releases_its_lock_in_one_round_trip(
         assert store._failures == 0
         assert mutex.local.acquire(False)
         mutex.local.release()
-    finally:
-        cache.close()
 
 
 def test_a_lock_that_expired_before_the_entry_was_written(redis_url: str, caplog: Any) -> None:
-    cache = OrmCache.from_settings(
-        {"regions": {"r": {"backend": "redis", "arguments": {"url": redis_url}}}}
-    )
-    try:
-        store = cache._stores["r"]
-        client = cache.region("r").backend.writer_client
+    with redis_region({"url": redis_url}) as (cache, store, backend):
+        client = backend.writer_client
         key = "expired-" + uuid.uuid4().hex
         mutex = store.mutex(key)
         assert mutex.acquire(False)
@@ -419,24 +403,12 @@ def test_a_lock_that_expired_before_the_entry_was_written(redis_url: str, caplog
         assert client.get(mutex.remote.mutex.name) == b"someone else's"  # not ours to drop
         assert store.get_values([key]) == [("entry",)]
         assert store._failures == 0 and not caplog.records
-    finally:
-        cache.close()
 
 
 def test_a_redis_without_lua_releases_through_the_entry_write() -> None:
     """The combined write-and-release on a server without Lua: the entry is
     stored, the lock dropped, and the region goes on with local locks."""
-    fakeredis = pytest.importorskip("fakeredis")
-    import redis
-
-    server = fakeredis.FakeServer()
-    pool = redis.ConnectionPool(connection_class=fakeredis.FakeRedisConnection, server=server)
-    cache = OrmCache.from_settings(
-        {"regions": {"r": {"backend": "redis", "arguments": {"connection_pool": pool}}}}
-    )
-    try:
-        store = cache._stores["r"]
-        backend = cache.region("r").backend
+    with redis_region(fakeredis_arguments()) as (cache, store, backend):
         mutex = store.mutex("k")
         assert mutex.acquire(False)
         assert store.set("k", ("entry",), unlock=mutex)
@@ -445,5 +417,3 @@ def test_a_redis_without_lua_releases_through_the_entry_write() -> None:
         assert not backend.writer_client.exists(backend.lock_template.format("k"))
         if not backend.distributed_lock:  # no Lua here: local locks from now on
             assert type(store.mutex("other")).__name__ == "_LockWrapper"
-    finally:
-        cache.close()
