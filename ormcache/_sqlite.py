@@ -4,8 +4,11 @@ SQLite keeps a read transaction (a snapshot, in WAL mode) open for as long
 as any statement of the connection is active, for example a result that was
 only partly fetched, even when ``Connection.in_transaction`` is False.  A
 query run then sees that older snapshot, so ormcache must not store its
-rows.  The C API tells (``sqlite3_next_stmt`` / ``sqlite3_stmt_busy``); the
-``sqlite3`` module does not expose it, so this module calls it through
+rows.  The C API tells: ``sqlite3_txn_state`` (SQLite 3.34 and later) in
+one call, else by walking the connection's prepared statements
+(``sqlite3_next_stmt`` / ``sqlite3_stmt_busy``), which costs a call per
+statement in pysqlite's statement cache (up to 128 by default).  The
+``sqlite3`` module does not expose either, so this module calls them through
 ctypes with the connection's ``sqlite3 *`` handle, which CPython keeps as
 the first field after the object header of ``pysqlite_Connection``
 (3.11 to 3.14).  The handle is checked against what the module itself
@@ -25,13 +28,15 @@ from typing import Any
 __all__ = ["busy"]
 
 _lib: Any = None
+#: ``sqlite3_txn_state``, when the library has it (SQLite 3.34 and later)
+_txn_state: Any = None
 _loaded = False
 _lock = threading.Lock()
 _HEAD = ctypes.sizeof(ctypes.c_ssize_t) + ctypes.sizeof(ctypes.c_void_p)
 
 
 def _library() -> Any:
-    global _lib, _loaded
+    global _lib, _loaded, _txn_state
     if _loaded:
         return _lib
     with _lock:
@@ -60,6 +65,11 @@ def _library() -> Any:
                     lib.sqlite3_total_changes.argtypes = [ctypes.c_void_p]
                     lib.sqlite3_get_autocommit.restype = ctypes.c_int
                     lib.sqlite3_get_autocommit.argtypes = [ctypes.c_void_p]
+                    txn_state = getattr(lib, "sqlite3_txn_state", None)
+                    if txn_state is not None:
+                        txn_state.restype = ctypes.c_int
+                        txn_state.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+                        _txn_state = txn_state
                 _lib = lib
             except Exception:
                 _lib = None
@@ -81,9 +91,13 @@ def _handle(conn: sqlite3.Connection, lib: Any) -> int | None:
     return int(db)
 
 
-def busy(conn: Any) -> bool | None:
-    """True if a statement of ``conn`` is active (so a read snapshot is
-    held), False if none is, None if this cannot be told."""
+def busy(conn: Any, walk: bool = False) -> bool | None:
+    """True if ``conn`` holds a read snapshot (an active statement; with
+    ``sqlite3_txn_state``, also a transaction that has read or written),
+    False if it does not, None if this cannot be told.  ormcache asks only
+    outside transactions.
+    ``walk``: look at each prepared statement even when SQLite can say it
+    in one call (tests compare the two)."""
     if not isinstance(conn, sqlite3.Connection):
         return None
     lib = _library()
@@ -95,6 +109,9 @@ def busy(conn: Any) -> bool | None:
         return None
     if db is None:
         return None
+    if _txn_state is not None and not walk:
+        # SQLITE_TXN_NONE (0), else READ or WRITE: a snapshot is held
+        return bool(_txn_state(db, None))
     stmt = lib.sqlite3_next_stmt(db, None)
     while stmt:
         if lib.sqlite3_stmt_busy(stmt):

@@ -1,0 +1,68 @@
+"""``ormcache._sqlite.busy``: does a pysqlite connection hold a read snapshot?
+
+A miss on SQLite stores its rows only when the answer is no.  The answer
+comes from ``sqlite3_txn_state`` when SQLite has it (one call), else from
+walking the connection's prepared statements; both must agree, whatever
+the number of statements pysqlite keeps prepared.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from ormcache import _sqlite
+
+
+@pytest.fixture
+def conn(tmp_path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(tmp_path / "t.db", cached_statements=256)
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+    conn.executemany("INSERT INTO t (id, v) VALUES (?, ?)", [(i, str(i)) for i in range(50)])
+    conn.commit()
+    # many prepared statements in pysqlite's cache, as in an application
+    for i in range(150):
+        conn.execute(f"SELECT {i}, v FROM t WHERE id = ?", (i % 50,)).fetchall()
+    return conn
+
+
+def test_the_one_call_is_used_where_sqlite_has_it() -> None:
+    assert _sqlite._library() is not None
+    if sqlite3.sqlite_version_info >= (3, 34):
+        assert _sqlite._txn_state is not None
+
+
+@pytest.mark.parametrize("walk", [False, True], ids=["txn_state", "walk"])
+def test_snapshot_held_only_while_a_statement_is_active(conn: sqlite3.Connection, walk: bool) -> None:
+    assert _sqlite.busy(conn, walk=walk) is False
+    cursor = conn.execute("SELECT id FROM t ORDER BY id")
+    assert cursor.fetchone() == (0,)
+    assert _sqlite.busy(conn, walk=walk) is True  # a result read in part
+    cursor.fetchall()
+    assert _sqlite.busy(conn, walk=walk) is False
+    one = conn.execute("SELECT v FROM t WHERE id = 3")
+    assert one.fetchone() == ("3",)
+    assert _sqlite.busy(conn, walk=walk) is False  # pysqlite stepped to the end
+    other = conn.execute(f"SELECT 7, v FROM t WHERE id = ?", (1,))  # a cached statement
+    other.fetchone()
+    assert _sqlite.busy(conn, walk=walk) is False
+    cursor = conn.execute("SELECT 149, v FROM t WHERE id > ?", (0,))
+    cursor.fetchone()
+    assert _sqlite.busy(conn, walk=walk) is True
+    cursor.close()
+    assert _sqlite.busy(conn, walk=walk) is False
+
+
+def test_a_write_transaction_is_a_snapshot(conn: sqlite3.Connection) -> None:
+    conn.execute("UPDATE t SET v = 'x' WHERE id = 1")
+    assert conn.in_transaction
+    if _sqlite._txn_state is not None:
+        assert _sqlite.busy(conn) is True
+    conn.rollback()
+    assert _sqlite.busy(conn) is False
+
+
+def test_not_a_pysqlite_connection() -> None:
+    assert _sqlite.busy(object()) is None
