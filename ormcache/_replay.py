@@ -145,7 +145,8 @@ def snapshot_is_fresh(context: Any) -> bool:
     level = context.execution_options.get("isolation_level")
     if dialect.name == "postgresql":
         # the level in force, however it was set (SET TRANSACTION, SET
-        # SESSION CHARACTERISTICS, a connect event): ask the server
+        # SESSION CHARACTERISTICS, a connect event): ask the server, once
+        # per transaction (it cannot change once a statement has run)
         level = _pg_isolation(context)
     elif level is None:
         level = getattr(dialect, "_on_connect_isolation_level", None) or getattr(
@@ -168,7 +169,24 @@ def _sqlite_busy() -> Any:
 
 
 def _pg_isolation(context: Any) -> str | None:
-    dbapi_conn = context.root_connection.connection.dbapi_connection
+    """The isolation level of the connection's transaction, asked of the
+    server the first time in each SQLAlchemy transaction and remembered on
+    the ``Connection`` until it ends.  (A transaction ended behind
+    SQLAlchemy's back, by a textual ``COMMIT``, is not noticed: SQLAlchemy
+    does not support that either.)"""
+    root = context.root_connection
+    transaction = root.get_transaction()
+    known = getattr(root, "_ormcache_isolation", None)
+    if known is not None and transaction is not None and known[0] is transaction:
+        return known[1]  # type: ignore[no-any-return]
+    level = _ask_pg_isolation(root)
+    if level is not None and transaction is not None:
+        root._ormcache_isolation = (transaction, level)
+    return level
+
+
+def _ask_pg_isolation(root: Any) -> str | None:
+    dbapi_conn = root.connection.dbapi_connection
     try:
         cursor = dbapi_conn.cursor()
         try:

@@ -76,3 +76,45 @@ class TestPostgresqlRedis(BackendTests):
         with maker() as s:
             assert s.scalars(stmt).one().name == "t1"
         assert self.cached_names(stmt)[1] == 0
+
+    def test_isolation_level_asked_once_per_transaction(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A miss inside a transaction asks the server for its isolation
+        level once: later misses of the same transaction reuse the answer,
+        and a new transaction on the same connection asks again."""
+        from sqlalchemy.orm import Session
+
+        from ormcache import _replay
+
+        asked: list[str | None] = []
+        ask = _replay._ask_pg_isolation
+
+        def counting(root: Any) -> str | None:
+            level = ask(root)
+            asked.append(level)
+            return level
+
+        monkeypatch.setattr(_replay, "_ask_pg_isolation", counting)
+        by_id = [select(Template).where(Template.id == i).options(FromCache()) for i in (1, 2, 3)]
+        with self.engine.connect() as conn:
+            with Session(bind=conn) as s:
+                self.cache.attach(s)
+                s.execute(text("SELECT 1"))  # in a transaction from here on
+                for stmt in by_id:
+                    s.scalars(stmt).one()
+                assert asked == ["read committed"]
+                s.commit()
+            for stmt in by_id:
+                assert self.cached_names(stmt)[1] == 0  # all three were stored
+            with Session(bind=conn) as s:
+                self.cache.attach(s)
+                s.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+                s.execute(text("SELECT 1"))  # the snapshot starts here
+                with self.Session() as w:
+                    w.get(Template, 4).name = "committed meanwhile"
+                    w.commit()
+                stmt = select(Template).where(Template.id == 4).options(FromCache())
+                assert s.scalars(stmt).one().name == "t4"  # its snapshot
+                assert asked == ["read committed", "repeatable read"]
+                s.rollback()
+        names, selects = self.cached_names(stmt)
+        assert names == ["committed meanwhile"] and selects == 1
