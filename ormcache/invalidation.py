@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine.interfaces import ExecuteStyle
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.base import instance_state
 from sqlalchemy.pool import Pool
@@ -346,6 +347,7 @@ def written_tables(conn: Connection, db: str) -> set[str] | None:
 
 
 _armed: weakref.WeakSet[Connection] = weakref.WeakSet()
+_INSERTMANYVALUES = ExecuteStyle.INSERTMANYVALUES
 
 
 def _on_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
@@ -355,7 +357,15 @@ def _on_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> b
     if context is None:
         return False
     if context.isinsert or context.isupdate or context.isdelete or context.isddl or context.is_text:
-        _arm(context.root_connection)
+        if context.execute_style is _INSERTMANYVALUES:
+            # SQLAlchemy decided before this statement's first batch
+            # whether to fire connection events: a connection armed now
+            # would not see its after_cursor_execute.  Record the write
+            # before it runs (tokens go pending; they are settled by the
+            # transaction's end or the check-in, as for any write).
+            _track(context.root_connection, statement, context, before=True)
+        else:
+            _arm(context.root_connection)
     return replay_or_capture(cursor, statement, parameters, context)
 
 
@@ -394,16 +404,22 @@ def _after_cursor_execute(
         or context.is_text
     ):
         return
+    _track(conn, statement, context)
+
+
+def _track(conn: Connection, statement: str, context: Any, before: bool = False) -> None:
+    """Record what a write statement writes (``before``: it has not run
+    yet)."""
     tables = _written_by(context, statement, conn)
     if tables is None:
         return
     if not (_flushing() and "compiled_cache" in context.execution_options):
         # not one of the flush's own row-by-row statements
         tables = tables | {bulk_item(t) for t in tables if t != UNKNOWN}
-    _record(conn, context, tables)
+    _record(conn, context, tables, before)
 
 
-def _record(conn: Connection, context: Any, tables: set[str]) -> None:
+def _record(conn: Connection, context: Any, tables: set[str], before: bool = False) -> None:
     _arm(conn)
     db = database_id(conn)
     info = conn.info
@@ -415,7 +431,7 @@ def _record(conn: Connection, context: Any, tables: set[str]) -> None:
         seen |= new
         for cache in list(_caches):
             cache._pre_invalidate(db, new)
-    if context is None:
+    if context is None or before:
         return
     from ._replay import in_transaction
 

@@ -451,6 +451,41 @@ class BackendTests:
             conn.exec_driver_sql("UPDATE templates SET name = 'text'")
         assert self.cached_names(stmt)[0] == ["text"]
 
+    def test_multi_row_inserts_invalidate(self) -> None:
+        """Inserts SQLAlchemy sends in batches ("insertmanyvalues": an ORM
+        flush of new objects whose keys the database generates, Core and
+        ORM bulk inserts on PostgreSQL), as the first write of their
+        connection, through an engine nothing else listens to (a
+        connection event on the engine would hide the difference)."""
+        from sqlalchemy import create_engine, insert
+        from sqlalchemy.orm import Session
+
+        writer = create_engine(self.engine.url)
+        try:
+            if writer.dialect.name == "postgresql":
+                with writer.begin() as conn:
+                    conn.exec_driver_sql("SELECT setval(pg_get_serial_sequence('templates', 'id'), 100)")
+            stmt = select(Template).where(Template.store_id == 1).order_by(Template.id).options(FromCache())
+            count = len(self.cached_names(stmt)[0])
+            with Session(writer) as s:
+                s.add_all([Template(store_id=1, name=f"flushed{i}", body={}) for i in range(2)])
+                s.commit()
+            names, selects = self.cached_names(stmt)
+            assert names[-2:] == ["flushed0", "flushed1"] and selects == 1
+            with writer.connect() as conn:
+                rows = [{"id": 200 + i, "store_id": 1, "name": f"core{i}", "body": {}} for i in range(2)]
+                conn.execute(insert(template_table), rows)
+                conn.commit()
+            assert self.cached_names(stmt)[0][-2:] == ["core0", "core1"]
+            with Session(writer) as s:
+                rows = [{"id": 300 + i, "store_id": 1, "name": f"bulk{i}", "body": {}} for i in range(2)]
+                s.execute(insert(Template), rows)
+                s.commit()
+            names, selects = self.cached_names(stmt)
+            assert len(names) == count + 6 and names[-2:] == ["bulk0", "bulk1"] and selects == 1
+        finally:
+            writer.dispose()
+
     def test_rollback_leaves_nothing(self) -> None:
         stmt = select(Template).where(Template.id == 1).options(FromCache())
         self.cached_names(stmt)
