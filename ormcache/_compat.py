@@ -18,6 +18,7 @@ from sqlalchemy.sql.elements import BindParameter
 __all__ = [
     "autoflush",
     "bind_value",
+    "executing_flush",
     "generate_cache_key",
     "fan_out",
     "run_after_routing",
@@ -72,6 +73,18 @@ def autoflush(session: Session) -> None:
                 "flush is occurring prematurely"
             )
             raise
+
+
+def executing_flush(session: Session) -> bool:
+    """Whether ``session`` is running its flush's unit of work: the
+    statements that run then are the flush's own, row by row, each
+    followed by its mapper event.  ``before_flush`` and ``after_flush``
+    handlers run while ``Session._flushing`` but outside that window
+    (SQLAlchemy warns about session use inside it)."""
+    executing = getattr(session, "_warn_on_events", None)
+    if executing is None:
+        return bool(session._flushing)
+    return bool(executing)
 
 
 def run_after_routing(orm_context: Any, listener: Any) -> None:

@@ -63,6 +63,7 @@ from sqlalchemy.orm.base import instance_state
 from sqlalchemy.pool import Pool
 from sqlalchemy.sql import util as sql_util
 
+from . import _compat
 from ._replay import replay_or_capture
 from .keys import database_id, digest, table_name
 
@@ -414,7 +415,9 @@ def _track(conn: Connection, statement: str, context: Any, before: bool = False)
     if tables is None:
         return
     if not (_flushing() and "compiled_cache" in context.execution_options):
-        # not one of the flush's own row-by-row statements
+        # not one of the flush's own row-by-row statements (ORM bulk
+        # statements carry compiled_cache too: from a flush event, they
+        # run outside the unit of work's execution)
         tables = tables | {bulk_item(t) for t in tables if t != UNKNOWN}
     _record(conn, context, tables, before)
 
@@ -452,10 +455,12 @@ def _on_before_flush(session: Session, flush_context: Any, instances: Any) -> No
 
 
 def _flushing() -> bool:
+    """Whether a session of this thread is executing its unit of work (not
+    merely flushing: flush events run outside it)."""
     sessions = getattr(_flush_local, "sessions", None)
     if not sessions:
         return False
-    return any(s._flushing for s in sessions)
+    return any(_compat.executing_flush(s) for s in sessions)
 
 
 def _on_row_write(mapper: Mapper[Any], connection: Connection, target: Any) -> None:

@@ -311,3 +311,40 @@ def test_a_key_lookup_whose_columns_read_other_rows_depends_on_the_table(tmp_pat
     finally:
         cache.close()
         engine.dispose()
+
+
+def test_bulk_update_from_a_flush_event_invalidates_rows(env: Any) -> None:
+    """An ORM bulk UPDATE by primary key run from ``after_flush`` (an audit
+    or counter pattern) carries the same execution options as the flush's
+    own row-by-row statements, but no mapper event names its rows: it must
+    count as a bulk write, which ``session.get`` entries depend on."""
+    from sqlalchemy import event, update
+    from sqlalchemy.orm import Session
+
+    from ormcache.testing.fixtures import Store
+
+    engine, maker, cache = env
+
+    def counter_name() -> tuple[str, int]:
+        with QueryCounter(engine) as c, maker() as s:
+            name = s.get_one(Store, 1, options=[FromCache()]).name
+        return name, c.selects
+
+    assert counter_name() == ("store1", 1)
+    assert counter_name() == ("store1", 0)
+
+    def count_new_templates(session: Session, flush_context: Any) -> None:
+        added = [o for o in session.new if isinstance(o, Template)]
+        if added:
+            session.execute(update(Store), [{"id": 1, "name": f"store1+{len(added)}"}])
+
+    writer = create_engine(engine.url)  # nothing listens to its connections
+    event.listen(Session, "after_flush", count_new_templates)
+    try:
+        with Session(writer) as s:
+            s.add(Template(id=500, store_id=2, name="new", body={}))
+            s.commit()
+    finally:
+        event.remove(Session, "after_flush", count_new_templates)
+        writer.dispose()
+    assert counter_name() == ("store1+1", 1)
