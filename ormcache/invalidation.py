@@ -357,7 +357,7 @@ def _on_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> b
     listener for both: one call per statement)."""
     if context is None:
         return False
-    if context.isinsert or context.isupdate or context.isdelete or context.isddl or context.is_text:
+    if _writes(context):
         if context.execute_style is _INSERTMANYVALUES:
             # SQLAlchemy decided before this statement's first batch
             # whether to fire connection events: a connection armed now
@@ -371,10 +371,40 @@ def _on_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> b
 
 
 def _arm_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> None:
-    if context is not None and (
-        context.isinsert or context.isupdate or context.isdelete or context.isddl or context.is_text
-    ):
+    if context is not None and _writes(context):
         _arm(context.root_connection)
+
+
+def _writes(context: Any) -> bool:
+    """Whether the statement may write: DML, DDL, textual SQL, or a query
+    with a data-modifying CTE (``WITH u AS (UPDATE ...) SELECT ...``)."""
+    if context.isinsert or context.isupdate or context.isdelete or context.isddl or context.is_text:
+        return True
+    compiled = context.compiled
+    return compiled is not None and bool(_cte_targets(compiled))
+
+
+def _cte_targets(compiled: Any) -> tuple[Any, ...]:
+    """The tables that data-modifying CTEs of a compiled statement write
+    (remembered on it: SQLAlchemy caches compiled statements)."""
+    found = getattr(compiled, "_ormcache_cte_targets", None)
+    if found is None:
+        found = ()
+        ctes = getattr(compiled, "ctes", None)
+        if ctes:
+            found = tuple(
+                [
+                    cte.element.table
+                    for cte in ctes
+                    if getattr(cte.element, "is_dml", False)
+                    and getattr(cte.element, "table", None) is not None
+                ]
+            )
+        try:
+            compiled._ormcache_cte_targets = found
+        except AttributeError:
+            pass
+    return found  # type: ignore[no-any-return]
 
 
 def _arm_no_params(cursor: Any, statement: str, context: Any) -> None:
@@ -395,15 +425,7 @@ def _arm(conn: Connection) -> None:
 def _after_cursor_execute(
     conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
 ) -> None:
-    if context is None:
-        return
-    if not (
-        context.isinsert
-        or context.isupdate
-        or context.isdelete
-        or context.isddl
-        or context.is_text
-    ):
+    if context is None or not _writes(context):
         return
     _track(conn, statement, context)
 
@@ -536,8 +558,10 @@ _TEXT_READ = frozenset(
     "savepoint release set analyze vacuum checkpoint listen notify fetch "
     "declare close discard reset start end".split()
 )
+#: one table name: quoted ("a ""b""", `a b`, [a b]) or bare
+_IDENT = r'(?:"(?:[^"]|"")+"|`[^`]+`|\[[^\]]+\]|[\w$]+)'
 _TEXT_WRITE = re.compile(
-    r"""^\s*(?:
+    rf"""^\s*(?P<verb>
         insert\s+(?:or\s+\w+\s+)?into |
         replace\s+into |
         update(?:\s+or\s+\w+)?(?:\s+only)? |
@@ -547,15 +571,46 @@ _TEXT_WRITE = re.compile(
         alter\s+table(?:\s+if\s+exists)?(?:\s+only)? |
         drop\s+table(?:\s+if\s+exists)? |
         create\s+(?:temp\w*\s+)?table(?:\s+if\s+not\s+exists)?
-    )\s+((?:[`"\[]?[\w$]+[`"\]]?\.)?[`"\[]?[\w$]+[`"\]]?)""",
-    re.IGNORECASE | re.VERBOSE,
+    )\s+(?P<name>{_IDENT}(?:\s*\.\s*{_IDENT})?)(?P<rest>.*)""",
+    re.IGNORECASE | re.VERBOSE | re.DOTALL,
 )
 _COMMENT = re.compile(r"^\s*(?:--[^\n]*\n|/\*.*?\*/)", re.DOTALL)
+#: comments and literals, for telling statements apart: strings
+#: ('it''s'), PostgreSQL dollar quoting ($$...$$, $f$...$f$), comments
+_NOT_CODE = re.compile(
+    r"'(?:[^']|'')*'|\$(\w*)\$.*?\$\1\$|--[^\n]*|/\*.*?\*/",
+    re.DOTALL,
+)
+#: what UPDATE may have between its table and SET: an alias, nothing else
+#: (MySQL's UPDATE a, b / UPDATE a JOIN b write several tables)
+_UPDATE_ALIAS = re.compile(rf"^\s*(?:(?:as\s+)?{_IDENT}\s*)?(?:\bset\b|$)", re.IGNORECASE | re.DOTALL)
+_EXPLAIN_WRITE = re.compile(r"\banaly[sz]e\b.*\b(?:insert|update|delete|merge)\b", re.IGNORECASE | re.DOTALL)
 
 
 def text_tables(sql: str, default_schema: str | None = None) -> set[str] | None:
     """The tables a textual statement writes: an empty set for a read,
-    ``{UNKNOWN}`` when it may write and its target cannot be told."""
+    ``{UNKNOWN}`` when it may write and its targets cannot be told (several
+    statements in one string are looked at one by one)."""
+    body = sql.strip().rstrip(";")
+    if ";" not in body:
+        return _statement_tables(body, default_schema)
+    if "\\" in body:
+        # a backslash may escape a quote (MySQL, PostgreSQL E'...'), or
+        # not: where one statement ends cannot be told for sure
+        return {UNKNOWN}
+    code = _NOT_CODE.sub(lambda m: "''" if m.group(0)[0] in "'$" else " ", body)
+    tables: set[str] = set()
+    for part in code.split(";"):
+        if part.strip():
+            found = _statement_tables(part, default_schema)
+            if found:
+                if UNKNOWN in found:
+                    return {UNKNOWN}
+                tables |= found
+    return tables
+
+
+def _statement_tables(sql: str, default_schema: str | None) -> set[str]:
     stripped = sql
     while True:
         m = _COMMENT.match(stripped)
@@ -566,6 +621,9 @@ def text_tables(sql: str, default_schema: str | None = None) -> set[str] | None:
     if not first:
         return set()
     word = first[0].lower().rstrip(";(")
+    if word == "explain":
+        # EXPLAIN ANALYZE runs the statement (PostgreSQL)
+        return {UNKNOWN} if _EXPLAIN_WRITE.search(stripped) else set()
     if word in _TEXT_READ:
         return set()
     if word == "with":
@@ -576,9 +634,26 @@ def text_tables(sql: str, default_schema: str | None = None) -> set[str] | None:
     m = _TEXT_WRITE.match(stripped)
     if m is None:
         return {UNKNOWN}
-    name = re.sub(r'[`"\[\]]', "", m.group(1))
-    schema, _, bare = name.rpartition(".")
-    return {table_name(bare, schema or None, None, default_schema)}
+    verb = m.group("verb").lower()
+    rest = m.group("rest")
+    if verb.startswith(("truncate", "drop")) and (
+        re.match(r"\s*\*?\s*,", rest) or re.search(r"\bcascade\b", rest, re.IGNORECASE)
+    ):
+        return {UNKNOWN}  # several tables, or those referencing it too
+    if verb.startswith("update") and not _UPDATE_ALIAS.match(rest):
+        return {UNKNOWN}
+    parts = [_unquote(p) for p in re.findall(_IDENT, m.group("name"))]
+    bare = parts[-1]
+    schema = parts[0] if len(parts) > 1 else None
+    return {table_name(bare, schema, None, default_schema)}
+
+
+def _unquote(ident: str) -> str:
+    if ident[0] == '"':
+        return ident[1:-1].replace('""', '"')
+    if ident[0] in "`[":
+        return ident[1:-1]
+    return ident
 
 
 def _written_by(context: Any, statement: str, conn: Connection) -> set[str] | None:
@@ -591,6 +666,7 @@ def _written_by(context: Any, statement: str, conn: Connection) -> set[str] | No
         return tables or None
     stmt = compiled.statement
     found: list[Any] = []
+    ctes: tuple[Any, ...] = ()
     if context.isddl:
         element = getattr(stmt, "element", None)
         target = getattr(element, "table", None)
@@ -604,13 +680,68 @@ def _written_by(context: Any, statement: str, conn: Connection) -> set[str] | No
                 return {table_name(name, getattr(stmt, "schema", None), schema_map, default_schema)}
             return {UNKNOWN}
     else:
-        target = getattr(stmt, "table", None)
-        if target is None:
-            return {UNKNOWN}
-        found = sql_util.find_tables(target, include_joins=True, include_aliases=True)
+        ctes = _cte_targets(compiled)
+        if context.isinsert or context.isupdate or context.isdelete:
+            target = getattr(stmt, "table", None)
+            if target is None:
+                return {UNKNOWN}
+            found = sql_util.find_tables(target, include_joins=True, include_aliases=True)
+            if not found:
+                return {UNKNOWN}
+        for target in ctes:
+            found.extend(sql_util.find_tables(target, include_joins=True, include_aliases=True))
         if not found:
             return {UNKNOWN}
-    return {
+    written = {
         table_name(t.name, getattr(t, "schema", None), schema_map, default_schema)
         for t in found
     }
+    if context.isdelete or context.isupdate or ctes:
+        # rows the database changes by itself: foreign keys declared
+        # ON DELETE/UPDATE CASCADE, SET NULL or SET DEFAULT
+        for t in _cascades(found):
+            name = table_name(t.name, getattr(t, "schema", None), schema_map, default_schema)
+            written.add(name)
+            written.add(bulk_item(name))
+    return written
+
+
+_REFERENTIAL = frozenset({"CASCADE", "SET NULL", "SET DEFAULT"})
+_cascade_memo: weakref.WeakKeyDictionary[Any, tuple[int, tuple[Any, ...]]] = weakref.WeakKeyDictionary()
+
+
+def _cascades(tables: Iterable[Any]) -> set[Any]:
+    """Tables of the same ``MetaData`` whose rows the database changes when
+    rows of ``tables`` are deleted or updated (their foreign keys' ``ON
+    DELETE`` / ``ON UPDATE`` actions), followed transitively."""
+    out: set[Any] = set()
+    todo = [t for t in tables if getattr(t, "metadata", None) is not None]
+    seen = set(todo)
+    while todo:
+        table = todo.pop()
+        for child in _referencing(table):
+            out.add(child)
+            if child not in seen:
+                seen.add(child)
+                todo.append(child)
+    return out
+
+
+def _referencing(table: Any) -> tuple[Any, ...]:
+    metadata = table.metadata
+    size = len(metadata.tables)
+    memo = _cascade_memo.get(table)
+    if memo is not None and memo[0] == size:
+        return memo[1]
+    children = []
+    for other in metadata.tables.values():
+        for fk in other.foreign_keys:
+            if fk.references(table) and (
+                str(fk.ondelete or "").upper() in _REFERENTIAL
+                or str(fk.onupdate or "").upper() in _REFERENTIAL
+            ):
+                children.append(other)
+                break
+    found = tuple(children)
+    _cascade_memo[table] = (size, found)
+    return found

@@ -348,3 +348,59 @@ def test_bulk_update_from_a_flush_event_invalidates_rows(env: Any) -> None:
         event.remove(Session, "after_flush", count_new_templates)
         writer.dispose()
     assert counter_name() == ("store1+1", 1)
+
+
+def test_database_cascades_invalidate_referencing_tables(tmp_path: Any) -> None:
+    """Rows the database deletes or changes by itself, through foreign keys
+    declared ON DELETE CASCADE / ON UPDATE CASCADE (SQLAlchemy's
+    ``passive_deletes`` setup), invalidate the referencing table: its
+    lists and its ``session.get`` entries."""
+    from sqlalchemy import Column, ForeignKey, Integer, event
+    from sqlalchemy.orm import DeclarativeBase, relationship
+
+    class CBase(DeclarativeBase):
+        pass
+
+    class Parent(CBase):
+        __tablename__ = "parent"
+        id = Column(Integer, primary_key=True)
+        children = relationship("Child", cascade="all, delete-orphan", passive_deletes=True)
+
+    class Child(CBase):
+        __tablename__ = "child"
+        id = Column(Integer, primary_key=True)
+        parent_id = Column(ForeignKey("parent.id", ondelete="CASCADE", onupdate="CASCADE"))
+
+    class GrandChild(CBase):
+        __tablename__ = "grandchild"
+        id = Column(Integer, primary_key=True)
+        child_id = Column(ForeignKey("child.id", ondelete="SET NULL"), nullable=True)
+
+    engine = create_engine(f"sqlite:///{tmp_path}/fk.db")
+    event.listen(engine, "connect", lambda conn, record: conn.execute("PRAGMA foreign_keys=ON"))
+    CBase.metadata.create_all(engine)
+    cache = OrmCache.from_settings({"namespace": "c" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}})
+    maker = sessionmaker(engine)
+    cache.attach(maker)
+    with maker.begin() as s:
+        s.add_all([Parent(id=1), Parent(id=2), Child(id=10, parent_id=1), Child(id=20, parent_id=2)])
+    with maker.begin() as s:
+        s.add(GrandChild(id=100, child_id=10))
+
+    def read() -> tuple[Any, ...]:
+        with maker() as s:
+            ten = s.get(Child, 10, options=[FromCache()])
+            ids = [c.id for c in s.scalars(select(Child).order_by(Child.id).options(FromCache()))]
+            twenty = s.get_one(Child, 20, options=[FromCache()])
+            grand = s.get_one(GrandChild, 100, options=[FromCache()])
+            return ten is not None, ids, twenty.parent_id, grand.child_id
+
+    assert read() == read() == (True, [10, 20], 2, 10)
+    try:
+        with maker.begin() as s:
+            s.delete(s.get_one(Parent, 1))  # the database deletes child 10, nulls grandchild 100
+            s.get_one(Parent, 2).id = 3  # the database moves child 20
+        assert read() == (False, [20], 3, None)
+    finally:
+        cache.close()
+        engine.dispose()

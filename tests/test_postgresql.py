@@ -118,3 +118,33 @@ class TestPostgresqlRedis(BackendTests):
                 s.rollback()
         names, selects = self.cached_names(stmt)
         assert names == ["committed meanwhile"] and selects == 1
+
+    def test_data_modifying_ctes_invalidate(self) -> None:
+        """PostgreSQL runs DML inside WITH: a SELECT whose CTE updates a
+        table writes it, and an INSERT writes its CTE's table as well."""
+        from sqlalchemy import insert, update
+
+        from ormcache.testing.fixtures import Store, template_table
+
+        writer = create_engine(self.engine.url)  # no listener on its connections
+        try:
+            stmt = select(Template).where(Template.id == 1).options(FromCache())
+            stores = select(Store).order_by(Store.id).options(FromCache())
+            self.cached_names(stmt), self.cached_names(stores)
+            renamed = (
+                update(template_table)
+                .where(template_table.c.id == 1)
+                .values(name="by cte")
+                .returning(template_table.c.id)
+                .cte("renamed")
+            )
+            with writer.begin() as conn:
+                assert conn.execute(select(renamed.c.id)).scalar() == 1
+            assert self.cached_names(stmt) == (["by cte"], 1)
+            moved = update(template_table).where(template_table.c.id == 1).values(name="by insert cte")
+            with writer.begin() as conn:
+                conn.execute(insert(Store).values(id=9, name="store9").add_cte(moved.cte("moved")))
+            assert self.cached_names(stmt) == (["by insert cte"], 1)
+            assert self.cached_names(stores)[0][-1] == "store9"
+        finally:
+            writer.dispose()

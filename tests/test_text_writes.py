@@ -1,0 +1,58 @@
+"""What textual SQL writes, as ``invalidation.text_tables`` reads it.
+
+An empty set is a read; ``{"*"}`` (UNKNOWN) means "may write, the tables
+cannot be told": the whole database is invalidated.  Over-invalidating is
+allowed, missing a written table is not.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ormcache.invalidation import UNKNOWN, text_tables
+
+CASES = [
+    # reads
+    ("SELECT 1", set()),
+    ("select * from t where x = 'a;b'", set()),
+    ("SELECT 1;", set()),
+    ("SELECT $$a;b$$", set()),
+    ("SELECT 1; -- UPDATE b SET x = 1\n", set()),
+    ("/* UPDATE a */ SELECT 1", set()),
+    ("EXPLAIN SELECT * FROM a", set()),
+    ("EXPLAIN UPDATE a SET x = 1", set()),  # planned, not run
+    # one write
+    ("UPDATE a SET x = 1", {"a"}),
+    ("UPDATE a\nSET x = 1", {"a"}),
+    ("UPDATE a AS q SET x = 1", {"a"}),
+    ("UPDATE a q SET x = 1 FROM b WHERE q.id = b.id", {"a"}),
+    ("DELETE FROM a USING b WHERE a.id = b.id", {"a"}),
+    ("INSERT OR REPLACE INTO s.t VALUES (1)", {"s.t"}),
+    ("TRUNCATE TABLE a", {"a"}),
+    ('UPDATE "order-items" SET v = 1', {"order-items"}),
+    ('UPDATE "line items" SET v = 1', {"line items"}),
+    ('update "Sch"."x ""y""" set a = 1', {'sch.x "y"'}),
+    ("UPDATE `a b` SET x = 1", {"a b"}),
+    ("UPDATE [a b] SET x = 1", {"a b"}),
+    # several statements
+    ("UPDATE a SET x = 1; UPDATE b SET y = 2;", {"a", "b"}),
+    ("SELECT 1; UPDATE b SET y = 2", {"b"}),
+    ("UPDATE a SET x = 'it''s; fine'; DELETE FROM b", {"a", "b"}),
+    # cannot tell which tables: everything
+    ("EXPLAIN ANALYZE UPDATE a SET x = 1", {UNKNOWN}),
+    ("EXPLAIN (ANALYZE, BUFFERS) DELETE FROM a", {UNKNOWN}),
+    ("TRUNCATE b, a", {UNKNOWN}),
+    ("TRUNCATE a CASCADE", {UNKNOWN}),
+    ("DROP TABLE a, b", {UNKNOWN}),
+    ("UPDATE a, b SET a.x = 1, b.y = 2", {UNKNOWN}),
+    ("UPDATE a JOIN b ON a.id = b.id SET b.y = 2", {UNKNOWN}),
+    ("DO $$ BEGIN UPDATE a SET x = 1; END $$", {UNKNOWN}),
+    ("WITH u AS (UPDATE a SET x = 1 RETURNING id) SELECT * FROM u", {UNKNOWN}),
+    ("SELECT 1; CALL refresh_everything()", {UNKNOWN}),
+    ("UPDATE a SET x = 'C:\\'; UPDATE b SET y = 1", {UNKNOWN}),  # is \' an escape?
+]
+
+
+@pytest.mark.parametrize(("sql", "written"), CASES, ids=[c[0][:40] for c in CASES])
+def test_text_tables(sql: str, written: set[str]) -> None:
+    assert text_tables(sql) == written
