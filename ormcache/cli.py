@@ -26,6 +26,7 @@ import os
 import sys
 import uuid
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from .exc import BackendError, ConfigurationError, OrmCacheError
@@ -133,22 +134,27 @@ def _invalidate(args: argparse.Namespace) -> int:
         raise ConfigurationError("nothing to invalidate: name a MODEL, --table, --region or --all")
     models = [(spec, _import_model(spec)) for spec in args.models]
     cache = _load(args.settings)
+    for region in args.region:
+        cache._store(region)  # unknown names are usage errors, before any write
+    steps: list[tuple[str, Any]] = [(f"model {spec}", partial(cache.invalidate, m)) for spec, m in models]
+    steps += [(f"table {t}", partial(cache.invalidate_table, t)) for t in args.table]
+    steps += [(f"region {r}", partial(cache.invalidate_region, r)) for r in args.region]
+    if args.all:
+        steps.append(("everything", cache.invalidate_all))
+    status = EXIT_OK
     try:
-        for spec, model in models:
-            cache.invalidate(model)
-            print(f"invalidated model {spec}")
-        for table in args.table:
-            cache.invalidate_table(table)
-            print(f"invalidated table {table}")
-        for region in args.region:
-            cache.invalidate_region(region)
-            print(f"invalidated region {region}")
-        if args.all:
-            cache.invalidate_all()
-            print("invalidated everything")
+        # a backend that fails does not stop the other invalidations
+        for what, step in steps:
+            try:
+                step()
+            except BackendError as err:
+                print(f"ormcache: {what}: {err}", file=sys.stderr)
+                status = EXIT_BACKEND
+            else:
+                print(f"invalidated {what}")
     finally:
         cache.close()
-    return EXIT_OK
+    return status
 
 
 def _check(args: argparse.Namespace) -> int:

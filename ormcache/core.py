@@ -1054,7 +1054,9 @@ class OrmCache:
         """Drop every result that read table ``name`` (schema-qualified as
         ``schema.table`` outside the default schema), in every database;
         for writers that know tables rather than models."""
-        self._bump([self._keys.model(table_name(name, None))])
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigurationError(f"invalidate_table() takes a table name, not {name!r}")
+        self._bump([self._keys.model(table_name(name.strip(), None))])
 
     def invalidate_region(self, name: str) -> None:
         """Drop everything region ``name`` holds, in every process that
@@ -1064,9 +1066,17 @@ class OrmCache:
         self._bump([self._keys.region(name)], [store])
 
     def invalidate_all(self) -> None:
-        """Drop everything ormcache cached, in every region."""
+        """Drop everything ormcache cached, in every region.  A region whose
+        backend fails does not stop the others: :class:`BackendError` is
+        raised, naming the first that failed, once every region was tried."""
+        failed = []
         for name, store in self._stores.items():
-            self._bump([self._keys.region(name)], [store])
+            try:
+                self._bump([self._keys.region(name)], [store])
+            except BackendError:
+                failed.append(name)
+        if failed:
+            raise BackendError(failed[0], "record an invalidation")
 
 
 #: backends that keep Python objects in the process: nothing to sign

@@ -417,3 +417,61 @@ def test_a_redis_without_lua_releases_through_the_entry_write() -> None:
         assert not backend.writer_client.exists(backend.lock_template.format("k"))
         if not backend.distributed_lock:  # no Lua here: local locks from now on
             assert type(store.mutex("other")).__name__ == "_LockWrapper"
+
+
+def _closed_port() -> int:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port: int = sock.getsockname()[1]
+    sock.close()  # nothing listens there now
+    return port
+
+
+def test_invalidate_all_goes_on_past_a_failing_region(tmp_path: Any, capsys: Any) -> None:
+    """One region's backend is down: invalidate_all() (and the CLI's
+    repeated --region) still invalidate the others, then report it."""
+    from ormcache import BackendError
+    from ormcache.cli import main
+
+    engine = create_engine(f"sqlite:///{tmp_path}/all.db")
+    Base.metadata.create_all(engine)
+    seed(engine)
+    settings = {
+        "namespace": "ia" + uuid.uuid4().hex[:8],
+        "regions": {
+            "down": {"backend": "redis", "arguments": {"url": f"redis://127.0.0.1:{_closed_port()}/0"}},
+            "local": {"backend": "dbm", "arguments": {"filename": str(tmp_path / "local.dbm")}},
+        },
+    }
+    cache = OrmCache.from_settings(settings)
+    maker = sessionmaker(engine)
+    cache.attach(maker)
+    stmt = select(Template).where(Template.id == 1).options(FromCache("local"))
+
+    def selects() -> int:
+        with QueryCounter(engine) as counter, maker() as s:
+            s.scalars(stmt).one()
+        return counter.selects
+
+    try:
+        assert selects() == 1 and selects() == 0
+        with pytest.raises(BackendError, match="region 'down'"):
+            cache.invalidate_all()
+        assert selects() == 1 and selects() == 0
+        toml = tmp_path / "settings.toml"
+        toml.write_text(
+            "[ormcache]\n"
+            f'namespace = "{settings["namespace"]}"\n'
+            "[ormcache.regions.down]\nbackend = \"redis\"\n"
+            f"arguments = {{ url = \"{settings['regions']['down']['arguments']['url']}\" }}\n"
+            "[ormcache.regions.local]\nbackend = \"dbm\"\n"
+            f"arguments = {{ filename = \"{tmp_path / 'local.dbm'}\" }}\n"
+        )
+        status = main(["invalidate", "--settings", str(toml), "--region", "down", "--region", "local"])
+        out = capsys.readouterr()
+        assert status == 1
+        assert "invalidated region local" in out.out and "region down" in out.err
+        assert selects() == 1
+    finally:
+        cache.close()
+        engine.dispose()
