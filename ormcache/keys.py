@@ -71,11 +71,17 @@ def database_id(bind: Engine | Connection) -> str:
     process that reaches the same database.
 
     * A file SQLite database is its real path; an in-memory one is private to
-      its engine (each ``create_engine("sqlite://")`` is a new database); a
+      its connection pool (each ``create_engine("sqlite://")`` is a new
+      database; ``engine.execution_options(...)`` shares its engine's); a
       named shared-cache memory database (``file:NAME?mode=memory``) is
       shared by the engines of one process.
-    * A server database is ``dialect://host:port/database``: the user name
-      and password do not change which database it is.
+    * A server database is ``dialect://host:port/database`` (the dialect's
+      default port when the URL names none), followed by the schema that
+      unqualified table names resolve to on its connections (PostgreSQL's
+      ``search_path``, the user's default schema elsewhere), as SQLAlchemy
+      found it when the engine first connected: two engines whose
+      connections see different tables under one name are two databases.
+      The user name and password do not count otherwise.
     * The execution option ``ormcache_database`` overrides all of this.
     """
     engine = bind.engine
@@ -83,11 +89,23 @@ def database_id(bind: Engine | Connection) -> str:
         return _engine_ids[engine]
     except KeyError:
         pass
+    ident = _compute_database_id(engine)
     with _engine_ids_lock:
-        ident = _engine_ids.get(engine)
-        if ident is None:
-            ident = _engine_ids[engine] = _compute_database_id(engine)
-        return ident
+        return _engine_ids.setdefault(engine, ident)
+
+
+#: ports servers listen on when a URL names none, by SQLAlchemy backend name
+_DEFAULT_PORTS = {
+    "postgresql": 5432,
+    "mysql": 3306,
+    "mariadb": 3306,
+    "mssql": 1433,
+    "oracle": 1521,
+    "cockroachdb": 26257,
+}
+#: in-memory SQLite ids by connection pool (engines made by
+#: ``execution_options()`` share their engine's pool, and its database)
+_memory_ids: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
 
 def _compute_database_id(engine: Engine) -> str:
@@ -106,14 +124,36 @@ def _compute_database_id(engine: Engine) -> str:
             if "mode=memory" in query:
                 if "cache=shared" in query and path:
                     return f"sqlite-shm:{_PROCESS}:{path}"
-                return f"sqlite-mem:{uuid.uuid4().hex}"
+                return _memory_id(engine)
             database = path
         if not database or database == ":memory:":
-            return f"sqlite-mem:{uuid.uuid4().hex}"
+            return _memory_id(engine)
         return "sqlite:" + os.path.realpath(database)
     host = url.host or ""
-    port = url.port or ""
-    return f"{backend}://{host}:{port}/{url.database or ''}"
+    port = url.port or _DEFAULT_PORTS.get(backend, "")
+    ident = f"{backend}://{host}:{port}/{url.database or ''}"
+    schema = _default_schema(engine)
+    return f"{ident}#{schema}" if schema else ident
+
+
+def _memory_id(engine: Engine) -> str:
+    with _engine_ids_lock:
+        ident = _memory_ids.get(engine.pool)
+        if ident is None:
+            ident = _memory_ids[engine.pool] = f"sqlite-mem:{uuid.uuid4().hex}"
+        return ident
+
+
+def _default_schema(engine: Engine) -> str | None:
+    """The schema unqualified names resolve to, as the dialect learnt it on
+    the engine's first connection (made here when there was none yet)."""
+    dialect = engine.dialect
+    if dialect.default_schema_name is None and not getattr(dialect, "_ormcache_probed", False):
+        with engine.connect():
+            pass  # SQLAlchemy initializes the dialect on the first connection
+        dialect._ormcache_probed = True  # type: ignore[attr-defined]
+    schema = dialect.default_schema_name
+    return str(schema) if schema else None
 
 
 def table_name(

@@ -1,0 +1,105 @@
+"""What names a database in cache keys and version keys (``keys.database_id``).
+
+Two engines that reach the same tables must get the same id, in every
+process (or a write through one would not invalidate reads through the
+other); two engines that see different tables under one name must get
+different ids (or one would be served the other's rows).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, select, text, update
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.orm import sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from ormcache import FromCache, OrmCache
+from ormcache.keys import database_id
+from ormcache.testing.fixtures import Base, Template, seed, template_table
+
+
+@pytest.fixture
+def cache() -> Iterator[OrmCache]:
+    cache = OrmCache.from_settings(
+        {"namespace": "d" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}}
+    )
+    yield cache
+    cache.close()
+
+
+def test_in_memory_sqlite_engine_and_its_option_engines_are_one_database(cache: OrmCache) -> None:
+    engine = create_engine("sqlite://", poolclass=StaticPool)
+    derived = engine.execution_options(isolation_level="AUTOCOMMIT")
+    assert database_id(engine) == database_id(derived)
+    assert database_id(engine) != database_id(create_engine("sqlite://"))
+    assert database_id(engine.execution_options(ormcache_database="eu-1")) == "named:eu-1"
+    Base.metadata.create_all(engine)
+    seed(engine)
+    maker = sessionmaker(engine)
+    cache.attach(maker)
+    stmt = select(Template).where(Template.id == 1).options(FromCache())
+
+    def name() -> str:
+        with maker() as s:
+            return s.scalars(stmt).one().name
+
+    assert name() == name() == "t1"
+    with derived.connect() as conn:  # a write through the derived engine
+        conn.execute(update(template_table).where(template_table.c.id == 1).values(name="new"))
+    assert name() == "new"
+
+
+@pytest.fixture
+def pg_url(postgresql_url: str) -> str:
+    return postgresql_url
+
+
+def test_server_url_spellings_of_one_database_agree(pg_url: str) -> None:
+    url = make_url(pg_url)
+    no_port = URL.create(
+        url.drivername, url.username, url.password, url.host, None, url.database, url.query
+    )
+    spelled = [no_port, no_port.set(port=5432)] if (url.port or 5432) == 5432 else [url]
+    ids = {database_id(create_engine(u)) for u in spelled}
+    assert len(ids) == 1
+    (ident,) = ids
+    assert ident.startswith(f"postgresql://{url.host}:{url.port or 5432}/{url.database}")
+
+
+def test_search_path_tenants_are_different_databases(pg_url: str, cache: OrmCache) -> None:
+    """Schema-per-tenant through ``search_path``: the same unqualified SQL
+    reads different tables, so each tenant has its own entries."""
+    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    tenants = [f"ormcache_tenant_{i}_{uuid.uuid4().hex[:6]}" for i in range(2)]
+    try:
+        with admin.connect() as conn:
+            for tenant in tenants:
+                conn.execute(text(f'CREATE SCHEMA "{tenant}"'))
+        engines = [create_engine(pg_url, connect_args={"options": f"-csearch_path={t}"}) for t in tenants]
+        for i, engine in enumerate(engines):
+            Base.metadata.create_all(engine)
+            seed(engine, prefix=f"tenant{i}-")
+        assert database_id(engines[0]) != database_id(engines[1])
+        makers = [sessionmaker(e) for e in engines]
+        for maker in makers:
+            cache.attach(maker)
+        stmt = select(Template).where(Template.id == 1).options(FromCache())
+        for _ in range(2):
+            for i, maker in enumerate(makers):
+                with maker() as s:
+                    assert s.scalars(stmt).one().name == f"tenant{i}-1"
+                    assert s.get_one(Template, 2, options=[FromCache()]).name == f"tenant{i}-2"
+        for engine in engines:
+            engine.dispose()
+    finally:
+        with admin.connect() as conn:
+            for tenant in tenants:
+                conn.execute(text(f'DROP SCHEMA IF EXISTS "{tenant}" CASCADE'))
+        admin.dispose()
+
+
