@@ -130,7 +130,7 @@ def _compute_database_id(engine: Engine) -> str:
             return _memory_id(engine)
         return "sqlite:" + os.path.realpath(database)
     host = url.host or ""
-    port = url.port or _DEFAULT_PORTS.get(backend, "")
+    port = url.port or _DEFAULT_PORTS.get(backend) or ""
     ident = f"{backend}://{host}:{port}/{url.database or ''}"
     schema = _default_schema(engine)
     return f"{ident}#{schema}" if schema else ident
