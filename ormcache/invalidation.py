@@ -51,8 +51,11 @@ import os
 import re
 import threading
 import time
+import unicodedata
 import weakref
 from collections.abc import Iterable
+from datetime import datetime, timezone
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
@@ -65,7 +68,7 @@ from sqlalchemy.sql import util as sql_util
 
 from . import _compat
 from ._replay import replay_or_capture
-from .keys import database_id, digest, table_name
+from .keys import database_id, digest, table_name, table_pk_positions
 
 if TYPE_CHECKING:
     from .core import OrmCache
@@ -268,8 +271,31 @@ def row_item(table: str, pk: str) -> str:
 
 
 def pk_text(values: Iterable[Any]) -> str:
-    """The text a primary key is known by in row keys."""
-    return repr(tuple(values))
+    """The text a primary key is known by in row keys: the values spelled
+    the way a database may compare them, so that a lookup and a write of
+    one row agree however each spelled the key.  Strings are case-folded,
+    stripped of accents and of trailing blanks (collations that ignore
+    case, accents or padding, as MySQL's default does, match several
+    spellings to one row; elsewhere this only merges the row keys of
+    distinct rows, which costs an invalidation now and then), decimals
+    normalized (``5`` and ``5.000``), aware datetimes taken to UTC."""
+    return repr(tuple([v if type(v) is int else _canonical(v) for v in values]))
+
+
+def _canonical(value: Any) -> Any:
+    kind = type(value)
+    if kind is str:
+        if value.isascii():
+            return value.lower().rstrip(" ")
+        decomposed = unicodedata.normalize("NFKD", value.casefold())
+        return "".join([c for c in decomposed if not unicodedata.combining(c)]).rstrip(" ")
+    if kind is Decimal:
+        return value.normalize() if value.is_finite() else value
+    if kind is datetime and value.tzinfo is not None:
+        return value.astimezone(timezone.utc)
+    return value
+
+
 
 
 def _short(name: str) -> str:
@@ -489,9 +515,9 @@ def _on_row_write(mapper: Mapper[Any], connection: Connection, target: Any) -> N
     if not _caches:
         return
     state = instance_state(target)
-    pks = {pk_text(mapper.primary_key_from_instance(target))}
+    idents = [mapper.primary_key_from_instance(target)]
     if state.key is not None:
-        pks.add(pk_text(state.key[1]))
+        idents.append(state.key[1])  # the key it was loaded with (a key change)
     schema_map = connection.get_execution_options().get("schema_translate_map")
     default_schema = connection.dialect.default_schema_name
     items: set[str] = set()
@@ -499,7 +525,14 @@ def _on_row_write(mapper: Mapper[Any], connection: Connection, target: Any) -> N
         name = getattr(table, "name", None)
         if name:
             tname = table_name(name, getattr(table, "schema", None), schema_map, default_schema)
-            items.update(row_item(tname, pk) for pk in pks)
+            # the row as that table's own key names it (what lookups of
+            # the table's other mappers depend on)
+            positions = table_pk_positions(mapper, table)
+            if positions is None:
+                items.add(bulk_item(tname))
+                continue
+            for ident in idents:
+                items.add(row_item(tname, pk_text([ident[i] for i in positions])))
     _record(connection, None, items)
 
 

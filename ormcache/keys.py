@@ -332,6 +332,13 @@ def _describe_get(statement: Any, shape: StatementShape, cache_key: Any = None) 
         # a mapped SQL expression may read other rows of the table
         if not all(isinstance(col, Column) for col in prop.columns):
             return
+    whole_key = tuple(range(len(mapper.primary_key)))
+    for table in mapper.tables:
+        # each table's rows must be named by the mapper's key, as writes
+        # through any mapper of the table name them (a class mapped to a
+        # join of tables is not)
+        if table_pk_positions(mapper, table) != whole_key:
+            return
     get_clause, get_params = mapper._get_clause
     index = None
     if not get_clause.compare(criteria[0]):
@@ -350,6 +357,30 @@ def _describe_get(statement: Any, shape: StatementShape, cache_key: Any = None) 
     shape.get_tables = tuple(
         (t.name, getattr(t, "schema", None)) for t in mapper.tables if getattr(t, "name", None)
     )
+
+
+def table_pk_positions(mapper: Any, table: Any) -> tuple[int, ...] | None:
+    """Where the primary key columns of ``table`` (one of ``mapper``'s
+    tables) sit in the mapper's primary key, by the attribute they are
+    mapped to; None when one is not part of it (a class mapped to a join
+    of tables, a mapper given its own ``primary_key``)."""
+    memo_key = (mapper, table)
+    found = _pk_positions.get(memo_key, _MISSING)
+    if found is _MISSING:
+        found = None
+        try:
+            keys = [mapper.get_property_by_column(c).key for c in mapper.primary_key]
+            cols = list(table.primary_key)
+            if cols:
+                found = tuple([keys.index(mapper.get_property_by_column(c).key) for c in cols])
+        except Exception:  # an unmapped column, a key not among the mapper's
+            found = None
+        _pk_positions[memo_key] = found
+    return found  # type: ignore[no-any-return]
+
+
+_MISSING: Any = object()
+_pk_positions: dict[tuple[Any, Any], tuple[int, ...] | None] = {}
 
 
 def _pk_bind_index(mapper: Any, criterion: Any, cache_key: Any) -> int | None:

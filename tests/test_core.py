@@ -404,3 +404,67 @@ def test_database_cascades_invalidate_referencing_tables(tmp_path: Any) -> None:
     finally:
         cache.close()
         engine.dispose()
+
+
+def test_row_keys_agree_however_the_key_is_spelled(tmp_path: Any) -> None:
+    """A lookup and a write of one row name it alike: a decimal key with
+    another scale, a string key in another case under a case-insensitive
+    collation, and a row written through a class mapped to a join of its
+    table with another."""
+    from decimal import Decimal
+
+    from sqlalchemy import Column, ForeignKey, Integer, Numeric, String, Table, join
+    from sqlalchemy.orm import DeclarativeBase, column_property
+
+    class KBase(DeclarativeBase):
+        pass
+
+    class Price(KBase):
+        __tablename__ = "price"
+        id = Column(Numeric(10, 4), primary_key=True)
+        v = Column(String)
+
+    class User(KBase):
+        __tablename__ = "users"
+        name = Column(String(collation="NOCASE"), primary_key=True)
+        v = Column(String)
+
+    a = Table("a", KBase.metadata, Column("id", Integer, primary_key=True), Column("v", String))
+    b = Table("b", KBase.metadata, Column("id", Integer, primary_key=True), Column("a_id", ForeignKey("a.id")))
+
+    class A(KBase):
+        __table__ = a
+
+    class AB(KBase):
+        __table__ = join(a, b)
+        id = column_property(a.c.id, b.c.a_id)
+        b_id = b.c.id
+
+    engine = create_engine(f"sqlite:///{tmp_path}/keys.db")
+    KBase.metadata.create_all(engine)
+    cache = OrmCache.from_settings({"namespace": "c" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}})
+    maker = sessionmaker(engine)
+    cache.attach(maker)
+    with maker.begin() as s:
+        s.add_all([Price(id=Decimal("5"), v="old"), User(name="ABC", v="old"), A(id=1, v="old")])
+    with engine.begin() as conn:
+        conn.execute(b.insert().values(id=10, a_id=1))
+
+    def read() -> tuple[str, ...]:
+        with maker() as s:
+            return (
+                s.get_one(Price, Decimal("5"), options=[FromCache()]).v,
+                s.get_one(User, "abc", options=[FromCache()]).v,
+                s.get_one(A, 1, options=[FromCache()]).v,
+            )
+
+    try:
+        assert read() == read() == ("old", "old", "old")
+        with maker.begin() as s:
+            s.get_one(Price, Decimal("5.0000")).v = "new"
+            s.get_one(User, "ABC").v = "new"
+            s.scalars(select(AB)).one().v = "new"
+        assert read() == ("new", "new", "new")
+    finally:
+        cache.close()
+        engine.dispose()
