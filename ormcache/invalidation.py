@@ -89,6 +89,7 @@ PENDING_TTL = 60.0
 
 _WRITTEN = "ormcache.written"  # conn.info: {db: set of tables}, this transaction
 _DONE = "ormcache.done"  # conn.info: {db: set of tables} committed, not yet announced
+_PENDED = "ormcache.pended"  # conn.info: time.monotonic() of this transaction's first pending token
 
 #: ids of the connection ``info`` dicts that hold either: while it is empty,
 #: which is always the case in a process that only reads, the transaction
@@ -101,9 +102,12 @@ def new_token() -> str:
     return os.urandom(8).hex()
 
 
-def pending_token(ttl: float = PENDING_TTL) -> str:
-    """A pending token, honoured until ``ttl`` seconds from now."""
-    return f"p{os.urandom(6).hex()}:{time.time() + ttl:.0f}"
+def pending_token(ttl: float | None = None) -> str:
+    """A pending token, honoured until ``ttl`` seconds from now (default
+    :data:`PENDING_TTL`)."""
+    if ttl is None:
+        ttl = PENDING_TTL
+    return f"p{os.urandom(6).hex()}:{time.time() + ttl:.3f}"
 
 
 def is_pending(token: str) -> bool:
@@ -480,6 +484,7 @@ def _record(conn: Connection, context: Any, tables: set[str], before: bool = Fal
     new = tables - seen
     if new:
         seen |= new
+        info.setdefault(_PENDED, time.monotonic())
         for cache in list(_caches):
             cache._pre_invalidate(db, new)
     if context is None or before:
@@ -539,6 +544,7 @@ def _on_row_write(mapper: Mapper[Any], connection: Connection, target: Any) -> N
 def _settle(info: dict[str, Any]) -> None:
     """The transaction ended (committed or rolled back): what it wrote is
     due for fresh tokens."""
+    info.pop(_PENDED, None)
     written = info.pop(_WRITTEN, None)
     if written:
         done = info.setdefault(_DONE, {})
@@ -549,7 +555,16 @@ def _settle(info: dict[str, Any]) -> None:
 def _on_commit(conn: Connection) -> None:
     # before the DBAPI commit: fresh tokens wait for the next begin or checkin
     if _dirty:
-        _settle(conn.info)
+        info = conn.info
+        pended = info.get(_PENDED)
+        if pended is not None and time.monotonic() - pended > PENDING_TTL / 2:
+            # the pending tokens may have expired while the transaction
+            # ran, and readers stored its tables' old rows under tokens of
+            # their own: pending again, until the commit is announced
+            for db, tables in (info.get(_WRITTEN) or {}).items():
+                for cache in list(_caches):
+                    cache._pre_invalidate(db, tables)
+        _settle(info)
 
 
 def _on_rollback(conn: Connection) -> None:

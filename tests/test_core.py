@@ -468,3 +468,40 @@ def test_row_keys_agree_however_the_key_is_spelled(tmp_path: Any) -> None:
     finally:
         cache.close()
         engine.dispose()
+
+
+def test_commit_after_pending_tokens_expired(env: Any, monkeypatch: Any) -> None:
+    """A transaction that outlives its pending tokens: readers replace
+    them and store the old rows meanwhile (legitimately: the write is not
+    committed).  Its commit must not leave those entries valid until the
+    connection is next used or checked in."""
+    import time
+
+    from sqlalchemy import update
+
+    from ormcache import invalidation
+    from ormcache.testing.fixtures import template_table
+
+    engine, maker, cache = env
+    monkeypatch.setattr(invalidation, "PENDING_TTL", 0.3)
+
+    def name() -> str:
+        with maker() as s:
+            return s.get_one(Template, 1, options=[FromCache()]).name
+
+    assert name() == name() == "t1"
+    writer = create_engine(engine.url)
+    conn = writer.connect()
+    try:
+        conn.execute(update(template_table).where(template_table.c.id == 1).values(name="new"))
+        time.sleep(0.4)  # its pending tokens expire
+        assert name() == "t1"  # replaces the expired token
+        assert name() == "t1"  # stores the committed (old) row
+        with QueryCounter(engine) as counter:
+            assert name() == "t1"
+        assert counter.selects == 0
+        conn.commit()  # the connection stays open, unused
+        assert name() == "new"
+    finally:
+        conn.close()
+        writer.dispose()
