@@ -50,17 +50,31 @@ class RedisClusterBackend(_DogpileCluster):
 
 
 class RedisSentinelBackend(_DogpileSentinel):
-    """Redis Sentinel, where ``db`` selects the master's database."""
+    """Redis Sentinel, where ``db`` selects the master's database, and the
+    sentinels get the master's socket timeouts unless ``sentinel_kwargs``
+    sets their own (redis-py does so when given no ``sentinel_kwargs``;
+    dogpile always gives some, so the sentinels waited seconds, with
+    retries, for a sentinel that is down)."""
 
     def _create_client(self) -> None:
         db = self.db
         if db:
             self.connection_kwargs = {**self.connection_kwargs, "db": db}
         self.db = None  # keep dogpile from sending it to the sentinels
+        sentinel_kwargs = self.sentinel_kwargs
+        own = dict(sentinel_kwargs or {})
+        for name in ("socket_timeout", "socket_connect_timeout"):
+            value = getattr(self, name, None)
+            if value is None:
+                value = self.connection_kwargs.get(name)
+            if value is not None:
+                own.setdefault(name, value)
+        self.sentinel_kwargs = own
         try:
             super()._create_client()
         finally:
             self.db = db
+            self.sentinel_kwargs = sentinel_kwargs
 
 
 def without_retries(backend: Any) -> bool:
@@ -79,8 +93,16 @@ def without_retries(backend: Any) -> bool:
         if not isinstance(client, Redis) or id(client) in seen:
             continue
         seen.add(id(client))
-        if "retry" in getattr(backend, "connection_kwargs", {}):
-            continue
-        client.set_retry(Retry(NoBackoff(), 0))
-        changed = True
+        if "retry" not in getattr(backend, "connection_kwargs", {}):
+            client.set_retry(Retry(NoBackoff(), 0))
+            changed = True
+        # a Sentinel master/replica client asks the sentinels for the
+        # address first: they must not retry either
+        manager = getattr(client.connection_pool, "sentinel_manager", None)
+        if manager is not None and "retry" not in (getattr(backend, "sentinel_kwargs", None) or {}):
+            for sentinel in manager.sentinels:
+                if id(sentinel) not in seen:
+                    seen.add(id(sentinel))
+                    sentinel.set_retry(Retry(NoBackoff(), 0))
+                    changed = True
     return changed

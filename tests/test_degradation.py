@@ -475,3 +475,56 @@ def test_invalidate_all_goes_on_past_a_failing_region(tmp_path: Any, capsys: Any
     finally:
         cache.close()
         engine.dispose()
+
+
+def test_sentinels_get_the_backend_timeout_and_no_retries(tmp_path: Any, monkeypatch: Any) -> None:
+    """A ``redis_sentinel`` region's sentinels answer within the region's
+    ``backend_timeout`` and are asked once, like its master: a sentinel
+    that is down costs a query or a write milliseconds, not seconds of
+    redis-py's retries."""
+    monkeypatch.delenv("ORMCACHE_BACKEND_TIMEOUT", raising=False)
+    engine = create_engine(f"sqlite:///{tmp_path}/sentinel.db")
+    Base.metadata.create_all(engine)
+    seed(engine)
+    down = ("127.0.0.1", _closed_port())
+    cache = OrmCache.from_settings(
+        {
+            "namespace": "sn" + uuid.uuid4().hex[:8],
+            "regions": {
+                "s": {"backend": "redis_sentinel", "arguments": {"sentinels": [list(down)], "service_name": "m"}},
+                "own": {
+                    "backend": "redis_sentinel",
+                    "arguments": {
+                        "sentinels": [list(down)],
+                        "service_name": "m",
+                        "sentinel_kwargs": {"socket_timeout": 1.5},
+                    },
+                },
+            },
+        }
+    )
+    try:
+
+        def sentinels(name: str) -> list[Any]:
+            backend = cache.region(name).backend
+            return list(backend.writer_client.connection_pool.sentinel_manager.sentinels)
+
+        for sentinel in sentinels("s"):
+            kwargs = sentinel.connection_pool.connection_kwargs
+            assert kwargs["socket_timeout"] == kwargs["socket_connect_timeout"] == 0.003
+            assert sentinel.get_retry().get_retries() == 0
+        own = sentinels("own")[0].connection_pool.connection_kwargs
+        assert own["socket_timeout"] == 1.5 and own["socket_connect_timeout"] == 0.003
+        maker = sessionmaker(engine)
+        cache.attach(maker)
+        stmt = select(Template).where(Template.id == 1).options(FromCache("s"))
+        with QueryCounter(engine) as counter, maker() as s:
+            assert s.scalars(stmt).one().name == "t1"  # from the database
+            s.get_one(Template, 1).name = "written"
+            s.commit()
+        assert counter.selects >= 1
+        with maker() as s:
+            assert s.scalars(stmt).one().name == "written"
+    finally:
+        cache.close()
+        engine.dispose()
