@@ -36,6 +36,8 @@ class Subscriber:
     """Follows one channel in a daemon thread and keeps ``tokens`` current."""
 
     def __init__(self, client: Any, channel: str) -> None:
+        #: the redis client, or a function that returns it (asked in the
+        #: thread, so that a server that is down delays nothing else)
         self.client = client
         self.channel = channel
         #: version key -> token, as last published or read
@@ -71,7 +73,8 @@ class Subscriber:
         while not self._stop.is_set():
             pubsub = None
             try:
-                pubsub = self.client.pubsub(ignore_subscribe_messages=False)
+                client = self.client() if callable(self.client) else self.client
+                pubsub = client.pubsub(ignore_subscribe_messages=False)
                 pubsub.subscribe(self.channel)
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=0.5)

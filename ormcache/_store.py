@@ -169,7 +169,8 @@ class Store:
         """Validate L1 hits against tokens received on ``channel``."""
         from ._pubsub import Subscriber
 
-        self.subscriber = Subscriber(self.region.backend.writer_client, channel)
+        backend = self.region.backend
+        self.subscriber = Subscriber(lambda: backend.writer_client, channel)
 
     def use_l1(self, max_entries: int | None, max_bytes: int | None = None) -> None:
         """Keep up to ``max_entries`` entries (and about ``max_bytes`` bytes

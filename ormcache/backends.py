@@ -15,6 +15,7 @@ The redis driver is imported when a backend is created, as dogpile does.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -25,7 +26,55 @@ __all__ = ["RedisClusterBackend", "RedisSentinelBackend", "without_retries"]
 
 
 class RedisClusterBackend(_DogpileCluster):
-    """Redis Cluster, with multi-key calls split by hash slot."""
+    """Redis Cluster, with multi-key calls split by hash slot, and a client
+    created on first use rather than when the region is built (dogpile's
+    connects to the cluster in its constructor: a cluster that is down at
+    startup stopped the application from starting).  With
+    ``ormcache_no_retries`` (set from ``backend_timeout``), the client
+    tries each command once unless ``retry`` or
+    ``cluster_error_retry_attempts`` say otherwise."""
+
+    def __init__(self, arguments: Mapping[str, Any]) -> None:
+        arguments = dict(arguments)
+        self._no_retries = bool(arguments.pop("ormcache_no_retries", False))
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+        super().__init__(arguments)
+
+    def _create_client(self) -> None:
+        pass  # on first use: see _cluster
+
+    def _cluster(self) -> Any:
+        client = self._client
+        if client is None:
+            with self._client_lock:
+                if self._client is None:
+                    if self._no_retries and not (
+                        {"retry", "cluster_error_retry_attempts"} & set(self.connection_kwargs)
+                    ):
+                        from redis.backoff import NoBackoff
+                        from redis.retry import Retry
+
+                        self.connection_kwargs = {**self.connection_kwargs, "retry": Retry(NoBackoff(), 0)}
+                    _DogpileCluster._create_client(self)  # sets writer_client
+                client = self._client
+        return client
+
+    @property  # type: ignore[override]
+    def writer_client(self) -> Any:
+        return self._cluster()
+
+    @writer_client.setter
+    def writer_client(self, client: Any) -> None:
+        self._client = client
+
+    @property  # type: ignore[override]
+    def reader_client(self) -> Any:
+        return self._cluster()
+
+    @reader_client.setter
+    def reader_client(self, client: Any) -> None:
+        pass  # the same client as writer_client
 
     def get_serialized_multi(self, keys: Iterable[str]) -> list[Any]:
         keys = list(keys)
@@ -86,6 +135,8 @@ def without_retries(backend: Any) -> bool:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
+    if isinstance(backend, RedisClusterBackend):
+        return False  # its client is made without retries (ormcache_no_retries)
     changed = False
     seen: set[int] = set()
     for name in ("writer_client", "reader_client"):

@@ -148,7 +148,9 @@ class OrmCache:
             if spec.l1_max_entries and not store.in_process:
                 store.use_l1(spec.l1_max_entries, spec.l1_max_bytes)
                 if spec.l1_mode == "relaxed":
-                    if not hasattr(store.region.backend, "writer_client"):
+                    if not hasattr(type(store.region.backend), "writer_client") and not hasattr(
+                        store.region.backend, "writer_client"
+                    ):
                         raise ConfigurationError(
                             "relaxed L1 mode takes invalidations over Redis "
                             "pub/sub: use it with a Redis region",
@@ -1130,7 +1132,10 @@ def _with_defaults(spec: RegionSettings) -> RegionSettings:
             "socket_connect_timeout": timeout,
             **spec.arguments.get("connection_kwargs", {}),
         }
-        return dataclasses.replace(spec, arguments={**spec.arguments, "connection_kwargs": kwargs})
+        arguments = {**spec.arguments, "connection_kwargs": kwargs}
+        if spec.backend == "ormcache.redis_cluster":
+            arguments.setdefault("ormcache_no_retries", True)
+        return dataclasses.replace(spec, arguments=arguments)
     if spec.backend == "dogpile.cache.pylibmc":
         ms = max(1, round(timeout * 1000))
         behaviors = {

@@ -55,3 +55,51 @@ def test_sentinel_db_reaches_the_master(redis_sentinel: dict[str, Any]) -> None:
         assert not redis.Redis(host="127.0.0.1", port=6395, db=0).exists("ormcache:probe")
     finally:
         cache.close()
+
+
+def test_cluster_region_builds_while_the_cluster_is_down(redis_cluster_url: str, tmp_path: Any) -> None:
+    """dogpile's cluster backend connects in its constructor: a cluster
+    that is down when the application starts must not stop it.  The client
+    is made on first use, tries each command once, and queries are
+    answered by the database meanwhile."""
+    import socket
+    import uuid
+
+    from sqlalchemy import create_engine, select
+    from sqlalchemy.orm import sessionmaker
+
+    from ormcache import FromCache, OrmCache
+    from ormcache.testing.fixtures import Base, Template, seed
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    down = sock.getsockname()[1]
+    sock.close()
+    cache = OrmCache.from_settings(
+        {
+            "namespace": "cd" + uuid.uuid4().hex[:8],
+            "regions": {
+                "down": {"backend": "redis_cluster", "arguments": {"url": f"redis://127.0.0.1:{down}"}},
+                "up": {"backend": "redis_cluster", "arguments": {"url": redis_cluster_url}},
+            },
+        }
+    )
+    engine = create_engine(f"sqlite:///{tmp_path}/c.db")
+    Base.metadata.create_all(engine)
+    seed(engine)
+    maker = sessionmaker(engine)
+    cache.attach(maker)
+    try:
+        with maker() as s:
+            stmt = select(Template).where(Template.id == 1).options(FromCache("down"))
+            assert s.scalars(stmt).one().name == "t1"
+            s.get_one(Template, 1).name = "written"
+            s.commit()
+        assert cache.region("up").backend.writer_client.retry.get_retries() == 0
+        up = select(Template).where(Template.id == 1).options(FromCache("up"))
+        for _ in range(2):
+            with maker() as s:
+                assert s.scalars(up).one().name == "written"
+    finally:
+        cache.close()
+        engine.dispose()
