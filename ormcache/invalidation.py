@@ -348,6 +348,13 @@ def register(cache: OrmCache) -> None:
             event.listen(Engine, "do_execute", _on_execute, insert=True)
             event.listen(Engine, "do_executemany", _arm_execute, insert=True)
             event.listen(Engine, "do_execute_no_params", _arm_no_params, insert=True)
+            # On the Pool class, not on the pools of connections that
+            # wrote (tried in cd887a0): SQLAlchemy keys its event registry
+            # by id(target), and Engine.dispose() files a recreated pool's
+            # copied listeners under the replaced pool's id, so
+            # event.contains() said yes for a later pool at that address,
+            # whose check-ins then went unfollowed (tables pending for
+            # PENDING_TTL: no fills).
             event.listen(Pool, "checkin", _on_checkin)
             event.listen(Mapper, "after_insert", _on_row_write)
             event.listen(Mapper, "after_update", _on_row_write)
