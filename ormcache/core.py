@@ -118,7 +118,14 @@ class OrmCache:
         for name in built:
             if name not in settings.regions:
                 raise UnknownRegionError(name, settings.regions)
-        signing_key = settings.signing_key or os.environ.get("ORMCACHE_SIGNING_KEY") or None
+        signing_key = settings.signing_key
+        if not signing_key:
+            signing_key = os.environ.get("ORMCACHE_SIGNING_KEY") or None
+            if signing_key is not None and len(signing_key.strip()) < 16:
+                raise ConfigurationError(
+                    "$ORMCACHE_SIGNING_KEY must be a secret of at least 16 characters",
+                    key="ORMCACHE_SIGNING_KEY",
+                )
         self._signers: dict[str, SignedSerializer] = {}
         for name, spec in settings.regions.items():
             if name not in built:
@@ -145,7 +152,14 @@ class OrmCache:
         for name, store in self._stores.items():
             spec = settings.regions[name]
             store.stale_while_revalidate = spec.stale_while_revalidate
-            if spec.l1_max_entries and not store.in_process:
+            if spec.l1_max_entries and store.in_process:
+                raise ConfigurationError(
+                    "l1 keeps entries of a shared backend in this process; this "
+                    "region's backend keeps them in this process already",
+                    region=name,
+                    key="l1",
+                )
+            if spec.l1_max_entries:
                 store.use_l1(spec.l1_max_entries, spec.l1_max_bytes)
                 if spec.l1_mode == "relaxed":
                     if not hasattr(type(store.region.backend), "writer_client") and not hasattr(
@@ -212,6 +226,11 @@ class OrmCache:
         reads them.  ``region`` defaults to the first region whose backend
         is not in-process.  Returns ``self``."""
         from .stats import publish
+
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval > 0:
+            raise ConfigurationError(f"publish_stats() interval must be a number of seconds > 0, not {interval!r}")
+        if interval == float("inf"):
+            raise ConfigurationError("publish_stats() interval must be finite")
 
         name = region or next(
             (n for n, s in self._stores.items() if not s.in_process), None

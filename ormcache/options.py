@@ -37,7 +37,7 @@ def _expiration(value: Any) -> float | None:
         return None
     if isinstance(value, timedelta):
         value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise sa_exc.ArgumentError(
             f"expiration_time must be a number of seconds >= 0, a timedelta "
             f"or None, not {value!r}"
@@ -124,6 +124,10 @@ class RelationshipCache(FromCache):
 
     def and_(self, option: RelationshipCache) -> RelationshipCache:
         """Also cache the relationship of ``option``; returns ``self``."""
+        if not isinstance(option, RelationshipCache):
+            raise sa_exc.ArgumentError(
+                f"RelationshipCache.and_() takes another RelationshipCache, not {option!r}"
+            )
         self._relationships.update(option._relationships)
         return self
 

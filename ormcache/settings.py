@@ -249,9 +249,12 @@ def settings_from_config(
 ) -> Settings:
     """Validate settings given as a flat, prefixed INI-style dictionary.
 
-    Keys are ``<prefix><region>.backend``, ``<prefix><region>.expiration_time``
+    Keys are ``<prefix><region>.backend``, ``<prefix><region>.expiration_time``,
+    ``<prefix><region>.backend_timeout``,
+    ``<prefix><region>.stale_while_revalidate``, ``<prefix><region>.l1.<name>``
     and ``<prefix><region>.arguments.<name>``, plus ``<prefix>cache_all``,
-    ``<prefix>namespace`` and ``<prefix>uncached_tables`` (comma-separated).
+    ``<prefix>namespace``, ``<prefix>signing_key`` and
+    ``<prefix>uncached_tables`` (comma-separated).
     Argument values are coerced the way dogpile's ``configure_from_config``
     coerces them (``"10"`` to ``10``, ``"true"`` to ``True``); keys without
     the prefix are ignored:
@@ -283,17 +286,21 @@ def settings_from_config(
             continue
         region, _, setting = rest.partition(".")
         spec = regions.setdefault(region, {}) if region else {}
-        if region and setting in ("backend", "expiration_time", "backend_timeout"):
+        if region and setting in ("backend", "expiration_time", "backend_timeout", "stale_while_revalidate"):
             spec[setting] = value
         elif region and setting.startswith("arguments.") and setting != "arguments.":
             spec.setdefault("arguments", {})[setting[len("arguments.") :]] = value
+        elif region and setting.startswith("l1.") and setting != "l1.":
+            spec.setdefault("l1", {})[setting[len("l1.") :]] = value
         else:
             raise ConfigurationError(
                 f"unknown setting; use {prefix}<region>.backend, "
                 f"{prefix}<region>.expiration_time, "
                 f"{prefix}<region>.backend_timeout, "
+                f"{prefix}<region>.stale_while_revalidate, "
+                f"{prefix}<region>.l1.<name>, "
                 f"{prefix}<region>.arguments.<name>, {prefix}cache_all, "
-                f"{prefix}namespace or {prefix}uncached_tables",
+                f"{prefix}namespace, {prefix}signing_key or {prefix}uncached_tables",
                 region=region or None,
                 key=flat_key,
             )
@@ -301,6 +308,7 @@ def settings_from_config(
         name: {
             **coerce_string_conf(spec),
             "arguments": coerce_string_conf(spec.get("arguments", {})),
+            **({"l1": coerce_string_conf(spec["l1"])} if "l1" in spec else {}),
         }
         for name, spec in regions.items()
     }

@@ -655,3 +655,63 @@ def test_all_is_sorted_and_complete() -> None:
         and getattr(value, "__module__", None) == settings_module.__name__
     }
     assert public <= set(names)
+
+
+def test_from_config_takes_every_region_setting() -> None:
+    settings = settings_from_config(
+        {
+            "ormcache.r.backend": "redis",
+            "ormcache.r.arguments.url": "redis://127.0.0.1:6379/0",
+            "ormcache.r.l1.max_entries": "100",
+            "ormcache.r.l1.mode": "relaxed",
+            "ormcache.r.stale_while_revalidate": "true",
+            "ormcache.signing_key": "s" * 16,
+        }
+    )
+    region = settings.region("r")
+    assert (region.l1_max_entries, region.l1_mode, region.stale_while_revalidate) == (100, "relaxed", True)
+    with pytest.raises(ConfigurationError, match="l1.<name>.*signing_key"):
+        settings_from_config({"ormcache.r.l2.max_entries": "1"})
+
+
+def test_signing_key_from_the_environment_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ormcache import OrmCache
+
+    regions = {"regions": {"r": {"backend": "memory_pickle"}}}
+    for bad in ("short", " " * 20):
+        monkeypatch.setenv("ORMCACHE_SIGNING_KEY", bad)
+        with pytest.raises(ConfigurationError, match="ORMCACHE_SIGNING_KEY"):
+            OrmCache.from_settings(regions)
+    monkeypatch.setenv("ORMCACHE_SIGNING_KEY", "a secret of 16+ chars")
+    OrmCache.from_settings(regions).close()
+
+
+def test_l1_on_an_in_process_region_is_refused() -> None:
+    from ormcache import OrmCache
+
+    with pytest.raises(ConfigurationError, match="region 'local', setting 'l1'"):
+        OrmCache.from_settings({"regions": {"local": {"backend": "memory", "l1": {"max_entries": 10}}}})
+
+
+def test_api_arguments_are_checked() -> None:
+    from sqlalchemy.exc import ArgumentError
+
+    from ormcache import FromCache, OrmCache, RelationshipCache
+    from ormcache.testing.fixtures import Store, Template
+
+    cache = OrmCache.from_settings({"regions": {"shared": {"backend": "memory_pickle"}}})
+    try:
+        for interval in (0, -1, float("nan"), float("inf"), "10", True):
+            with pytest.raises(ConfigurationError, match="interval"):
+                cache.publish_stats(interval=interval)  # type: ignore[arg-type]
+        for name in (5, "", None):
+            with pytest.raises(ConfigurationError, match="table name"):
+                cache.invalidate_table(name)  # type: ignore[arg-type]
+    finally:
+        cache.close()
+    with pytest.raises(ArgumentError, match="expiration_time"):
+        FromCache(expiration_time=float("nan"))
+    with pytest.raises(ArgumentError, match="another RelationshipCache"):
+        RelationshipCache(Store.templates).and_(FromCache())  # type: ignore[arg-type]
+    both = RelationshipCache(Store.templates).and_(RelationshipCache(Template.store))
+    assert len(both._relationships) == 2
