@@ -394,7 +394,16 @@ def _on_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> b
     listener for both: one call per statement)."""
     if context is None:
         return False
-    if _writes(context):
+    if (
+        context.isinsert
+        or context.isupdate
+        or context.isdelete
+        or context.isddl
+        or context.is_text
+        # a query with a data-modifying CTE (every query passes here: no
+        # call unless the statement has CTEs at all)
+        or (getattr(context.compiled, "ctes", None) and _cte_targets(context.compiled))
+    ):
         if context.execute_style is _INSERTMANYVALUES:
             # SQLAlchemy decided before this statement's first batch
             # whether to fire connection events: a connection armed now
@@ -418,7 +427,7 @@ def _writes(context: Any) -> bool:
     if context.isinsert or context.isupdate or context.isdelete or context.isddl or context.is_text:
         return True
     compiled = context.compiled
-    return compiled is not None and bool(_cte_targets(compiled))
+    return bool(getattr(compiled, "ctes", None)) and bool(_cte_targets(compiled))
 
 
 def _cte_targets(compiled: Any) -> tuple[Any, ...]:
@@ -751,52 +760,81 @@ def _written_by(context: Any, statement: str, conn: Connection) -> set[str] | No
         table_name(t.name, getattr(t, "schema", None), schema_map, default_schema)
         for t in found
     }
-    if context.isdelete or context.isupdate or ctes:
-        # rows the database changes by itself: foreign keys declared
-        # ON DELETE/UPDATE CASCADE, SET NULL or SET DEFAULT
-        for t in _cascades(found):
-            name = table_name(t.name, getattr(t, "schema", None), schema_map, default_schema)
-            written.add(name)
-            written.add(bulk_item(name))
+    if context.isdelete or ctes:
+        cascaded = _cascades(found, True, None)
+        if ctes:  # of either kind
+            cascaded |= _cascades(found, False, None)
+    elif context.isupdate:
+        cascaded = _cascades(found, False, _set_keys(compiled, stmt))
+    else:
+        cascaded = set()
+    # rows the database changes by itself: foreign keys declared ON
+    # DELETE/UPDATE CASCADE, SET NULL or SET DEFAULT
+    for t in cascaded:
+        name = table_name(t.name, getattr(t, "schema", None), schema_map, default_schema)
+        written.add(name)
+        written.add(bulk_item(name))
     return written
 
 
 _REFERENTIAL = frozenset({"CASCADE", "SET NULL", "SET DEFAULT"})
-_cascade_memo: weakref.WeakKeyDictionary[Any, tuple[int, tuple[Any, ...]]] = weakref.WeakKeyDictionary()
+_referencing_memo: weakref.WeakKeyDictionary[Any, tuple[int, tuple[Any, ...]]] = weakref.WeakKeyDictionary()
 
 
-def _cascades(tables: Iterable[Any]) -> set[Any]:
+def _set_keys(compiled: Any, stmt: Any) -> set[str] | None:
+    """The columns an UPDATE sets (keys), as far as can be told: those of
+    its parameters and of its ``values()``; None when none can be."""
+    keys = set(getattr(compiled, "column_keys", None) or ())
+    for key in getattr(stmt, "_values", None) or ():
+        keys.add(getattr(key, "key", key))
+    for key, _ in getattr(stmt, "_ordered_values", None) or ():
+        keys.add(getattr(key, "key", key))
+    return keys or None
+
+
+def _cascades(tables: Iterable[Any], deleted: bool, keys: set[str] | None) -> set[Any]:
     """Tables of the same ``MetaData`` whose rows the database changes when
-    rows of ``tables`` are deleted or updated (their foreign keys' ``ON
-    DELETE`` / ``ON UPDATE`` actions), followed transitively."""
+    rows of ``tables`` are deleted (``deleted``) or have the columns
+    ``keys`` updated (None: any column), by their foreign keys' ``ON
+    DELETE`` / ``ON UPDATE`` actions, followed transitively."""
     out: set[Any] = set()
-    todo = [t for t in tables if getattr(t, "metadata", None) is not None]
-    seen = set(todo)
+    todo = [(t, deleted, keys) for t in tables if getattr(t, "metadata", None) is not None]
+    seen: set[Any] = set()
     while todo:
-        table = todo.pop()
-        for child in _referencing(table):
+        table, deleting, changed = todo.pop()
+        marker = (table, deleting, None if changed is None else frozenset(changed))
+        if marker in seen:
+            continue
+        seen.add(marker)
+        for child, fk in _referencing(table):
+            action = str((fk.ondelete if deleting else fk.onupdate) or "").upper()
+            if action not in _REFERENTIAL:
+                continue
+            if not deleting and changed is not None and fk.column.key not in changed:
+                continue
             out.add(child)
-            if child not in seen:
-                seen.add(child)
-                todo.append(child)
+            if deleting and action == "CASCADE":
+                todo.append((child, True, None))
+            else:  # the child's foreign key columns change
+                todo.append((child, False, {fk.parent.key}))
     return out
 
 
 def _referencing(table: Any) -> tuple[Any, ...]:
+    """(table, foreign key) of every foreign key of ``table``'s
+    ``MetaData`` that references it, remembered until tables are added."""
     metadata = table.metadata
     size = len(metadata.tables)
-    memo = _cascade_memo.get(table)
+    memo = _referencing_memo.get(table)
     if memo is not None and memo[0] == size:
         return memo[1]
-    children = []
-    for other in metadata.tables.values():
-        for fk in other.foreign_keys:
-            if fk.references(table) and (
-                str(fk.ondelete or "").upper() in _REFERENTIAL
-                or str(fk.onupdate or "").upper() in _REFERENTIAL
-            ):
-                children.append(other)
-                break
-    found = tuple(children)
-    _cascade_memo[table] = (size, found)
+    found = tuple(
+        [
+            (other, fk)
+            for other in metadata.tables.values()
+            for fk in other.foreign_keys
+            if fk.references(table)
+        ]
+    )
+    _referencing_memo[table] = (size, found)
     return found

@@ -364,6 +364,7 @@ def test_database_cascades_invalidate_referencing_tables(tmp_path: Any) -> None:
     class Parent(CBase):
         __tablename__ = "parent"
         id = Column(Integer, primary_key=True)
+        label = Column(Integer, default=0)
         children = relationship("Child", cascade="all, delete-orphan", passive_deletes=True)
 
     class Child(CBase):
@@ -397,6 +398,11 @@ def test_database_cascades_invalidate_referencing_tables(tmp_path: Any) -> None:
 
     assert read() == read() == (True, [10, 20], 2, 10)
     try:
+        with maker.begin() as s:
+            s.get_one(Parent, 2).label = 1  # not a referenced column: nothing cascades
+        with QueryCounter(engine) as counter:
+            assert read() == (True, [10, 20], 2, 10)
+        assert counter.selects == 0
         with maker.begin() as s:
             s.delete(s.get_one(Parent, 1))  # the database deletes child 10, nulls grandchild 100
             s.get_one(Parent, 2).id = 3  # the database moves child 20
