@@ -330,13 +330,14 @@ def make_region(
         >>> region.get_or_create("answer", lambda: 42)
         42
     """
+    arguments = _ReadArguments(_copy(spec.arguments))
     try:
-        return _dogpile_make_region(
+        region = _dogpile_make_region(
             name=spec.name, serializer=serializer, deserializer=deserializer
         ).configure(
             spec.backend,
             expiration_time=spec.expiration_time,
-            arguments=_copy(spec.arguments),
+            arguments=arguments,
         )
     except PluginNotFound as err:
         raise ConfigurationError(
@@ -360,6 +361,78 @@ def make_region(
             region=spec.name,
             key="arguments",
         ) from err
+    if spec.backend.startswith(("dogpile.cache.", "ormcache.")) and not arguments.read_all:
+        # dogpile's and ormcache's backends read their arguments when they
+        # are built: a name none of them read is a typo ("hots") that would
+        # otherwise pass unnoticed
+        unknown = sorted(set(spec.arguments) - arguments.read)
+        if unknown:
+            raise ConfigurationError(
+                f"backend {spec.backend!r} does not take the argument(s) "
+                f"{', '.join(repr(k) for k in unknown)} (misspelt?); see its "
+                "documentation for the arguments it takes",
+                region=spec.name,
+                key="arguments",
+            )
+    return region
+
+
+class _ReadArguments(dict):  # type: ignore[type-arg]
+    """Arguments handed to a dogpile backend, remembering the names it
+    reads (``read``), or that it read them all (``read_all``: it iterated
+    them, so nothing can be told)."""
+
+    def __init__(self, data: Mapping[str, Any], owner: _ReadArguments | None = None) -> None:
+        super().__init__(dict.items(data) if isinstance(data, dict) else data)
+        self._owner = owner if owner is not None else self
+        if owner is None:
+            self.read: set[str] = set()
+            self.read_all = False
+
+    def _mark(self, key: Any) -> None:
+        self._owner.read.add(key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self._mark(key)
+        return super().get(key, default)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        self._mark(key)
+        return super().pop(key, *default)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self._mark(key)
+        return super().setdefault(key, default)
+
+    def __getitem__(self, key: Any) -> Any:
+        self._mark(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: Any) -> bool:
+        self._mark(key)
+        return super().__contains__(key)
+
+    def copy(self) -> _ReadArguments:
+        return _ReadArguments(self, self._owner)
+
+    def _everything(self) -> None:
+        self._owner.read_all = True
+
+    def __iter__(self) -> Any:
+        self._everything()
+        return super().__iter__()
+
+    def keys(self) -> Any:
+        self._everything()
+        return super().keys()
+
+    def items(self) -> Any:
+        self._everything()
+        return super().items()
+
+    def values(self) -> Any:
+        self._everything()
+        return super().values()
 
 
 def _read_toml(path: str | os.PathLike[str]) -> Mapping[str, Any]:

@@ -715,3 +715,20 @@ def test_api_arguments_are_checked() -> None:
         RelationshipCache(Store.templates).and_(FromCache())  # type: ignore[arg-type]
     both = RelationshipCache(Store.templates).and_(RelationshipCache(Template.store))
     assert len(both._relationships) == 2
+
+
+@pytest.mark.parametrize(
+    ("backend", "arguments", "typo"),
+    [
+        ("redis", {"hots": "cache.internal"}, "hots"),
+        ("redis", {"url": "redis://127.0.0.1:6379/0", "socket_timout": 1}, "socket_timout"),
+        ("memcached", {"url": "127.0.0.1:11211", "behaviours": {}}, "behaviours"),
+        ("dbm", {"filename": "/tmp/ormcache-typo.dbm", "rw_lock_file": True}, "rw_lock_file"),
+        ("memory", {"size": 10}, "size"),
+    ],
+)
+def test_misspelt_backend_arguments_are_refused(backend: str, arguments: dict[str, Any], typo: str) -> None:
+    from ormcache import OrmCache
+
+    with pytest.raises(ConfigurationError, match=f"region 'r', setting 'arguments'.*'{typo}'"):
+        OrmCache.from_settings({"regions": {"r": {"backend": backend, "arguments": arguments}}})
