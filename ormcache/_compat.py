@@ -21,6 +21,7 @@ __all__ = [
     "executing_flush",
     "generate_cache_key",
     "fan_out",
+    "in_async_greenlet",
     "run_after_routing",
     "serialized_payload",
     "session_connections",
@@ -85,6 +86,17 @@ def executing_flush(session: Session) -> bool:
     if executing is None:
         return bool(session._flushing)
     return bool(executing)
+
+
+def in_async_greenlet() -> bool:
+    """Whether this code runs inside SQLAlchemy's asyncio bridge (an
+    ``AsyncSession``'s statement): blocking on a thread lock there blocks
+    the event loop, and with it the task that holds the lock."""
+    try:
+        from sqlalchemy.util.concurrency import in_greenlet
+    except ImportError:  # pragma: no cover - older SQLAlchemy
+        return False
+    return bool(in_greenlet())
 
 
 def run_after_routing(orm_context: Any, listener: Any) -> None:

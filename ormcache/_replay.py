@@ -220,6 +220,9 @@ def replay_or_capture(cursor: Any, statement: str, parameters: Any, context: Any
         if description is None:
             return True
         rows = cursor.fetchall()
+        if rows and type(rows[0]) is not tuple:
+            # drivers' own row types (asyncpg's Record) may not pickle
+            rows = [tuple(row) for row in rows]
         capture.description = tuple(tuple(col[:7]) for col in description)
         capture.rows = rows
         connection = getattr(cursor, "connection", None)

@@ -275,7 +275,9 @@ class OrmCache:
     def attach(self, target: Any) -> OrmCache:
         """Cache the queries of sessions made by ``target``: a ``Session``
         subclass, a ``sessionmaker``, a ``scoped_session`` or one
-        ``Session``.  Returns ``self``."""
+        ``Session``, or their asyncio counterparts (``async_sessionmaker``,
+        ``async_scoped_session``, an ``AsyncSession``).  Returns ``self``."""
+        target = _sync_target(target)
         if not event.contains(target, "do_orm_execute", self._do_orm_execute):
             event.listen(target, "do_orm_execute", self._do_orm_execute)
             self._attached.append(target)
@@ -283,6 +285,7 @@ class OrmCache:
 
     def detach(self, target: Any) -> None:
         """Undo :meth:`attach`."""
+        target = _sync_target(target)
         if event.contains(target, "do_orm_execute", self._do_orm_execute):
             event.remove(target, "do_orm_execute", self._do_orm_execute)
         self._attached = [t for t in self._attached if t is not target]
@@ -673,9 +676,13 @@ class OrmCache:
                     stale = self._serve(orm_context, store, option, shape, dialect, values, True, fanout)
                     if stale is not None:
                         return stale
-                # someone is filling this key: wait, then read what they stored
-                waited = True
-                acquired = mutex.acquire(True)
+                if not _compat.in_async_greenlet():
+                    # someone is filling this key: wait, then read what they stored
+                    waited = True
+                    acquired = mutex.acquire(True)
+                # else an asyncio task: the holder may be another task of
+                # this thread, awaiting its query; waiting would block the
+                # event loop, and that task with it.  Ask the database.
         except Exception as err:
             store.failed("lock", err)
             acquired = False
@@ -1098,6 +1105,32 @@ class OrmCache:
                 failed.append(name)
         if failed:
             raise BackendError(failed[0], "record an invalidation")
+
+
+def _sync_target(target: Any) -> Any:
+    """What ``do_orm_execute`` listeners go on for an asyncio target: the
+    synchronous ``Session`` (class) that an ``AsyncSession`` runs.  An
+    ``async_sessionmaker`` that names no ``sync_session_class`` is given a
+    subclass of its own, so that attaching it leaves other sessions of the
+    process alone, as attaching a ``sessionmaker`` does."""
+    try:
+        from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session, async_sessionmaker
+    except ImportError:  # pragma: no cover
+        return target
+    if isinstance(target, async_scoped_session):
+        target = target.session_factory
+    if isinstance(target, async_sessionmaker):
+        sync_class = target.kw.get("sync_session_class")
+        if sync_class is None:
+            base = getattr(target.class_, "sync_session_class", None) or Session
+            sync_class = type(base.__name__, (base,), {"__module__": base.__module__})
+            target.configure(sync_session_class=sync_class)
+        return sync_class
+    if isinstance(target, AsyncSession):
+        return target.sync_session
+    if isinstance(target, type) and issubclass(target, AsyncSession):
+        return target.sync_session_class
+    return target
 
 
 #: backends that keep Python objects in the process: nothing to sign

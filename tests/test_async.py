@@ -1,0 +1,125 @@
+"""``AsyncSession`` (FastAPI-style applications): attaching the asyncio
+session factories, hits and invalidation through asyncpg, and tasks of
+one event loop that miss the same key at once."""
+
+from __future__ import annotations
+
+import asyncio
+import faulthandler
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, select, text, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from ormcache import FromCache, OrmCache
+from ormcache.testing.fixtures import Base, Template, seed
+
+pytest.importorskip("greenlet")
+from sqlalchemy.ext.asyncio import (  # noqa: E402
+    AsyncSession,
+    async_scoped_session,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+
+@pytest.fixture
+def cache() -> Iterator[OrmCache]:
+    cache = OrmCache.from_settings(
+        {"namespace": "as" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}}
+    )
+    yield cache
+    cache.close()
+
+
+def test_async_factories_attach_to_their_own_sync_sessions(cache: OrmCache) -> None:
+    engine = create_async_engine("sqlite+aiosqlite://")
+    maker = async_sessionmaker(engine)
+    cache.attach(maker)
+    from sqlalchemy import event
+
+    def attached(target: Any) -> bool:
+        return event.contains(target, "do_orm_execute", cache._do_orm_execute)
+
+    sync_class = maker.kw["sync_session_class"]
+    assert issubclass(sync_class, Session) and sync_class is not Session
+    assert attached(sync_class) and not attached(Session)
+    other = async_sessionmaker(engine)  # not attached: untouched
+    assert "sync_session_class" not in other.kw
+    cache.attach(async_scoped_session(maker, scopefunc=asyncio.current_task))  # the same class
+    assert len(cache._attached) == 1
+    session = AsyncSession(engine)
+    cache.attach(session)
+    assert attached(session.sync_session)
+    cache.detach(maker)
+    cache.detach(session)
+    assert not attached(sync_class) and not attached(session.sync_session)
+
+
+@pytest.fixture
+def async_pg_url(postgresql_url: str) -> Iterator[str]:
+    url = make_url(postgresql_url)
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        if not conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = 'ormcache_async'")):
+            conn.exec_driver_sql('CREATE DATABASE "ormcache_async"')
+    admin.dispose()
+    sync = create_engine(url.set(database="ormcache_async"))
+    Base.metadata.drop_all(sync)
+    Base.metadata.create_all(sync)
+    seed(sync)
+    sync.dispose()
+    yield url.set(drivername="postgresql+asyncpg", database="ormcache_async").render_as_string(
+        hide_password=False
+    )
+
+
+@pytest.mark.parametrize("backend", ["memory", "memory_pickle"])
+def test_asyncpg_hits_invalidation_and_concurrent_misses(async_pg_url: str, backend: str) -> None:
+    cache = OrmCache.from_settings(
+        {"namespace": "ap" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": backend}}}
+    )
+    # a deadlock would stop the event loop, and the test with it
+    faulthandler.dump_traceback_later(120, exit=True)
+    try:
+        asyncio.run(_asyncpg_scenario(async_pg_url, cache))
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        cache.close()
+
+
+async def _asyncpg_scenario(url: str, cache: OrmCache) -> None:
+    from ormcache.testing import QueryCounter
+
+    engine = create_async_engine(url)
+    maker = async_sessionmaker(engine)
+    cache.attach(maker)
+    stmt = select(Template).where(Template.store_id == 1).order_by(Template.id).options(FromCache())
+
+    async def names() -> list[str]:
+        async with maker() as session:
+            return [t.name for t in (await session.scalars(stmt)).all()]
+
+    try:
+        # five tasks miss the same key at once: none may wait on another's lock
+        results = await asyncio.gather(*[names() for _ in range(5)])
+        assert all(r == results[0] for r in results) and results[0][0] == "t1"
+        with QueryCounter(engine.sync_engine) as counter:
+            assert (await names())[0] == "t1"  # stored, although asyncpg rows do not pickle
+        assert counter.selects == 0
+        async with maker() as session:
+            await session.execute(update(Template).where(Template.id == 1).values(name="async"))
+            await session.commit()
+        assert (await names())[0] == "async"
+        async with maker() as session:
+            got = await session.get(Template, 2, options=[FromCache()])
+            assert got is not None and got.name == "t2"
+            got.name = "pending"
+            again = await session.get(Template, 2, options=[FromCache()])
+            assert again is got and again.name == "pending"
+    finally:
+        await engine.dispose()
