@@ -76,12 +76,13 @@ def database_id(bind: Engine | Connection) -> str:
       named shared-cache memory database (``file:NAME?mode=memory``) is
       shared by the engines of one process.
     * A server database is ``dialect://host:port/database`` (the dialect's
-      default port when the URL names none), followed by the schema that
-      unqualified table names resolve to on its connections (PostgreSQL's
-      ``search_path``, the user's default schema elsewhere), as SQLAlchemy
-      found it when the engine first connected: two engines whose
-      connections see different tables under one name are two databases.
-      The user name and password do not count otherwise.
+      default port when the URL names none), and for PostgreSQL the
+      ``search_path`` its URL sets (``?options=-csearch_path%3Dtenant``):
+      two engines whose connections see different tables under one name
+      are two databases.  The user name and password do not count.  A
+      ``search_path`` set otherwise (``connect_args``, a connect event,
+      the role's own schema) is not seen: name such databases with the
+      execution option below, or use ``schema_translate_map``.
     * The execution option ``ormcache_database`` overrides all of this.
     """
     engine = bind.engine
@@ -132,8 +133,8 @@ def _compute_database_id(engine: Engine) -> str:
     host = url.host or ""
     port = url.port or _DEFAULT_PORTS.get(backend) or ""
     ident = f"{backend}://{host}:{port}/{url.database or ''}"
-    schema = _default_schema(engine)
-    return f"{ident}#{schema}" if schema else ident
+    search_path = _url_search_path(url) if backend == "postgresql" else None
+    return f"{ident}#search_path={search_path}" if search_path else ident
 
 
 def _memory_id(engine: Engine) -> str:
@@ -144,16 +145,17 @@ def _memory_id(engine: Engine) -> str:
         return ident
 
 
-def _default_schema(engine: Engine) -> str | None:
-    """The schema unqualified names resolve to, as the dialect learnt it on
-    the engine's first connection (made here when there was none yet)."""
-    dialect = engine.dialect
-    if dialect.default_schema_name is None and not getattr(dialect, "_ormcache_probed", False):
-        with engine.connect():
-            pass  # SQLAlchemy initializes the dialect on the first connection
-        dialect._ormcache_probed = True  # type: ignore[attr-defined]
-    schema = dialect.default_schema_name
-    return str(schema) if schema else None
+def _url_search_path(url: Any) -> str | None:
+    """The ``search_path`` a PostgreSQL URL sets for its connections
+    (``?options=-csearch_path%3Dtenant``), as written; None when it sets
+    none.  Read from the URL only: nothing is asked of the server."""
+    options = url.query.get("options")
+    if isinstance(options, tuple):
+        options = " ".join(options)
+    if not options:
+        return None
+    found = re.search(r"search_path\s*=\s*(\S+)", str(options))
+    return found.group(1).replace("\\", "") if found else None
 
 
 def table_name(

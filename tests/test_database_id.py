@@ -72,15 +72,19 @@ def test_server_url_spellings_of_one_database_agree(pg_url: str) -> None:
 
 
 def test_search_path_tenants_are_different_databases(pg_url: str, cache: OrmCache) -> None:
-    """Schema-per-tenant through ``search_path``: the same unqualified SQL
-    reads different tables, so each tenant has its own entries."""
+    """Schema-per-tenant through the ``search_path`` a URL sets: the same
+    unqualified SQL reads different tables, so each tenant has its own
+    entries."""
     admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
     tenants = [f"ormcache_tenant_{i}_{uuid.uuid4().hex[:6]}" for i in range(2)]
     try:
         with admin.connect() as conn:
             for tenant in tenants:
                 conn.execute(text(f'CREATE SCHEMA "{tenant}"'))
-        engines = [create_engine(pg_url, connect_args={"options": f"-csearch_path={t}"}) for t in tenants]
+        base = make_url(pg_url)
+        engines = [
+            create_engine(base.update_query_dict({"options": f"-csearch_path={t}"})) for t in tenants
+        ]
         for i, engine in enumerate(engines):
             Base.metadata.create_all(engine)
             seed(engine, prefix=f"tenant{i}-")
@@ -103,3 +107,18 @@ def test_search_path_tenants_are_different_databases(pg_url: str, cache: OrmCach
         admin.dispose()
 
 
+
+
+def test_database_ids_ask_nothing_of_the_server() -> None:
+    """Naming a database never connects to it: an engine whose server is
+    down still gets its id (explicit invalidation goes on; a connection
+    held by a session is never competed for)."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    engine = create_engine(f"postgresql+psycopg2://nobody@127.0.0.1:{port}/nowhere")
+    assert database_id(engine) == f"postgresql://127.0.0.1:{port}/nowhere"
+    assert engine.dialect.server_version_info is None  # never connected
