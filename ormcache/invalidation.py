@@ -431,21 +431,22 @@ def _writes(context: Any) -> bool:
 
 
 def _cte_targets(compiled: Any) -> tuple[Any, ...]:
-    """The tables that data-modifying CTEs of a compiled statement write
-    (remembered on it: SQLAlchemy caches compiled statements)."""
+    """What data-modifying CTEs of a compiled statement write: tables, and
+    for textual ones (``text("UPDATE ...").columns(...).cte()``) the names
+    :func:`text_tables` reads (remembered on the compiled statement:
+    SQLAlchemy caches those)."""
     found = getattr(compiled, "_ormcache_cte_targets", None)
     if found is None:
-        found = ()
-        ctes = getattr(compiled, "ctes", None)
-        if ctes:
-            found = tuple(
-                [
-                    cte.element.table
-                    for cte in ctes
-                    if getattr(cte.element, "is_dml", False)
-                    and getattr(cte.element, "table", None) is not None
-                ]
-            )
+        targets: list[Any] = []
+        for cte in getattr(compiled, "ctes", None) or ():
+            element = cte.element
+            if getattr(element, "is_dml", False) and getattr(element, "table", None) is not None:
+                targets.append(element.table)
+                continue
+            sql = getattr(getattr(element, "element", None), "text", None)
+            if isinstance(sql, str):
+                targets.extend(sorted(text_tables(sql) or ()))
+        found = tuple(targets)
         try:
             compiled._ormcache_cte_targets = found
         except AttributeError:
@@ -626,10 +627,10 @@ _TEXT_READ = frozenset(
 _IDENT = r'(?:"(?:[^"]|"")+"|`[^`]+`|\[[^\]]+\]|[\w$]+)'
 _TEXT_WRITE = re.compile(
     rf"""^\s*(?P<verb>
-        insert\s+(?:or\s+\w+\s+)?into |
-        replace\s+into |
-        update(?:\s+or\s+\w+)?(?:\s+only)? |
-        delete\s+from(?:\s+only)? |
+        insert(?:\s+(?:low_priority|delayed|high_priority|ignore))*\s+(?:or\s+\w+\s+)?into |
+        replace(?:\s+(?:low_priority|delayed))?\s+into |
+        update(?:\s+(?:low_priority|ignore))*(?:\s+or\s+\w+)?(?:\s+only)? |
+        delete(?:\s+(?:low_priority|quick|ignore))*\s+from(?:\s+only)? |
         merge\s+into |
         truncate(?:\s+table)?(?:\s+only)? |
         alter\s+table(?:\s+if\s+exists)?(?:\s+only)? |
@@ -752,14 +753,20 @@ def _written_by(context: Any, statement: str, conn: Connection) -> set[str] | No
             found = sql_util.find_tables(target, include_joins=True, include_aliases=True)
             if not found:
                 return {UNKNOWN}
+        named: set[str] = set()
         for target in ctes:
-            found.extend(sql_util.find_tables(target, include_joins=True, include_aliases=True))
-        if not found:
+            if isinstance(target, str):  # read from a textual CTE
+                named.add(target)
+            else:
+                found.extend(sql_util.find_tables(target, include_joins=True, include_aliases=True))
+        if not found and not named:
             return {UNKNOWN}
     written = {
         table_name(t.name, getattr(t, "schema", None), schema_map, default_schema)
         for t in found
     }
+    if ctes:
+        written |= named
     if context.isdelete or ctes:
         cascaded = _cascades(found, True, None)
         if ctes:  # of either kind
@@ -778,7 +785,6 @@ def _written_by(context: Any, statement: str, conn: Connection) -> set[str] | No
 
 
 _REFERENTIAL = frozenset({"CASCADE", "SET NULL", "SET DEFAULT"})
-_referencing_memo: weakref.WeakKeyDictionary[Any, tuple[int, tuple[Any, ...]]] = weakref.WeakKeyDictionary()
 
 
 def _set_keys(compiled: Any, stmt: Any) -> set[str] | None:
@@ -825,9 +831,9 @@ def _referencing(table: Any) -> tuple[Any, ...]:
     ``MetaData`` that references it, remembered until tables are added."""
     metadata = table.metadata
     size = len(metadata.tables)
-    memo = _referencing_memo.get(table)
+    memo = table.__dict__.get("_ormcache_referencing")
     if memo is not None and memo[0] == size:
-        return memo[1]
+        return memo[1]  # type: ignore[no-any-return]
     found = tuple(
         [
             (other, fk)
@@ -836,5 +842,5 @@ def _referencing(table: Any) -> tuple[Any, ...]:
             if fk.references(table)
         ]
     )
-    _referencing_memo[table] = (size, found)
+    table._ormcache_referencing = (size, found)  # lives and dies with the table
     return found

@@ -366,8 +366,10 @@ def table_pk_positions(mapper: Any, table: Any) -> tuple[int, ...] | None:
     tables) sit in the mapper's primary key, by the attribute they are
     mapped to; None when one is not part of it (a class mapped to a join
     of tables, a mapper given its own ``primary_key``)."""
-    memo_key = (mapper, table)
-    found = _pk_positions.get(memo_key, _MISSING)
+    memo = mapper.__dict__.get("_ormcache_pk_positions")
+    if memo is None:
+        memo = mapper._ormcache_pk_positions = {}  # lives and dies with the mapper
+    found = memo.get(table, _MISSING)
     if found is _MISSING:
         found = None
         try:
@@ -377,12 +379,11 @@ def table_pk_positions(mapper: Any, table: Any) -> tuple[int, ...] | None:
                 found = tuple([keys.index(mapper.get_property_by_column(c).key) for c in cols])
         except Exception:  # an unmapped column, a key not among the mapper's
             found = None
-        _pk_positions[memo_key] = found
+        memo[table] = found
     return found  # type: ignore[no-any-return]
 
 
 _MISSING: Any = object()
-_pk_positions: dict[tuple[Any, Any], tuple[int, ...] | None] = {}
 
 
 def _pk_bind_index(mapper: Any, criterion: Any, cache_key: Any) -> int | None:

@@ -146,5 +146,15 @@ class TestPostgresqlRedis(BackendTests):
                 conn.execute(insert(Store).values(id=9, name="store9").add_cte(moved.cte("moved")))
             assert self.cached_names(stmt) == (["by insert cte"], 1)
             assert self.cached_names(stores)[0][-1] == "store9"
+            from sqlalchemy import Integer, column
+
+            textual = (
+                text("UPDATE templates SET name = 'by text cte' WHERE id = 1 RETURNING id")
+                .columns(column("id", Integer))
+                .cte("textual")
+            )
+            with writer.begin() as conn:
+                assert conn.execute(select(textual.c.id)).scalar() == 1
+            assert self.cached_names(stmt) == (["by text cte"], 1)
         finally:
             writer.dispose()

@@ -34,6 +34,12 @@ CASES = [
     ('update "Sch"."x ""y""" set a = 1', {'sch.x "y"'}),
     ("UPDATE `a b` SET x = 1", {"a b"}),
     ("UPDATE [a b] SET x = 1", {"a b"}),
+    ("UPDATE IGNORE a SET x = 1", {"a"}),
+    ("UPDATE LOW_PRIORITY IGNORE a SET x = 1", {"a"}),
+    ("DELETE LOW_PRIORITY QUICK IGNORE FROM a WHERE x = 1", {"a"}),
+    ("INSERT IGNORE INTO a VALUES (1)", {"a"}),
+    ("INSERT HIGH_PRIORITY INTO a VALUES (1)", {"a"}),
+    ("REPLACE LOW_PRIORITY INTO a VALUES (1)", {"a"}),
     # several statements
     ("UPDATE a SET x = 1; UPDATE b SET y = 2;", {"a", "b"}),
     ("SELECT 1; UPDATE b SET y = 2", {"b"}),
