@@ -28,8 +28,13 @@ def channel_name(namespace: str, region: str) -> str:
     return f"{namespace}:inv:{region}"
 
 
+def message(mapping: dict[str, str]) -> str:
+    """What is published for version tokens written: ``{key: token}``."""
+    return json.dumps(mapping, separators=(",", ":"))
+
+
 def publish(client: Any, channel: str, mapping: dict[str, str]) -> None:
-    client.publish(channel, json.dumps(mapping, separators=(",", ":")))
+    client.publish(channel, message(mapping))
 
 
 class Subscriber:

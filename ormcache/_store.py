@@ -270,8 +270,28 @@ class Store:
         mangler = region.key_mangler
         if mangler is not None:
             mapping = {mangler(k): v for k, v in mapping.items()}
+        channel = self.publish_channel
+        published = False
         if self._serialized:
-            region.backend.set_serialized_multi({k: v.encode("ascii") for k, v in mapping.items()})
+            payload = {k: v.encode("ascii") for k, v in mapping.items()}
+            if channel is not None and self._set_unlocking is not None:
+                # a single Redis server: the tokens and their announcement
+                # in one round trip
+                from ._pubsub import message
+
+                backend = region.backend
+                ttl = backend.redis_expiration_time  # type: ignore[attr-defined]
+                pipe = backend.writer_client.pipeline(transaction=False)  # type: ignore[attr-defined]
+                if ttl:
+                    for key, value in payload.items():
+                        pipe.setex(key, ttl, value)
+                else:
+                    pipe.mset(payload)
+                pipe.publish(channel, message(dict(mapping)))
+                pipe.execute()
+                published = True
+            else:
+                region.backend.set_serialized_multi(payload)
         else:
             region.backend.set_multi(mapping)
         if self.subscriber is not None:
@@ -279,10 +299,10 @@ class Store:
             # message comes back
             self.subscriber.generation += 1
             self.subscriber.tokens.update(mapping)
-        if self.publish_channel is not None:
+        if channel is not None and not published:
             from ._pubsub import publish
 
-            publish(region.backend.writer_client, self.publish_channel, dict(mapping))
+            publish(region.backend.writer_client, channel, dict(mapping))
 
     def set_token(self, key: str, token: str) -> bool:
         """Write one version token (see :meth:`set_many`)."""

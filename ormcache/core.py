@@ -173,9 +173,17 @@ class OrmCache:
                         )
                     from ._pubsub import channel_name
 
-                    channel = channel_name(settings.namespace, name)
-                    store.announce_on(channel)
-                    store.follow(channel)
+                    store.follow(channel_name(settings.namespace, name))
+            if not store.in_process and (
+                hasattr(type(store.region.backend), "writer_client")
+                or hasattr(store.region.backend, "writer_client")
+            ):
+                # every process that writes through a Redis region announces
+                # its tokens, whether or not it keeps a relaxed L1 itself:
+                # the readers that do depend on every writer's messages
+                from ._pubsub import channel_name
+
+                store.announce_on(channel_name(settings.namespace, name))
         self._shapes = ShapeCache()
         self._databases: dict[str, Any] = {}
         self._groups: dict[Any, _ShardGroup | None] = {}

@@ -89,9 +89,12 @@ def test_l1_is_as_consistent_as_l2(redis_url: str, tmp_path: Any) -> None:
         engine.dispose()
 
 
-def test_relaxed_l1_sees_writes_from_other_processes(redis_url: str, tmp_path: Any) -> None:
+@pytest.mark.parametrize("writer_l1", ["relaxed", "validated", None])
+def test_relaxed_l1_sees_writes_from_other_processes(redis_url: str, tmp_path: Any, writer_l1: Any) -> None:
     """Relaxed mode: no round trip on an L1 hit; a write through another
-    cache (another process) arrives over pub/sub within a bounded time."""
+    cache (another process) arrives over pub/sub within a bounded time,
+    whatever L1 the writer's own settings give it (a worker or a cron job
+    may have none)."""
     import time
     import uuid
 
@@ -112,7 +115,11 @@ def test_relaxed_l1_sees_writes_from_other_processes(redis_url: str, tmp_path: A
         "arguments": {"url": redis_url},
     }
     settings = {"namespace": "rx" + uuid.uuid4().hex[:8], "regions": {"r": region}}
-    reader_cache, writer_cache = OrmCache.from_settings(settings), OrmCache.from_settings(settings)
+    writer_region = {key: value for key, value in region.items() if key != "l1"}
+    if writer_l1 is not None:
+        writer_region["l1"] = {"max_entries": 100, "mode": writer_l1}
+    reader_cache = OrmCache.from_settings(settings)
+    writer_cache = OrmCache.from_settings({**settings, "regions": {"r": writer_region}})
     readers, writers = sessionmaker(engine), sessionmaker(engine)
     reader_cache.attach(readers)
     writer_cache.attach(writers)
