@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
+import weakref
 from typing import Any
 
 __all__ = ["Subscriber", "publish"]
@@ -52,10 +54,22 @@ class Subscriber:
         self.generation = 0
         self.healthy = False
         self._stop = threading.Event()
+        self._start()
+        _subscribers.add(self)
+
+    def _start(self) -> None:
         self._thread = threading.Thread(
-            target=self._run, name=f"ormcache-pubsub-{channel}", daemon=True
+            target=self._run, name=f"ormcache-pubsub-{self.channel}", daemon=True
         )
         self._thread.start()
+
+    def _after_fork(self) -> None:
+        """In a forked child: the thread that followed the channel did not
+        survive the fork, and the tokens it kept stop moving; forget them
+        and follow the channel again from this process."""
+        self._forget()
+        if not self._stop.is_set():
+            self._start()
 
     def remember(self, generation: int, keys: list[str], tokens: list[Any]) -> None:
         """Keep tokens read from Redis, unless a message came meanwhile."""
@@ -113,3 +127,16 @@ class Subscriber:
                         pubsub.close()
                     except Exception:
                         pass
+
+
+_subscribers: weakref.WeakSet[Subscriber] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for subscriber in list(_subscribers):
+        subscriber._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    # gunicorn --preload, multiprocessing's fork, celery's prefork pool
+    os.register_at_fork(after_in_child=_after_fork_in_child)

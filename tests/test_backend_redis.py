@@ -210,3 +210,43 @@ def test_round_trips_of_a_miss_and_a_hit(redis_url: str, tmp_path: Any, monkeypa
     finally:
         cache.close()
         engine.dispose()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_relaxed_l1_follows_the_channel_again_after_fork(redis_url: str) -> None:
+    """A forked child (gunicorn --preload, a prefork pool) loses the thread
+    that followed the channel: its copied tokens would never move again.
+    It forgets them and subscribes from the child."""
+    import os
+    import time
+    import uuid
+
+    from ormcache import OrmCache
+
+    cache = OrmCache.from_settings(
+        {
+            "namespace": "fk" + uuid.uuid4().hex[:8],
+            "regions": {
+                "r": {"backend": "redis", "l1": {"max_entries": 10, "mode": "relaxed"}, "arguments": {"url": redis_url}}
+            },
+        }
+    )
+    subscriber = cache._stores["r"].subscriber
+    deadline = time.monotonic() + 5
+    while not subscriber.healthy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert subscriber.healthy
+    subscriber.tokens["k"] = "t"
+    pid = os.fork()
+    if pid == 0:  # the child
+        ok = subscriber.tokens == {} and subscriber._thread.is_alive()
+        deadline = time.monotonic() + 5
+        while not subscriber.healthy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os._exit(0 if ok and subscriber.healthy else 1)
+    try:
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert subscriber.tokens == {"k": "t"}  # the parent's are its own
+    finally:
+        cache.close()
