@@ -20,6 +20,15 @@ not attempted.
 Programmatic use passes ``-x`` through ``Config.cmd_opts`` and may set
 ``config.attributes["configure_logger"] = False`` to leave the caller's
 logging alone.
+
+The application's cache: ``-x ormcache_settings=PATH`` (or
+``$ORMCACHE_SETTINGS``) names its settings file.  With it, this process
+has an ``OrmCache`` while it migrates, so that everything a migration
+writes (DDL, ``op.execute``, ``op.bulk_insert``) invalidates what it
+touches in the application's shared regions, as any write does: a
+downgrade followed by an upgrade, which leaves the revision where it was,
+is seen too.  In-process regions of running applications are out of its
+reach (they restart on a deploy, or call ``cache.invalidate_all()``).
 """
 
 from __future__ import annotations
@@ -101,11 +110,34 @@ def run_migrations_offline() -> None:
             context.run_migrations()
 
 
+def application_cache() -> Any:
+    """The application's ``OrmCache``, from ``-x ormcache_settings=PATH`` or
+    ``$ORMCACHE_SETTINGS``; None without either."""
+    x = context.get_x_argument(as_dictionary=True)
+    path = x.get("ormcache_settings") or os.environ.get("ORMCACHE_SETTINGS")
+    if not path:
+        return None
+    from ormcache import OrmCache
+
+    cache = OrmCache.from_settings(path)
+    config.print_stdout(f"ormcache: what migrations write is invalidated in the regions of {path}")
+    return cache
+
+
 def run_migrations_online() -> None:
     targets = databases()
     total = len(targets)
     width = len(str(total))
     done: list[str] = []
+    cache = application_cache()
+    try:
+        _migrate(targets, total, width, done)
+    finally:
+        if cache is not None:
+            cache.close()
+
+
+def _migrate(targets: dict[str, str], total: int, width: int, done: list[str]) -> None:
     if total > 1:
         config.print_stdout(f"migrating {total} shards")
     for n, (name, url) in enumerate(targets.items(), 1):

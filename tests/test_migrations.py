@@ -316,3 +316,60 @@ def test_head_schema_takes_orm_inserts(tmp_path: Path) -> None:
         )
         assert conn.execute(select(Template.locale)).scalar_one() == "en"
     engine.dispose()
+
+
+def test_migrations_run_with_the_application_settings_invalidate(tmp_path: Path) -> None:
+    """A downgrade and an upgrade leave the revision where it was, so a
+    cache keyed by the revision alone would serve rows cached before them.
+    Run with the application's settings (``$ORMCACHE_SETTINGS``), the
+    migration process invalidates what it writes in the shared regions."""
+    data = tmp_path / "data"
+    empty_shards(data, 2)
+    command.upgrade(alembic(f"data_dir={data}")[0], HEAD)
+    engines = create_engines(data)
+    for n, engine in enumerate(engines.values()):
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO stores VALUES (:n, 's', 'c', 'pro', '2024-01-01')"), {"n": n})
+            conn.execute(
+                text("INSERT INTO templates VALUES (:id, :n, 't', 'menu', 'draft', 1, '{}', '2024-01-01', 'fr')"),
+                {"id": n * 10, "n": n},
+            )
+    namespace = "mg" + uuid.uuid4().hex[:8]
+    settings = tmp_path / "ormcache.toml"
+    settings.write_text(
+        "[ormcache]\n"
+        f'namespace = "{namespace}"\n'
+        "[ormcache.regions.templates]\n"
+        'backend = "dbm"\n'
+        f'arguments = {{ filename = "{tmp_path / "cache.dbm"}" }}\n'
+    )
+    cache = OrmCache.from_settings(settings)
+    Session = make_sessionmaker(engines)
+    cache.attach(Session)
+    stmt = select(Template.id, Template.locale).order_by(Template.id).options(FromCache("templates"))
+
+    def read() -> list[tuple[int, str]]:
+        with Session() as session:
+            return [(r[0], r[1]) for r in session.execute(stmt)]
+
+    try:
+        cache.use_schema_version(schema_revision(engines))
+        assert read() == read() == [(0, "fr"), (10, "fr")]
+        for target in (INITIAL, "head"):
+            done = subprocess.run(
+                [sys.executable, "-m", "alembic", "-c", str(REPO / "alembic.ini"),
+                 "-x", f"data_dir={data}", "downgrade" if target == INITIAL else "upgrade", target],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(REPO), "ORMCACHE_SETTINGS": str(settings)},
+            )
+            assert done.returncode == 0, done.stderr
+            assert "ormcache: what migrations write is invalidated" in done.stdout
+        cache.use_schema_version(schema_revision(engines))
+        assert cache.schema_version == HEAD  # the same revision as before
+        assert read() == [(0, "en"), (10, "en")]  # the upgrade's default, not the cached rows
+    finally:
+        cache.close()
+        for engine in engines.values():
+            engine.dispose()
