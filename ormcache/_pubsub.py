@@ -53,6 +53,9 @@ class Subscriber:
         #: not put its (maybe older) tokens into ``tokens``
         self.generation = 0
         self.healthy = False
+        #: guards ``tokens`` with ``generation``: a read's tokens must not
+        #: overwrite a message's that came between its check and its write
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._start()
         _subscribers.add(self)
@@ -67,25 +70,34 @@ class Subscriber:
         """In a forked child: the thread that followed the channel did not
         survive the fork, and the tokens it kept stop moving; forget them
         and follow the channel again from this process."""
+        self._lock = threading.Lock()  # the parent's may have been held
         self._forget()
         if not self._stop.is_set():
             self._start()
 
     def remember(self, generation: int, keys: list[str], tokens: list[Any]) -> None:
         """Keep tokens read from Redis, unless a message came meanwhile."""
-        if not self.healthy or generation != self.generation:
-            return
-        for key, token in zip(keys, tokens):
-            if isinstance(token, str):
-                self.tokens[key] = token
+        with self._lock:
+            if not self.healthy or generation != self.generation:
+                return
+            for key, token in zip(keys, tokens):
+                if isinstance(token, str):
+                    self.tokens[key] = token
+
+    def apply(self, mapping: dict[str, str]) -> None:
+        """Tokens this process or a message wrote: they count at once."""
+        with self._lock:
+            self.generation += 1
+            self.tokens.update(mapping)
 
     def close(self) -> None:
         self._stop.set()
 
     def _forget(self) -> None:
-        self.healthy = False
-        self.tokens.clear()
-        self.generation += 1
+        with self._lock:
+            self.healthy = False
+            self.tokens.clear()
+            self.generation += 1
 
     def _run(self) -> None:
         delay = 0.05
@@ -101,19 +113,18 @@ class Subscriber:
                         continue
                     kind = message.get("type")
                     if kind == "subscribe":
-                        self.tokens.clear()
-                        self.generation += 1
-                        self.healthy = True
+                        with self._lock:
+                            self.tokens.clear()
+                            self.generation += 1
+                            self.healthy = True
                         delay = 0.05
                     elif kind == "message":
-                        self.generation += 1
                         try:
                             update = json.loads(message["data"])
                         except (ValueError, TypeError):
                             self._forget()
                             continue
-                        for key, token in update.items():
-                            self.tokens[key] = token
+                        self.apply(update)
             except Exception as err:
                 if self.healthy:
                     log.warning("invalidation channel %r lost: %s", self.channel, err)

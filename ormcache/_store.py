@@ -297,8 +297,7 @@ class Store:
         if self.subscriber is not None:
             # this process's own writes count at once, not when their
             # message comes back
-            self.subscriber.generation += 1
-            self.subscriber.tokens.update(mapping)
+            self.subscriber.apply(dict(mapping))
         if channel is not None and not published:
             from ._pubsub import publish
 
