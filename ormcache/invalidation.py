@@ -753,6 +753,12 @@ def _written_by(context: Any, statement: str, conn: Connection) -> set[str] | No
             found = sql_util.find_tables(target, include_joins=True, include_aliases=True)
             if not found:
                 return {UNKNOWN}
+            if context.isupdate:
+                # MySQL's multi-table UPDATE sets columns of other tables
+                for key in _set_columns(stmt):
+                    table = getattr(key, "table", None)
+                    if table is not None and getattr(table, "name", None) and table not in found:
+                        found.append(table)
         named: set[str] = set()
         for target in ctes:
             if isinstance(target, str):  # read from a textual CTE
@@ -787,13 +793,18 @@ def _written_by(context: Any, statement: str, conn: Connection) -> set[str] | No
 _REFERENTIAL = frozenset({"CASCADE", "SET NULL", "SET DEFAULT"})
 
 
+def _set_columns(stmt: Any) -> list[Any]:
+    """What an UPDATE statement's ``values()`` set: columns, or names."""
+    keys = list(getattr(stmt, "_values", None) or ())
+    keys.extend([key for key, _ in getattr(stmt, "_ordered_values", None) or ()])
+    return keys
+
+
 def _set_keys(compiled: Any, stmt: Any) -> set[str] | None:
     """The columns an UPDATE sets (keys), as far as can be told: those of
     its parameters and of its ``values()``; None when none can be."""
     keys = set(getattr(compiled, "column_keys", None) or ())
-    for key in getattr(stmt, "_values", None) or ():
-        keys.add(getattr(key, "key", key))
-    for key, _ in getattr(stmt, "_ordered_values", None) or ():
+    for key in _set_columns(stmt):
         keys.add(getattr(key, "key", key))
     return keys or None
 

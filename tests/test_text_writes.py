@@ -62,3 +62,33 @@ CASES = [
 @pytest.mark.parametrize(("sql", "written"), CASES, ids=[c[0][:40] for c in CASES])
 def test_text_tables(sql: str, written: set[str]) -> None:
     assert text_tables(sql) == written
+
+
+def test_multi_table_update_writes_every_table_it_sets() -> None:
+    """MySQL's ``UPDATE a, b SET a.x = .., b.y = ..`` (Core: ``update(a)
+    .values({a.c.x: .., b.c.y: ..})``) writes both tables."""
+    from types import SimpleNamespace
+
+    from sqlalchemy import Column, Integer, MetaData, Table, update
+    from sqlalchemy.dialects import mysql
+
+    from ormcache.invalidation import _written_by
+
+    metadata = MetaData()
+    a = Table("a", metadata, Column("id", Integer, primary_key=True), Column("x", Integer))
+    b = Table("b", metadata, Column("id", Integer, primary_key=True), Column("a_id", Integer), Column("y", Integer))
+    stmt = update(a).values({a.c.x: 1, b.c.y: 2}).where(a.c.id == b.c.a_id)
+    dialect = mysql.dialect()
+    compiled = stmt.compile(dialect=dialect)
+    assert str(compiled).startswith("UPDATE a, b SET")
+    context = SimpleNamespace(
+        dialect=dialect,
+        execution_options={},
+        compiled=compiled,
+        is_text=False,
+        isddl=False,
+        isinsert=False,
+        isupdate=True,
+        isdelete=False,
+    )
+    assert {"a", "b"} <= _written_by(context, str(compiled), None)  # type: ignore[arg-type,operator]
