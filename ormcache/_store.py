@@ -288,8 +288,13 @@ class Store:
                 else:
                     pipe.mset(payload)
                 pipe.publish(channel, message(dict(mapping)))
-                pipe.execute()
+                *stored, announced = pipe.execute(raise_on_error=False)
+                for result in stored:
+                    if isinstance(result, Exception):
+                        raise result
                 published = True
+                if isinstance(announced, Exception):
+                    self._cannot_publish(announced)
             else:
                 region.backend.set_serialized_multi(payload)
         else:
@@ -301,7 +306,29 @@ class Store:
         if channel is not None and not published:
             from ._pubsub import publish
 
-            publish(region.backend.writer_client, channel, dict(mapping))
+            try:
+                publish(region.backend.writer_client, channel, dict(mapping))
+            except Exception as err:
+                # the tokens are written: only the announcement is missing
+                self._cannot_publish(err)
+
+    def _cannot_publish(self, err: Exception) -> None:
+        """PUBLISH failed where the tokens were written (a Redis user
+        without channel permissions, a renamed command): stop announcing
+        from this region, once, rather than count the invalidation as lost."""
+        refused = any(kind.__name__ == "ResponseError" for kind in type(err).__mro__)
+        if self.subscriber is None and refused:  # NOPERM, an unknown command
+            self.publish_channel = None
+            log.warning(
+                "cache region %r: cannot publish invalidations (%s: %s); relaxed L1s "
+                "in other processes will not hear of this process's writes",
+                self.name,
+                type(err).__name__,
+                err,
+                extra=_fields(self.name, "publish_failed", error=type(err).__name__),
+            )
+            return
+        raise err
 
     def set_token(self, key: str, token: str) -> bool:
         """Write one version token (see :meth:`set_many`)."""

@@ -26,6 +26,7 @@ from servers import unavailable
 CLUSTER_PORTS = (7101, 7102, 7103)
 SENTINEL_MASTER_PORT = 6395
 SENTINEL_PORT = 26395
+ACL_PORT = 6396
 
 
 def _unavailable(what: str) -> None:
@@ -128,4 +129,29 @@ def redis_sentinel() -> Iterator[dict[str, Any]]:
     finally:
         _stop(SENTINEL_PORT)
         _stop(SENTINEL_MASTER_PORT)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_no_publish_url() -> Iterator[str]:
+    """A private Redis whose user ``app`` may use every key and command
+    but no pub/sub channel (Redis 7's default for a new ACL user)."""
+    if not (shutil.which("redis-server") and shutil.which("redis-cli")):
+        _unavailable("redis-server/redis-cli not found")
+    workdir = Path(tempfile.mkdtemp(prefix="ormcache-acl-"))
+    _stop(ACL_PORT)
+    try:
+        _start(
+            [
+                "redis-server", "--port", str(ACL_PORT), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--daemonize", "yes",
+                "--dir", str(workdir), "--logfile", str(workdir / "acl.log"),
+            ]
+        )
+        if not _wait(lambda: "PONG" in _cli(ACL_PORT, "ping")):
+            _unavailable("the private redis-server did not answer")
+        _cli(ACL_PORT, "ACL", "SETUSER", "app", "on", ">secret", "~*", "+@all", "resetchannels")
+        yield f"redis://app:secret@127.0.0.1:{ACL_PORT}/0"
+    finally:
+        _stop(ACL_PORT)
         shutil.rmtree(workdir, ignore_errors=True)

@@ -103,3 +103,53 @@ def test_cluster_region_builds_while_the_cluster_is_down(redis_cluster_url: str,
     finally:
         cache.close()
         engine.dispose()
+
+
+def test_a_user_that_may_not_publish_still_caches(redis_no_publish_url: str, tmp_path: Any, caplog: Any) -> None:
+    """Every Redis region announces its version tokens over pub/sub; a user
+    without channel permissions (NOPERM) must not make that a backend
+    failure: the tokens are written, only the announcement is dropped."""
+    import uuid
+
+    from sqlalchemy import create_engine, select
+    from sqlalchemy.orm import sessionmaker
+
+    from ormcache import FromCache, OrmCache
+    from ormcache.testing import QueryCounter
+    from ormcache.testing.fixtures import Base, Template, seed
+
+    engine = create_engine(f"sqlite:///{tmp_path}/acl.db")
+    Base.metadata.create_all(engine)
+    seed(engine)
+    cache = OrmCache.from_settings(
+        {
+            "namespace": "ac" + uuid.uuid4().hex[:8],
+            "regions": {"r": {"backend": "redis", "arguments": {"url": redis_no_publish_url}}},
+        }
+    )
+    maker = sessionmaker(engine)
+    cache.attach(maker)
+    stmt = select(Template).where(Template.id == 1).options(FromCache("r"))
+
+    def name_and_selects() -> tuple[str, int]:
+        with QueryCounter(engine) as counter, maker() as s:
+            name = s.scalars(stmt).one().name
+        return name, counter.selects
+
+    try:
+        for i in range(3):
+            with maker() as s:
+                s.get_one(Template, 1).name = f"n{i}"
+                s.commit()
+        assert name_and_selects() == ("n2", 1)
+        assert name_and_selects() == ("n2", 0)
+        store = cache._stores["r"]
+        assert store.available and not store._lost and store.publish_channel is None
+        assert "cannot publish invalidations" in caplog.text
+        with maker() as s:
+            s.get_one(Template, 1).name = "after"
+            s.commit()
+        assert name_and_selects() == ("after", 1)
+    finally:
+        cache.close()
+        engine.dispose()
