@@ -444,8 +444,11 @@ def _cte_targets(compiled: Any) -> tuple[Any, ...]:
                 targets.append(element.table)
                 continue
             sql = getattr(getattr(element, "element", None), "text", None)
-            if isinstance(sql, str):
-                targets.extend(sorted(text_tables(sql) or ()))
+            if isinstance(sql, str) and _DML_WORD.search(sql):
+                # a textual CTE that may write (a read, "TABLE t" or a
+                # parenthesized UNION, writes nothing)
+                default_schema = getattr(getattr(compiled, "dialect", None), "default_schema_name", None)
+                targets.extend(sorted(text_tables(sql, default_schema) or ()))
         found = tuple(targets)
         try:
             compiled._ormcache_cte_targets = found
@@ -649,6 +652,7 @@ _NOT_CODE = re.compile(
 #: what UPDATE may have between its table and SET: an alias, nothing else
 #: (MySQL's UPDATE a, b / UPDATE a JOIN b write several tables)
 _UPDATE_ALIAS = re.compile(rf"^\s*(?:(?:as\s+)?{_IDENT}\s*)?(?:\bset\b|$)", re.IGNORECASE | re.DOTALL)
+_DML_WORD = re.compile(r"\b(?:insert|update|delete|merge|replace|truncate)\b", re.IGNORECASE)
 _EXPLAIN_WRITE = re.compile(r"\banaly[sz]e\b.*\b(?:insert|update|delete|merge)\b", re.IGNORECASE | re.DOTALL)
 
 

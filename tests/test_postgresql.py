@@ -156,5 +156,18 @@ class TestPostgresqlRedis(BackendTests):
             with writer.begin() as conn:
                 assert conn.execute(select(textual.c.id)).scalar() == 1
             assert self.cached_names(stmt) == (["by text cte"], 1)
+            qualified = (
+                text("UPDATE public.templates SET name = 'qualified' WHERE id = 1 RETURNING id")
+                .columns(column("id", Integer))
+                .cte("qualified")
+            )
+            with writer.begin() as conn:
+                assert conn.execute(select(qualified.c.id)).scalar() == 1
+            assert self.cached_names(stmt) == (["qualified"], 1)
+            # a textual CTE that only reads writes nothing
+            reading = text("(SELECT 1 AS n) UNION ALL (SELECT 2)").columns(column("n", Integer)).cte("reading")
+            with writer.begin() as conn:
+                assert sorted(conn.execute(select(reading.c.n)).scalars()) == [1, 2]
+            assert self.cached_names(stmt) == (["qualified"], 0)
         finally:
             writer.dispose()
