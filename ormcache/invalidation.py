@@ -312,9 +312,15 @@ _db_memo: dict[str, str] = {}
 
 
 def _db(db: str) -> str:
+    """The database part of version keys.  Without the ``search_path`` a
+    PostgreSQL id may end with: result keys keep tenants apart, while one
+    set of version keys per database means that URLs which spell the
+    same ``search_path`` differently (or leave it implicit) still
+    invalidate each other's readers; tenants' writes to tables of the
+    same name then invalidate each other too, which costs misses only."""
     short = _db_memo.get(db)
     if short is None:
-        short = _db_memo[db] = digest(db, 8)
+        short = _db_memo[db] = digest(db.partition("#search_path=")[0], 8)
     return short
 
 

@@ -122,3 +122,39 @@ def test_database_ids_ask_nothing_of_the_server() -> None:
     engine = create_engine(f"postgresql+psycopg2://nobody@127.0.0.1:{port}/nowhere")
     assert database_id(engine) == f"postgresql://127.0.0.1:{port}/nowhere"
     assert engine.dialect.server_version_info is None  # never connected
+
+
+def test_search_path_spellings_still_invalidate_each_other(pg_url: str, cache: OrmCache) -> None:
+    """One URL sets ``search_path=public``, the other leaves it implicit:
+    their result keys differ, but a write through either invalidates the
+    other's readers (version keys are per database, not per spelling)."""
+    base = make_url(pg_url)
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        if not conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = 'ormcache_spelling'")):
+            conn.exec_driver_sql('CREATE DATABASE "ormcache_spelling"')
+    admin.dispose()
+    plain = create_engine(base.set(database="ormcache_spelling"))
+    spelled = create_engine(
+        base.set(database="ormcache_spelling").update_query_dict({"options": "-csearch_path=public"})
+    )
+    try:
+        Base.metadata.drop_all(plain)
+        Base.metadata.create_all(plain)
+        seed(plain)
+        assert database_id(plain) != database_id(spelled)
+        maker = sessionmaker(plain)
+        cache.attach(maker)
+        stmt = select(Template).where(Template.id == 1).options(FromCache())
+
+        def name() -> str:
+            with maker() as s:
+                return s.scalars(stmt).one().name
+
+        assert name() == name() == "t1"
+        with spelled.begin() as conn:
+            conn.execute(update(template_table).where(template_table.c.id == 1).values(name="spelled"))
+        assert name() == "spelled"
+    finally:
+        plain.dispose()
+        spelled.dispose()
