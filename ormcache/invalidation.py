@@ -492,7 +492,7 @@ def _track(conn: Connection, statement: str, context: Any, before: bool = False)
     tables = _written_by(context, statement, conn)
     if tables is None:
         return
-    if not (_flushing() and "compiled_cache" in context.execution_options):
+    if not ("compiled_cache" in context.execution_options and _flushing(conn)):
         # not one of the flush's own row-by-row statements (ORM bulk
         # statements carry compiled_cache too: from a flush event, they
         # run outside the unit of work's execution)
@@ -533,13 +533,20 @@ def _on_before_flush(session: Session, flush_context: Any, instances: Any) -> No
     sessions.add(session)
 
 
-def _flushing() -> bool:
+def _flushing(conn: Connection) -> bool:
     """Whether a session of this thread is executing its unit of work (not
-    merely flushing: flush events run outside it)."""
+    merely flushing: flush events run outside it) on ``conn``: asyncio
+    tasks share their thread, and another task's bulk statement is not
+    that flush's."""
     sessions = getattr(_flush_local, "sessions", None)
     if not sessions:
         return False
-    return any(_compat.executing_flush(s) for s in sessions)
+    for session in list(sessions):
+        if _compat.executing_flush(session) and any(
+            c is conn for c in _compat.session_connections(session)
+        ):
+            return True
+    return False
 
 
 def _on_row_write(mapper: Mapper[Any], connection: Connection, target: Any) -> None:

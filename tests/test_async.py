@@ -123,3 +123,54 @@ async def _asyncpg_scenario(url: str, cache: OrmCache) -> None:
             assert again is got and again.name == "pending"
     finally:
         await engine.dispose()
+
+
+def test_a_bulk_update_during_another_tasks_flush_invalidates_its_rows(async_pg_url: str, cache: OrmCache) -> None:
+    """Tasks share their thread: while task A's flush awaits the database,
+    task B's ORM bulk UPDATE by primary key is not one of A's row-by-row
+    flush statements, and must move the keys ``session.get`` depends on."""
+    sync = create_engine(make_url(async_pg_url).set(drivername="postgresql+psycopg2"))
+    with sync.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE OR REPLACE FUNCTION ormcache_slow() RETURNS trigger AS $$ "
+            "BEGIN PERFORM pg_sleep(0.5); RETURN NEW; END $$ LANGUAGE plpgsql"
+        )
+        conn.exec_driver_sql(
+            "CREATE TRIGGER ormcache_slow BEFORE INSERT ON tags FOR EACH ROW EXECUTE FUNCTION ormcache_slow()"
+        )
+    sync.dispose()
+    faulthandler.dump_traceback_later(120, exit=True)
+    try:
+        asyncio.run(_flush_and_bulk(async_pg_url, cache))
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+async def _flush_and_bulk(url: str, cache: OrmCache) -> None:
+    from ormcache.testing.fixtures import Tag
+
+    engine = create_async_engine(url)
+    maker = async_sessionmaker(engine, expire_on_commit=False)
+    cache.attach(maker)
+
+    async def name() -> str:
+        async with maker() as session:
+            return (await session.get(Template, 1, options=[FromCache()])).name  # type: ignore[union-attr]
+
+    async def slow_flush() -> None:
+        async with maker() as session:
+            session.add(Tag(id=50, label="slow"))
+            await session.commit()
+
+    async def bulk_update() -> None:
+        await asyncio.sleep(0.15)  # inside the other task's flush
+        async with maker() as session:
+            await session.execute(update(Template), [{"id": 1, "name": "bulk"}])
+            await session.commit()
+
+    try:
+        assert await name() == "t1" and await name() == "t1"
+        await asyncio.gather(slow_flush(), bulk_update())
+        assert await name() == "bulk"
+    finally:
+        await engine.dispose()
