@@ -110,18 +110,17 @@ def run_migrations_offline() -> None:
             context.run_migrations()
 
 
-def application_cache() -> Any:
-    """The application's ``OrmCache``, from ``-x ormcache_settings=PATH`` or
-    ``$ORMCACHE_SETTINGS``; None without either."""
+def application_cache() -> tuple[Any, str] | None:
+    """The application's ``OrmCache`` and the path of its settings, from
+    ``-x ormcache_settings=PATH`` or ``$ORMCACHE_SETTINGS``; None without
+    either."""
     x = context.get_x_argument(as_dictionary=True)
     path = x.get("ormcache_settings") or os.environ.get("ORMCACHE_SETTINGS")
     if not path:
         return None
     from ormcache import OrmCache
 
-    cache = OrmCache.from_settings(path)
-    config.print_stdout(f"ormcache: what migrations write is invalidated in the regions of {path}")
-    return cache
+    return OrmCache.from_settings(path), path
 
 
 def run_migrations_online() -> None:
@@ -129,12 +128,22 @@ def run_migrations_online() -> None:
     total = len(targets)
     width = len(str(total))
     done: list[str] = []
-    cache = application_cache()
+    application = application_cache()
     try:
         _migrate(targets, total, width, done)
+        if application is not None:
+            cache, path = application
+            failed = cache.write_lost_invalidations()
+            if failed:
+                raise CommandError(
+                    f"the migrations are committed, but invalidations could not be written to "
+                    f"region(s) {', '.join(failed)} of {path}: cached results may be stale; "
+                    f"once the backend answers, run: ormcache invalidate --all --settings {path}"
+                )
+            config.print_stdout(f"ormcache: what the migrations wrote is invalidated in the regions of {path}")
     finally:
-        if cache is not None:
-            cache.close()
+        if application is not None:
+            application[0].close()
 
 
 def _migrate(targets: dict[str, str], total: int, width: int, done: list[str]) -> None:

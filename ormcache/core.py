@@ -251,6 +251,14 @@ class OrmCache:
         publish(self, self._store(name), interval)
         return self
 
+    def write_lost_invalidations(self) -> list[str]:
+        """Try once, now, to write the invalidations that failed while a
+        backend was down (they are otherwise retried in the background);
+        returns the regions that still hold some.  For a short-lived
+        process (a migration, a script) that must not exit before its
+        writes are announced."""
+        return [name for name, store in self._stores.items() if not store.flush_lost()]
+
     def use_schema_version(self, version: str | None) -> OrmCache:
         """Key every result by the database schema's version (an alembic
         revision, say): after a migration, entries cached under the old

@@ -365,7 +365,7 @@ def test_migrations_run_with_the_application_settings_invalidate(tmp_path: Path)
                 env={**os.environ, "PYTHONPATH": str(REPO), "ORMCACHE_SETTINGS": str(settings)},
             )
             assert done.returncode == 0, done.stderr
-            assert "ormcache: what migrations write is invalidated" in done.stdout
+            assert "ormcache: what the migrations wrote is invalidated" in done.stdout
         cache.use_schema_version(schema_revision(engines))
         assert cache.schema_version == HEAD  # the same revision as before
         assert read() == [(0, "en"), (10, "en")]  # the upgrade's default, not the cached rows
@@ -373,3 +373,35 @@ def test_migrations_run_with_the_application_settings_invalidate(tmp_path: Path)
         cache.close()
         for engine in engines.values():
             engine.dispose()
+
+
+def test_migrations_say_so_when_their_invalidations_were_lost(tmp_path: Path) -> None:
+    """With the application's shared backend down, the migrations still
+    commit, but the run fails with the command that repairs the cache."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    data = tmp_path / "data"
+    empty_shards(data, 2)
+    settings = tmp_path / "ormcache.toml"
+    settings.write_text(
+        "[ormcache]\n"
+        "[ormcache.regions.templates]\n"
+        'backend = "redis"\n'
+        f'arguments = {{ url = "redis://127.0.0.1:{port}/0" }}\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "alembic", "-c", str(REPO / "alembic.ini"),
+         "-x", f"data_dir={data}", "-x", f"ormcache_settings={settings}", "upgrade", "head"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode != 0
+    assert "the migrations are committed" in done.stderr
+    assert f"ormcache invalidate --all --settings {settings}" in done.stderr
+    assert {version(p) for p in data.glob("*.db")} == {HEAD}
