@@ -77,6 +77,7 @@ class Store:
         "max_retry_after",
         "max_lost",
         "_local_locks",
+        "_replaying",
     )
 
     def __init__(
@@ -125,6 +126,10 @@ class Store:
         self._last_warning = 0.0
         #: in-process locks in front of a backend's distributed lock
         self._local_locks = NameRegistry(_local_lock)
+        #: held while lost invalidations are being written (by the retry
+        #: thread or flush_lost), so that "none left" is never said of
+        #: keys in flight
+        self._replaying = threading.Lock()
 
     @property
     def supports_add(self) -> bool:
@@ -316,12 +321,15 @@ class Store:
         """PUBLISH failed where the tokens were written (a Redis user
         without channel permissions, a renamed command): stop announcing
         from this region, once, rather than count the invalidation as lost."""
-        refused = any(kind.__name__ == "ResponseError" for kind in type(err).__mro__)
-        if self.subscriber is None and refused:  # NOPERM, an unknown command
+        refused = type(err).__name__ == "NoPermissionError" or str(err).lower().startswith(
+            ("unknown command", "err unknown command")
+        )
+        if refused:  # NOPERM, a renamed or disabled command; not a busy server
             self.publish_channel = None
             log.warning(
                 "cache region %r: cannot publish invalidations (%s: %s); relaxed L1s "
-                "in other processes will not hear of this process's writes",
+                "in other processes will not hear of this process's writes: give "
+                "its Redis user PUBLISH on the channels '<namespace>:inv:*'",
                 self.name,
                 type(err).__name__,
                 err,
@@ -471,18 +479,19 @@ class Store:
         return self._replay_lost()
 
     def _replay_lost(self) -> bool:
-        if not (self._lost or self._lost_all) or self._fresh_token is None:
-            return False
-        lost, lost_all = self._lost, self._lost_all
-        self._lost, self._lost_all = set(), False
-        keys = list(lost)
-        if lost_all and self._lost_fallback is not None:
-            keys = [self._lost_fallback]
-        try:
-            self._write_tokens(dict.fromkeys(keys, self._fresh_token()))
-        except BaseException:
-            self._remember_lost(keys)
-            raise
+        with self._replaying:
+            if not (self._lost or self._lost_all) or self._fresh_token is None:
+                return False
+            lost, lost_all = self._lost, self._lost_all
+            self._lost, self._lost_all = set(), False
+            keys = list(lost)
+            if lost_all and self._lost_fallback is not None:
+                keys = [self._lost_fallback]
+            try:
+                self._write_tokens(dict.fromkeys(keys, self._fresh_token()))
+            except BaseException:
+                self._remember_lost(keys)
+                raise
         log.warning(
             "cache region %r: wrote %d invalidation(s) lost during the outage",
             self.name,

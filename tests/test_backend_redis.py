@@ -250,3 +250,34 @@ def test_relaxed_l1_follows_the_channel_again_after_fork(redis_url: str) -> None
         assert subscriber.tokens == {"k": "t"}  # the parent's are its own
     finally:
         cache.close()
+
+
+def test_only_a_refused_publish_turns_announcing_off(redis_url: str) -> None:
+    """A user without channel permission (NOPERM) or a disabled command
+    stops a region's announcements; a server that is merely busy, read-only
+    for a moment or out of memory does not: that write counts as lost and
+    is retried."""
+    import uuid
+
+    from redis.exceptions import NoPermissionError, ReadOnlyError, ResponseError
+
+    from ormcache import OrmCache
+
+    cache = OrmCache.from_settings(
+        {"namespace": "pb" + uuid.uuid4().hex[:8], "regions": {"r": {"backend": "redis", "arguments": {"url": redis_url}}}}
+    )
+    store = cache._stores["r"]
+    channel = store.publish_channel
+    try:
+        assert channel is not None
+        for transient in (ResponseError("BUSY Redis is busy running a script"), ReadOnlyError("READONLY")):
+            with pytest.raises(type(transient)):
+                store._cannot_publish(transient)
+            assert store.publish_channel == channel
+        store._cannot_publish(ResponseError("unknown command 'PUBLISH'"))
+        assert store.publish_channel is None
+        store.publish_channel = channel
+        store._cannot_publish(NoPermissionError("this user has no permissions to access one of the channels"))
+        assert store.publish_channel is None
+    finally:
+        cache.close()

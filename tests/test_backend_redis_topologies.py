@@ -105,7 +105,10 @@ def test_cluster_region_builds_while_the_cluster_is_down(redis_cluster_url: str,
         engine.dispose()
 
 
-def test_a_user_that_may_not_publish_still_caches(redis_no_publish_url: str, tmp_path: Any, caplog: Any) -> None:
+@pytest.mark.parametrize("relaxed", [False, True], ids=["no-l1", "relaxed-l1"])
+def test_a_user_that_may_not_publish_still_caches(
+    redis_no_publish_url: str, tmp_path: Any, caplog: Any, relaxed: bool
+) -> None:
     """Every Redis region announces its version tokens over pub/sub; a user
     without channel permissions (NOPERM) must not make that a backend
     failure: the tokens are written, only the announcement is dropped."""
@@ -121,12 +124,10 @@ def test_a_user_that_may_not_publish_still_caches(redis_no_publish_url: str, tmp
     engine = create_engine(f"sqlite:///{tmp_path}/acl.db")
     Base.metadata.create_all(engine)
     seed(engine)
-    cache = OrmCache.from_settings(
-        {
-            "namespace": "ac" + uuid.uuid4().hex[:8],
-            "regions": {"r": {"backend": "redis", "arguments": {"url": redis_no_publish_url}}},
-        }
-    )
+    region: dict[str, Any] = {"backend": "redis", "arguments": {"url": redis_no_publish_url}}
+    if relaxed:
+        region["l1"] = {"max_entries": 100, "mode": "relaxed"}
+    cache = OrmCache.from_settings({"namespace": "ac" + uuid.uuid4().hex[:8], "regions": {"r": region}})
     maker = sessionmaker(engine)
     cache.attach(maker)
     stmt = select(Template).where(Template.id == 1).options(FromCache("r"))
