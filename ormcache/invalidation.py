@@ -366,6 +366,7 @@ def register(cache: OrmCache) -> None:
             event.listen(Mapper, "after_update", _on_row_write)
             event.listen(Mapper, "after_delete", _on_row_write)
             event.listen(Session, "before_flush", _on_before_flush)
+            event.listen(Session, "after_flush_postexec", _on_after_flush)
             _installed = True
 
 
@@ -531,6 +532,14 @@ def _on_before_flush(session: Session, flush_context: Any, instances: Any) -> No
     if sessions is None:
         sessions = _flush_local.sessions = weakref.WeakSet()
     sessions.add(session)
+
+
+def _on_after_flush(session: Session, flush_context: Any) -> None:
+    # only sessions that are flushing stay in the set every flush statement
+    # looks through (an asyncio thread may hold thousands of sessions)
+    sessions = getattr(_flush_local, "sessions", None)
+    if sessions is not None:
+        sessions.discard(session)
 
 
 def _flushing(conn: Connection) -> bool:

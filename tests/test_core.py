@@ -511,3 +511,22 @@ def test_commit_after_pending_tokens_expired(env: Any, monkeypatch: Any) -> None
     finally:
         conn.close()
         writer.dispose()
+
+
+def test_only_flushing_sessions_are_looked_through(env: Any) -> None:
+    """Every statement of a flush asks which sessions of the thread are
+    flushing; sessions leave that set when their flush is over, so the
+    question costs the same with one session or thousands alive."""
+    from ormcache import invalidation
+
+    engine, maker, cache = env
+    sessions = [maker() for _ in range(50)]
+    try:
+        for i, s in enumerate(sessions):
+            s.get_one(Template, 1 + i % 10).name = f"n{i}"
+            s.flush()
+            s.rollback()  # alive, not flushing
+        assert not [s for s in invalidation._flush_local.sessions if s in sessions]
+    finally:
+        for s in sessions:
+            s.close()
