@@ -78,6 +78,7 @@ class Store:
         "max_lost",
         "_local_locks",
         "_replaying",
+        "_replayed",
     )
 
     def __init__(
@@ -130,6 +131,8 @@ class Store:
         #: thread or flush_lost), so that "none left" is never said of
         #: keys in flight
         self._replaying = threading.Lock()
+        #: moves each time lost invalidations were written
+        self._replayed = 0
 
     @property
     def supports_add(self) -> bool:
@@ -156,10 +159,12 @@ class Store:
         if self._open_until and not self.available:
             return None
         try:
+            replayed = self._replayed
             values = self._read(keys)
-            if self._failures and self._recovered():
-                # tokens lost during the outage were just moved: what was
-                # read before may be an entry they invalidate
+            if (self._failures and self._recovered()) or self._replayed != replayed:
+                # tokens lost during the outage were just moved (here, or
+                # by another thread meanwhile): what was read before may be
+                # an entry they invalidate
                 values = self._read(keys)
         except Exception as err:
             self.failed("read", err)
@@ -492,6 +497,7 @@ class Store:
             except BaseException:
                 self._remember_lost(keys)
                 raise
+            self._replayed += 1
         log.warning(
             "cache region %r: wrote %d invalidation(s) lost during the outage",
             self.name,

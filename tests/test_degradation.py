@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from dogpile.cache import make_region
+from dogpile.cache.api import NO_VALUE
 from dogpile.cache.proxy import ProxyBackend
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import sessionmaker
@@ -528,3 +529,32 @@ def test_sentinels_get_the_backend_timeout_and_no_retries(tmp_path: Any, monkeyp
     finally:
         cache.close()
         engine.dispose()
+
+
+def test_a_read_that_races_the_replay_of_lost_invalidations_reads_again(monkeypatch: Any) -> None:
+    """The retry thread writes the invalidations lost during an outage
+    while a query reads: the query's values may predate them, so it reads
+    again rather than serve an entry they invalidate."""
+    cache = OrmCache.from_settings({"namespace": "rr" + uuid.uuid4().hex[:8], "regions": {"r": {"backend": "memory"}}})
+    store = cache._stores["r"]
+    try:
+        store.set_many({"v:1": "old"})
+        store._lost = {"v:1"}  # lost during an outage, not yet written
+        from ormcache._store import Store
+
+        original = Store._read
+        calls = []
+
+        def read_then_replay(self: Any, keys: Any) -> Any:
+            values = original(self, keys)
+            calls.append(values)
+            if len(calls) == 1:
+                self._replay_lost()  # the retry thread, between the read and its use
+            return values
+
+        monkeypatch.setattr(Store, "_read", read_then_replay)
+        values = store.get_many(["entry", "v:1"])
+        assert len(calls) == 2 and calls[0][1] == "old"
+        assert values is not None and values[1] not in ("old", NO_VALUE)
+    finally:
+        cache.close()
