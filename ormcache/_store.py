@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,6 +40,8 @@ _TOO_BIG = frozenset({"TooBig", "ValueTooLarge", "MemcacheServerError"})
 
 _retrying: set[Store] = set()
 _retry_lock = threading.Lock()
+#: every Store, for what a forked child must reset
+_all_stores: weakref.WeakSet[Store] = weakref.WeakSet()
 
 
 @atexit.register
@@ -45,6 +49,22 @@ def _last_try() -> None:
     """At exit, a last attempt at invalidations still lost."""
     for store in list(_retrying):
         store.flush_lost()
+
+def _after_fork_in_child() -> None:
+    """A forked child inherits the parent's locks as they were, maybe held
+    by a thread it does not have (a replay waiting on a dead backend), and
+    no retry thread: fresh locks, and the lost keys are retried anew."""
+    global _retry_lock
+    _retry_lock = threading.Lock()
+    _retrying.clear()
+    for store in list(_all_stores):
+        store._replaying = threading.Lock()
+        if store._lost or store._lost_all:
+            store._start_retrying()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 __all__ = ["Store"]
 
@@ -79,6 +99,7 @@ class Store:
         "_local_locks",
         "_replaying",
         "_replayed",
+        "__weakref__",
     )
 
     def __init__(
@@ -133,6 +154,7 @@ class Store:
         self._replaying = threading.Lock()
         #: moves each time lost invalidations were written
         self._replayed = 0
+        _all_stores.add(self)
 
     @property
     def supports_add(self) -> bool:
@@ -436,7 +458,8 @@ class Store:
     def _retry_loop(self) -> None:
         delay = max(self.retry_after, 0.05)
         try:
-            while self._lost or self._lost_all:
+            # (keys in flight in another thread's replay come back on failure)
+            while self._lost or self._lost_all or self._replaying.locked():
                 time.sleep(delay)
                 try:
                     self._replay_lost()
@@ -484,6 +507,8 @@ class Store:
         return self._replay_lost()
 
     def _replay_lost(self) -> bool:
+        if not (self._lost or self._lost_all or self._replaying.locked()):
+            return False  # nothing lost, nothing in flight: no lock to wait on
         with self._replaying:
             if not (self._lost or self._lost_all) or self._fresh_token is None:
                 return False

@@ -558,3 +558,28 @@ def test_a_read_that_races_the_replay_of_lost_invalidations_reads_again(monkeypa
         assert values is not None and values[1] not in ("old", NO_VALUE)
     finally:
         cache.close()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_child_forked_during_a_replay_does_not_hang() -> None:
+    """A process forked while a thread replays lost invalidations (waiting
+    on a dead backend, holding the replay lock) must not inherit that lock
+    held: its first write, or its exit, would wait for ever."""
+    import os
+    import signal
+
+    cache = OrmCache.from_settings({"namespace": "fk" + uuid.uuid4().hex[:8], "regions": {"r": {"backend": "memory"}}})
+    store = cache._stores["r"]
+    try:
+        store._lost = {"v:1"}
+        store._replaying.acquire()  # a replay in flight in some thread
+        pid = os.fork()
+        if pid == 0:  # the child
+            signal.alarm(5)  # a hang ends the child with SIGALRM
+            written = store.flush_lost()
+            os._exit(0 if written and not store._lost else 1)
+        store._replaying.release()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        cache.close()
