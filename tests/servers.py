@@ -235,6 +235,14 @@ def postgresql_url() -> str:
     return require_server("postgresql")
 
 
+def closed_port() -> int:
+    """A loopback port nothing listens on (a server that is down)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
 def count_redis_commands(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """From now on (until ``monkeypatch.undo()``), append to the returned
     list once per request redis-py sends: a command, or a whole pipeline

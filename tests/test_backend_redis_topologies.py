@@ -62,19 +62,16 @@ def test_cluster_region_builds_while_the_cluster_is_down(redis_cluster_url: str,
     that is down when the application starts must not stop it.  The client
     is made on first use, tries each command once, and queries are
     answered by the database meanwhile."""
-    import socket
     import uuid
 
+    from servers import closed_port
     from sqlalchemy import create_engine, select
     from sqlalchemy.orm import sessionmaker
 
     from ormcache import FromCache, OrmCache
     from ormcache.testing.fixtures import Base, Template, seed
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    down = sock.getsockname()[1]
-    sock.close()
+    down = closed_port()
     cache = OrmCache.from_settings(
         {
             "namespace": "cd" + uuid.uuid4().hex[:8],

@@ -113,12 +113,9 @@ def test_database_ids_ask_nothing_of_the_server() -> None:
     """Naming a database never connects to it: an engine whose server is
     down still gets its id (explicit invalidation goes on; a connection
     held by a session is never competed for)."""
-    import socket
+    from servers import closed_port
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = closed_port()
     engine = create_engine(f"postgresql+psycopg2://nobody@127.0.0.1:{port}/nowhere")
     assert database_id(engine) == f"postgresql://127.0.0.1:{port}/nowhere"
     assert engine.dialect.server_version_info is None  # never connected

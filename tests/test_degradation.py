@@ -21,7 +21,7 @@ from sqlalchemy.orm import sessionmaker
 from ormcache import FromCache, OrmCache, load_settings
 from ormcache.testing import QueryCounter
 from ormcache.testing.fixtures import Base, Template, seed
-from servers import count_redis_commands
+from servers import closed_port, count_redis_commands
 
 
 class Switch(ProxyBackend):
@@ -420,14 +420,6 @@ def test_a_redis_without_lua_releases_through_the_entry_write() -> None:
             assert type(store.mutex("other")).__name__ == "_LockWrapper"
 
 
-def _closed_port() -> int:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port: int = sock.getsockname()[1]
-    sock.close()  # nothing listens there now
-    return port
-
-
 def test_invalidate_all_goes_on_past_a_failing_region(tmp_path: Any, capsys: Any) -> None:
     """One region's backend is down: invalidate_all() (and the CLI's
     repeated --region) still invalidate the others, then report it."""
@@ -440,7 +432,7 @@ def test_invalidate_all_goes_on_past_a_failing_region(tmp_path: Any, capsys: Any
     settings = {
         "namespace": "ia" + uuid.uuid4().hex[:8],
         "regions": {
-            "down": {"backend": "redis", "arguments": {"url": f"redis://127.0.0.1:{_closed_port()}/0"}},
+            "down": {"backend": "redis", "arguments": {"url": f"redis://127.0.0.1:{closed_port()}/0"}},
             "local": {"backend": "dbm", "arguments": {"filename": str(tmp_path / "local.dbm")}},
         },
     }
@@ -487,7 +479,7 @@ def test_sentinels_get_the_backend_timeout_and_no_retries(tmp_path: Any, monkeyp
     engine = create_engine(f"sqlite:///{tmp_path}/sentinel.db")
     Base.metadata.create_all(engine)
     seed(engine)
-    down = ("127.0.0.1", _closed_port())
+    down = ("127.0.0.1", closed_port())
     cache = OrmCache.from_settings(
         {
             "namespace": "sn" + uuid.uuid4().hex[:8],

@@ -378,12 +378,9 @@ def test_migrations_run_with_the_application_settings_invalidate(tmp_path: Path)
 def test_migrations_say_so_when_their_invalidations_were_lost(tmp_path: Path) -> None:
     """With the application's shared backend down, the migrations still
     commit, but the run fails with the command that repairs the cache."""
-    import socket
+    from servers import closed_port
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = closed_port()
     data = tmp_path / "data"
     empty_shards(data, 2)
     settings = tmp_path / "ormcache.toml"
