@@ -1,4 +1,10 @@
 import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from ormcache import OrmCache
 
 pytest_plugins = ["servers", "redis_topologies"]
 
@@ -7,3 +13,14 @@ pytest_plugins = ["servers", "redis_topologies"]
 # calls, which would turn a hit the test expects into a miss.  The tests
 # that check the default and the fallback set or clear this themselves.
 os.environ.setdefault("ORMCACHE_BACKEND_TIMEOUT", "0.25")
+
+
+@pytest.fixture
+def memory_cache() -> Iterator[OrmCache]:
+    """An ``OrmCache`` with one in-process region, ``default``, under a
+    namespace of its own; closed after the test."""
+    cache = OrmCache.from_settings(
+        {"namespace": "m" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}}
+    )
+    yield cache
+    cache.close()

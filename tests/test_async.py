@@ -27,36 +27,27 @@ from sqlalchemy.ext.asyncio import (  # noqa: E402
 )
 
 
-@pytest.fixture
-def cache() -> Iterator[OrmCache]:
-    cache = OrmCache.from_settings(
-        {"namespace": "as" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}}
-    )
-    yield cache
-    cache.close()
-
-
-def test_async_factories_attach_to_their_own_sync_sessions(cache: OrmCache) -> None:
+def test_async_factories_attach_to_their_own_sync_sessions(memory_cache: OrmCache) -> None:
     engine = create_async_engine("sqlite+aiosqlite://")
     maker = async_sessionmaker(engine)
-    cache.attach(maker)
+    memory_cache.attach(maker)
     from sqlalchemy import event
 
     def attached(target: Any) -> bool:
-        return event.contains(target, "do_orm_execute", cache._do_orm_execute)
+        return event.contains(target, "do_orm_execute", memory_cache._do_orm_execute)
 
     sync_class = maker.kw["sync_session_class"]
     assert issubclass(sync_class, Session) and sync_class is not Session
     assert attached(sync_class) and not attached(Session)
     other = async_sessionmaker(engine)  # not attached: untouched
     assert "sync_session_class" not in other.kw
-    cache.attach(async_scoped_session(maker, scopefunc=asyncio.current_task))  # the same class
-    assert len(cache._attached) == 1
+    memory_cache.attach(async_scoped_session(maker, scopefunc=asyncio.current_task))  # the same class
+    assert len(memory_cache._attached) == 1
     session = AsyncSession(engine)
-    cache.attach(session)
+    memory_cache.attach(session)
     assert attached(session.sync_session)
-    cache.detach(maker)
-    cache.detach(session)
+    memory_cache.detach(maker)
+    memory_cache.detach(session)
     assert not attached(sync_class) and not attached(session.sync_session)
 
 
@@ -125,7 +116,9 @@ async def _asyncpg_scenario(url: str, cache: OrmCache) -> None:
         await engine.dispose()
 
 
-def test_a_bulk_update_during_another_tasks_flush_invalidates_its_rows(async_pg_url: str, cache: OrmCache) -> None:
+def test_a_bulk_update_during_another_tasks_flush_invalidates_its_rows(
+    async_pg_url: str, memory_cache: OrmCache
+) -> None:
     """Tasks share their thread: while task A's flush awaits the database,
     task B's ORM bulk UPDATE by primary key is not one of A's row-by-row
     flush statements, and must move the keys ``session.get`` depends on."""
@@ -141,7 +134,7 @@ def test_a_bulk_update_during_another_tasks_flush_invalidates_its_rows(async_pg_
     sync.dispose()
     faulthandler.dump_traceback_later(120, exit=True)
     try:
-        asyncio.run(_flush_and_bulk(async_pg_url, cache))
+        asyncio.run(_flush_and_bulk(async_pg_url, memory_cache))
     finally:
         faulthandler.cancel_dump_traceback_later()
 

@@ -350,7 +350,7 @@ def test_bulk_update_from_a_flush_event_invalidates_rows(env: Any) -> None:
     assert counter_name() == ("store1+1", 1)
 
 
-def test_database_cascades_invalidate_referencing_tables(tmp_path: Any) -> None:
+def test_database_cascades_invalidate_referencing_tables(tmp_path: Any, memory_cache: OrmCache) -> None:
     """Rows the database deletes or changes by itself, through foreign keys
     declared ON DELETE CASCADE / ON UPDATE CASCADE (SQLAlchemy's
     ``passive_deletes`` setup), invalidate the referencing table: its
@@ -380,9 +380,8 @@ def test_database_cascades_invalidate_referencing_tables(tmp_path: Any) -> None:
     engine = create_engine(f"sqlite:///{tmp_path}/fk.db")
     event.listen(engine, "connect", lambda conn, record: conn.execute("PRAGMA foreign_keys=ON"))
     CBase.metadata.create_all(engine)
-    cache = OrmCache.from_settings({"namespace": "c" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}})
     maker = sessionmaker(engine)
-    cache.attach(maker)
+    memory_cache.attach(maker)
     with maker.begin() as s:
         s.add_all([Parent(id=1), Parent(id=2), Child(id=10, parent_id=1), Child(id=20, parent_id=2)])
     with maker.begin() as s:
@@ -408,11 +407,10 @@ def test_database_cascades_invalidate_referencing_tables(tmp_path: Any) -> None:
             s.get_one(Parent, 2).id = 3  # the database moves child 20
         assert read() == (False, [20], 3, None)
     finally:
-        cache.close()
         engine.dispose()
 
 
-def test_row_keys_agree_however_the_key_is_spelled(tmp_path: Any) -> None:
+def test_row_keys_agree_however_the_key_is_spelled(tmp_path: Any, memory_cache: OrmCache) -> None:
     """A lookup and a write of one row name it alike: a decimal key with
     another scale, a string key in another case under a case-insensitive
     collation, and a row written through a class mapped to a join of its
@@ -448,9 +446,8 @@ def test_row_keys_agree_however_the_key_is_spelled(tmp_path: Any) -> None:
 
     engine = create_engine(f"sqlite:///{tmp_path}/keys.db")
     KBase.metadata.create_all(engine)
-    cache = OrmCache.from_settings({"namespace": "c" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}})
     maker = sessionmaker(engine)
-    cache.attach(maker)
+    memory_cache.attach(maker)
     with maker.begin() as s:
         s.add_all([Price(id=Decimal("5"), v="old"), User(name="ABC", v="old"), A(id=1, v="old")])
     with engine.begin() as conn:
@@ -472,7 +469,6 @@ def test_row_keys_agree_however_the_key_is_spelled(tmp_path: Any) -> None:
             s.scalars(select(AB)).one().v = "new"
         assert read() == ("new", "new", "new")
     finally:
-        cache.close()
         engine.dispose()
 
 

@@ -1,4 +1,4 @@
-"""What names a database in cache keys and version keys (``keys.database_id``).
+"""What names a database in memory_cache keys and version keys (``keys.database_id``).
 
 Two engines that reach the same tables must get the same id, in every
 process (or a write through one would not invalidate reads through the
@@ -9,7 +9,6 @@ different ids (or one would be served the other's rows).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,16 +22,7 @@ from ormcache.keys import database_id
 from ormcache.testing.fixtures import Base, Template, seed, template_table
 
 
-@pytest.fixture
-def cache() -> Iterator[OrmCache]:
-    cache = OrmCache.from_settings(
-        {"namespace": "d" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}}
-    )
-    yield cache
-    cache.close()
-
-
-def test_in_memory_sqlite_engine_and_its_option_engines_are_one_database(cache: OrmCache) -> None:
+def test_in_memory_sqlite_engine_and_its_option_engines_are_one_database(memory_cache: OrmCache) -> None:
     engine = create_engine("sqlite://", poolclass=StaticPool)
     derived = engine.execution_options(isolation_level="AUTOCOMMIT")
     assert database_id(engine) == database_id(derived)
@@ -40,7 +30,13 @@ def test_in_memory_sqlite_engine_and_its_option_engines_are_one_database(cache: 
     assert database_id(engine.execution_options(ormcache_database="eu-1")) == "named:eu-1"
     Base.metadata.create_all(engine)
     seed(engine)
-    maker = sessionmaker(engine)
+    _write_reaches_reader(memory_cache, engine, derived)
+
+
+def _write_reaches_reader(cache: OrmCache, reader: Any, writer: Any) -> None:
+    """A row cached through ``reader`` and then written through ``writer``
+    is read fresh through ``reader``."""
+    maker = sessionmaker(reader)
     cache.attach(maker)
     stmt = select(Template).where(Template.id == 1).options(FromCache())
 
@@ -49,18 +45,13 @@ def test_in_memory_sqlite_engine_and_its_option_engines_are_one_database(cache: 
             return s.scalars(stmt).one().name
 
     assert name() == name() == "t1"
-    with derived.connect() as conn:  # a write through the derived engine
-        conn.execute(update(template_table).where(template_table.c.id == 1).values(name="new"))
-    assert name() == "new"
+    with writer.begin() as conn:
+        conn.execute(update(template_table).where(template_table.c.id == 1).values(name="written"))
+    assert name() == "written"
 
 
-@pytest.fixture
-def pg_url(postgresql_url: str) -> str:
-    return postgresql_url
-
-
-def test_server_url_spellings_of_one_database_agree(pg_url: str) -> None:
-    url = make_url(pg_url)
+def test_server_url_spellings_of_one_database_agree(postgresql_url: str) -> None:
+    url = make_url(postgresql_url)
     no_port = URL.create(
         url.drivername, url.username, url.password, url.host, None, url.database, url.query
     )
@@ -71,17 +62,17 @@ def test_server_url_spellings_of_one_database_agree(pg_url: str) -> None:
     assert ident.startswith(f"postgresql://{url.host}:{url.port or 5432}/{url.database}")
 
 
-def test_search_path_tenants_are_different_databases(pg_url: str, cache: OrmCache) -> None:
+def test_search_path_tenants_are_different_databases(postgresql_url: str, memory_cache: OrmCache) -> None:
     """Schema-per-tenant through the ``search_path`` a URL sets: the same
     unqualified SQL reads different tables, so each tenant has its own
     entries."""
-    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    admin = create_engine(postgresql_url, isolation_level="AUTOCOMMIT")
     tenants = [f"ormcache_tenant_{i}_{uuid.uuid4().hex[:6]}" for i in range(2)]
     try:
         with admin.connect() as conn:
             for tenant in tenants:
                 conn.execute(text(f'CREATE SCHEMA "{tenant}"'))
-        base = make_url(pg_url)
+        base = make_url(postgresql_url)
         engines = [
             create_engine(base.update_query_dict({"options": f"-csearch_path={t}"})) for t in tenants
         ]
@@ -91,7 +82,7 @@ def test_search_path_tenants_are_different_databases(pg_url: str, cache: OrmCach
         assert database_id(engines[0]) != database_id(engines[1])
         makers = [sessionmaker(e) for e in engines]
         for maker in makers:
-            cache.attach(maker)
+            memory_cache.attach(maker)
         stmt = select(Template).where(Template.id == 1).options(FromCache())
         for _ in range(2):
             for i, maker in enumerate(makers):
@@ -121,11 +112,11 @@ def test_database_ids_ask_nothing_of_the_server() -> None:
     assert engine.dialect.server_version_info is None  # never connected
 
 
-def test_search_path_spellings_still_invalidate_each_other(pg_url: str, cache: OrmCache) -> None:
+def test_search_path_spellings_still_invalidate_each_other(postgresql_url: str, memory_cache: OrmCache) -> None:
     """One URL sets ``search_path=public``, the other leaves it implicit:
     their result keys differ, but a write through either invalidates the
     other's readers (version keys are per database, not per spelling)."""
-    base = make_url(pg_url)
+    base = make_url(postgresql_url)
     admin = create_engine(base, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         if not conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = 'ormcache_spelling'")):
@@ -140,18 +131,7 @@ def test_search_path_spellings_still_invalidate_each_other(pg_url: str, cache: O
         Base.metadata.create_all(plain)
         seed(plain)
         assert database_id(plain) != database_id(spelled)
-        maker = sessionmaker(plain)
-        cache.attach(maker)
-        stmt = select(Template).where(Template.id == 1).options(FromCache())
-
-        def name() -> str:
-            with maker() as s:
-                return s.scalars(stmt).one().name
-
-        assert name() == name() == "t1"
-        with spelled.begin() as conn:
-            conn.execute(update(template_table).where(template_table.c.id == 1).values(name="spelled"))
-        assert name() == "spelled"
+        _write_reaches_reader(memory_cache, plain, spelled)
     finally:
         plain.dispose()
         spelled.dispose()
