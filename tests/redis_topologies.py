@@ -56,6 +56,17 @@ def _start(args: list[str]) -> None:
     subprocess.run(args, check=True, capture_output=True, timeout=20)
 
 
+def _start_redis(port: int, workdir: Path, *more: str) -> None:
+    """A private, non-persistent redis-server on ``port``, daemonized."""
+    _start(
+        [
+            "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--daemonize", "yes",
+            "--dir", str(workdir), "--logfile", str(workdir / f"{port}.log"), *more,
+        ]
+    )
+
+
 def _stop(port: int) -> None:
     try:
         _cli(port, "shutdown", "nosave", timeout=5)
@@ -72,14 +83,10 @@ def redis_cluster_url() -> Iterator[str]:
         _stop(port)  # a leftover of an interrupted run
     try:
         for port in CLUSTER_PORTS:
-            _start(
-                [
-                    "redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                    "--cluster-enabled", "yes",
-                    "--cluster-config-file", str(workdir / f"nodes-{port}.conf"),
-                    "--save", "", "--appendonly", "no", "--daemonize", "yes",
-                    "--dir", str(workdir), "--logfile", str(workdir / f"{port}.log"),
-                ]
+            _start_redis(
+                port, workdir,
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(workdir / f"nodes-{port}.conf"),
             )
         if not _wait(lambda: all("PONG" in _cli(p, "ping") for p in CLUSTER_PORTS)):
             _unavailable("the cluster's redis-server processes did not answer")
@@ -105,13 +112,7 @@ def redis_sentinel() -> Iterator[dict[str, Any]]:
     _stop(SENTINEL_MASTER_PORT)
     _stop(SENTINEL_PORT)
     try:
-        _start(
-            [
-                "redis-server", "--port", str(SENTINEL_MASTER_PORT), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--daemonize", "yes",
-                "--dir", str(workdir), "--logfile", str(workdir / "master.log"),
-            ]
-        )
+        _start_redis(SENTINEL_MASTER_PORT, workdir)
         conf = workdir / "sentinel.conf"
         conf.write_text(
             f"port {SENTINEL_PORT}\nbind 127.0.0.1\ndaemonize yes\n"
@@ -141,13 +142,7 @@ def redis_no_publish_url() -> Iterator[str]:
     workdir = Path(tempfile.mkdtemp(prefix="ormcache-acl-"))
     _stop(ACL_PORT)
     try:
-        _start(
-            [
-                "redis-server", "--port", str(ACL_PORT), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--daemonize", "yes",
-                "--dir", str(workdir), "--logfile", str(workdir / "acl.log"),
-            ]
-        )
+        _start_redis(ACL_PORT, workdir)
         if not _wait(lambda: "PONG" in _cli(ACL_PORT, "ping")):
             _unavailable("the private redis-server did not answer")
         _cli(ACL_PORT, "ACL", "SETUSER", "app", "on", ">secret", "~*", "+@all", "resetchannels")

@@ -148,22 +148,15 @@ class TestPostgresqlRedis(BackendTests):
             assert self.cached_names(stores)[0][-1] == "store9"
             from sqlalchemy import Integer, column
 
-            textual = (
-                text("UPDATE templates SET name = 'by text cte' WHERE id = 1 RETURNING id")
-                .columns(column("id", Integer))
-                .cte("textual")
-            )
-            with writer.begin() as conn:
-                assert conn.execute(select(textual.c.id)).scalar() == 1
-            assert self.cached_names(stmt) == (["by text cte"], 1)
-            qualified = (
-                text("UPDATE public.templates SET name = 'qualified' WHERE id = 1 RETURNING id")
-                .columns(column("id", Integer))
-                .cte("qualified")
-            )
-            with writer.begin() as conn:
-                assert conn.execute(select(qualified.c.id)).scalar() == 1
-            assert self.cached_names(stmt) == (["qualified"], 1)
+            for table, name in (("templates", "by text cte"), ("public.templates", "qualified")):
+                textual = (
+                    text(f"UPDATE {table} SET name = '{name}' WHERE id = 1 RETURNING id")
+                    .columns(column("id", Integer))
+                    .cte("textual")
+                )
+                with writer.begin() as conn:
+                    assert conn.execute(select(textual.c.id)).scalar() == 1
+                assert self.cached_names(stmt) == ([name], 1)
             # a textual CTE that only reads writes nothing
             reading = text("(SELECT 1 AS n) UNION ALL (SELECT 2)").columns(column("n", Integer)).cte("reading")
             with writer.begin() as conn:
