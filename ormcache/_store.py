@@ -84,6 +84,7 @@ class Store:
         "_add",
         "_set_unlocking",
         "_lock_adding",
+        "_one_redis",
         "_last_warning",
         "_failures",
         "_open_until",
@@ -143,6 +144,8 @@ class Store:
         #: follows that channel for an L1 in relaxed mode
         self.subscriber: Any = None
         self._add = _adder(region)
+        #: a Redis region on one server: several commands go in one pipeline
+        self._one_redis = _single_redis(region)
         self._set_unlocking = _set_unlocker(region)
         self._lock_adding = _lock_adder(region)
         self._last_warning = 0.0
@@ -306,19 +309,13 @@ class Store:
         published = False
         if self._serialized:
             payload = {k: v.encode("ascii") for k, v in mapping.items()}
-            if channel is not None and self._set_unlocking is not None:
-                # a single Redis server: the tokens and their announcement
-                # in one round trip
+            if channel is not None and self._one_redis:
+                # the tokens and their announcement in one round trip
                 from ._pubsub import message
 
                 backend = region.backend
-                ttl = backend.redis_expiration_time  # type: ignore[attr-defined]
                 pipe = backend.writer_client.pipeline(transaction=False)  # type: ignore[attr-defined]
-                if ttl:
-                    for key, value in payload.items():
-                        pipe.setex(key, ttl, value)
-                else:
-                    pipe.mset(payload)
+                _queue_sets(pipe, backend.redis_expiration_time, payload)  # type: ignore[attr-defined]
                 pipe.publish(channel, message(dict(mapping)))
                 *stored, announced = pipe.execute(raise_on_error=False)
                 for result in stored:
@@ -788,6 +785,17 @@ def _single_redis(region: CacheRegion) -> bool:
     )
 
 
+def _queue_sets(pipe: Any, ttl: Any, mapping: Mapping[str, bytes]) -> None:
+    """Queue writes of ``mapping`` on a Redis pipeline as dogpile's Redis
+    backend writes them: ``SETEX`` with its ``redis_expiration_time``, else
+    one ``MSET``."""
+    if ttl:
+        for key, value in mapping.items():
+            pipe.setex(key, ttl, value)
+    else:
+        pipe.mset(dict(mapping))
+
+
 def _set_unlocker(region: CacheRegion) -> Any:
     """For :func:`_single_redis` regions: a function that stores an entry
     and releases dogpile's distributed lock (redis-py's ``Lock``) in one
@@ -808,12 +816,8 @@ def _set_unlocker(region: CacheRegion) -> Any:
         if region.key_mangler is not None:
             key = region.key_mangler(key)
         payload = _compat.serialized_payload(region, value)
-        ttl = backend.redis_expiration_time  # type: ignore[attr-defined]
         pipe = backend.writer_client.pipeline(transaction=False)  # type: ignore[attr-defined]
-        if ttl:
-            pipe.setex(key, ttl, payload)
-        else:
-            pipe.set(key, payload)
+        _queue_sets(pipe, backend.redis_expiration_time, {key: payload})  # type: ignore[attr-defined]
         pipe.eval(Lock.LUA_RELEASE_SCRIPT, 1, lock.name, token)
         # (a connection error raises here: the lock is released as usual)
         stored, released = pipe.execute(raise_on_error=False)

@@ -149,9 +149,15 @@ class OrmCache:
             name: Store(name, region, self._keys.region(name), new_token)
             for name, region in built.items()
         }
+        from ._pubsub import channel_name
+
         for name, store in self._stores.items():
             spec = settings.regions[name]
             store.stale_while_revalidate = spec.stale_while_revalidate
+            backend = store.region.backend
+            speaks_redis = not store.in_process and (
+                hasattr(type(backend), "writer_client") or hasattr(backend, "writer_client")
+            )
             if spec.l1_max_entries and store.in_process:
                 raise ConfigurationError(
                     "l1 keeps entries of a shared backend in this process; this "
@@ -162,27 +168,18 @@ class OrmCache:
             if spec.l1_max_entries:
                 store.use_l1(spec.l1_max_entries, spec.l1_max_bytes)
                 if spec.l1_mode == "relaxed":
-                    if not hasattr(type(store.region.backend), "writer_client") and not hasattr(
-                        store.region.backend, "writer_client"
-                    ):
+                    if not speaks_redis:
                         raise ConfigurationError(
                             "relaxed L1 mode takes invalidations over Redis "
                             "pub/sub: use it with a Redis region",
                             region=name,
                             key="l1",
                         )
-                    from ._pubsub import channel_name
-
                     store.follow(channel_name(settings.namespace, name))
-            if not store.in_process and (
-                hasattr(type(store.region.backend), "writer_client")
-                or hasattr(store.region.backend, "writer_client")
-            ):
+            if speaks_redis:
                 # every process that writes through a Redis region announces
                 # its tokens, whether or not it keeps a relaxed L1 itself:
                 # the readers that do depend on every writer's messages
-                from ._pubsub import channel_name
-
                 store.announce_on(channel_name(settings.namespace, name))
         self._shapes = ShapeCache()
         self._databases: dict[str, Any] = {}
@@ -235,10 +232,10 @@ class OrmCache:
         is not in-process.  Returns ``self``."""
         from .stats import publish
 
-        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval > 0:
-            raise ConfigurationError(f"publish_stats() interval must be a number of seconds > 0, not {interval!r}")
-        if interval == float("inf"):
-            raise ConfigurationError("publish_stats() interval must be finite")
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 < interval < float("inf"):
+            raise ConfigurationError(
+                f"publish_stats() interval must be a finite number of seconds > 0, not {interval!r}"
+            )
 
         name = region or next(
             (n for n, s in self._stores.items() if not s.in_process), None

@@ -68,7 +68,7 @@ from sqlalchemy.sql import util as sql_util
 
 from . import _compat
 from ._replay import replay_or_capture
-from .keys import database_id, digest, table_name, table_pk_positions
+from .keys import SEARCH_PATH_MARK, database_id, digest, table_name, table_pk_positions
 
 if TYPE_CHECKING:
     from .core import OrmCache
@@ -320,7 +320,7 @@ def _db(db: str) -> str:
     same name then invalidate each other too, which costs misses only."""
     short = _db_memo.get(db)
     if short is None:
-        short = _db_memo[db] = digest(db.partition("#search_path=")[0], 8)
+        short = _db_memo[db] = digest(db.partition(SEARCH_PATH_MARK)[0], 8)
     return short
 
 
@@ -401,16 +401,7 @@ def _on_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> b
     listener for both: one call per statement)."""
     if context is None:
         return False
-    if (
-        context.isinsert
-        or context.isupdate
-        or context.isdelete
-        or context.isddl
-        or context.is_text
-        # a query with a data-modifying CTE (every query passes here: no
-        # call unless the statement has CTEs at all)
-        or (getattr(context.compiled, "ctes", None) and _cte_targets(context.compiled))
-    ):
+    if _writes(context):
         if context.execute_style is _INSERTMANYVALUES:
             # SQLAlchemy decided before this statement's first batch
             # whether to fire connection events: a connection armed now
@@ -434,6 +425,7 @@ def _writes(context: Any) -> bool:
     if context.isinsert or context.isupdate or context.isdelete or context.isddl or context.is_text:
         return True
     compiled = context.compiled
+    # (every query passes here: no call unless it has CTEs at all)
     return bool(getattr(compiled, "ctes", None)) and bool(_cte_targets(compiled))
 
 

@@ -95,6 +95,9 @@ def database_id(bind: Engine | Connection) -> str:
         return _engine_ids.setdefault(engine, ident)
 
 
+#: what precedes a PostgreSQL URL's ``search_path`` in a database id
+#: (result keys keep it; version keys leave it out, see invalidation)
+SEARCH_PATH_MARK = "#search_path="
 #: ports servers listen on when a URL names none, by SQLAlchemy backend name
 _DEFAULT_PORTS = {
     "postgresql": 5432,
@@ -134,7 +137,7 @@ def _compute_database_id(engine: Engine) -> str:
     port = url.port or _DEFAULT_PORTS.get(backend) or ""
     ident = f"{backend}://{host}:{port}/{url.database or ''}"
     search_path = _url_search_path(url) if backend == "postgresql" else None
-    return f"{ident}#search_path={search_path}" if search_path else ident
+    return f"{ident}{SEARCH_PATH_MARK}{search_path}" if search_path else ident
 
 
 def _memory_id(engine: Engine) -> str:
