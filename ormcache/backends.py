@@ -145,7 +145,7 @@ def without_retries(backend: Any) -> bool:
             continue
         seen.add(id(client))
         if "retry" not in getattr(backend, "connection_kwargs", {}):
-            client.set_retry(Retry(NoBackoff(), 0))
+            _set_retry(client, Retry(NoBackoff(), 0))
             changed = True
         # a Sentinel master/replica client asks the sentinels for the
         # address first: they must not retry either
@@ -157,3 +157,18 @@ def without_retries(backend: Any) -> bool:
                     sentinel.set_retry(Retry(NoBackoff(), 0))
                     changed = True
     return changed
+
+
+def _set_retry(client: Any, retry: Any) -> None:
+    """``client.set_retry(retry)``, also where the client's pool is a
+    ``BlockingConnectionPool`` (given as dogpile's ``connection_pool``
+    argument), whose ``set_retry`` in redis-py reads lists that only the
+    plain ``ConnectionPool`` has and raises ``AttributeError``, after it has
+    set the retry for the connections it will make."""
+    try:
+        client.set_retry(retry)
+    except AttributeError:
+        pool = client.connection_pool
+        pool.connection_kwargs["retry"] = retry
+        for conn in list(getattr(pool, "_connections", ())):
+            conn.retry = retry

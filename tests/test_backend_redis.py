@@ -40,7 +40,23 @@ class TestRedisL1(TestRedis):
     l1 = 1000
 
 
-def test_l1_is_as_consistent_as_l2(redis_url: str, tmp_path: Any) -> None:
+def _count_reads(monkeypatch: Any, store: Any) -> list[int]:
+    """The number of keys of each backend read ``store`` makes from now on."""
+    from ormcache._store import Store
+
+    calls: list[int] = []
+    original = Store._fetch
+
+    def fetch(self: Any, keys: Any) -> Any:
+        if self is store:
+            calls.append(len(keys))
+        return original(self, keys)
+
+    monkeypatch.setattr(Store, "_fetch", fetch)
+    return calls
+
+
+def test_l1_is_as_consistent_as_l2(redis_url: str, tmp_path: Any, monkeypatch: Any) -> None:
     """Two processes' caches (two OrmCache objects, each its own L1) on one
     Redis: a write through one is seen at once through the other."""
     import uuid
@@ -66,10 +82,7 @@ def test_l1_is_as_consistent_as_l2(redis_url: str, tmp_path: Any) -> None:
     import ormcache.invalidation as inv
 
     stmt = select(Template).where(Template.id == 1).options(FromCache("r"))
-    backend = reader_cache.region("r").backend
-    calls: list[int] = []
-    original = backend.get_serialized_multi
-    backend.get_serialized_multi = lambda keys: calls.append(len(keys)) or original(keys)  # type: ignore[method-assign]
+    calls = _count_reads(monkeypatch, reader_cache._stores["r"])
     try:
         with readers() as s:
             s.scalars(stmt).one()
@@ -90,7 +103,9 @@ def test_l1_is_as_consistent_as_l2(redis_url: str, tmp_path: Any) -> None:
 
 
 @pytest.mark.parametrize("writer_l1", ["relaxed", "validated", None])
-def test_relaxed_l1_sees_writes_from_other_processes(redis_url: str, tmp_path: Any, writer_l1: Any) -> None:
+def test_relaxed_l1_sees_writes_from_other_processes(
+    redis_url: str, tmp_path: Any, writer_l1: Any, monkeypatch: Any
+) -> None:
     """Relaxed mode: no round trip on an L1 hit; a write through another
     cache (another process) arrives over pub/sub within a bounded time,
     whatever L1 the writer's own settings give it (a worker or a cron job
@@ -130,10 +145,7 @@ def test_relaxed_l1_sees_writes_from_other_processes(redis_url: str, tmp_path: A
         time.sleep(0.01)
     assert store.subscriber.healthy
     stmt = select(Template).where(Template.id == 1).options(FromCache("r"))
-    backend = store.region.backend
-    calls: list[int] = []
-    original = backend.get_serialized_multi
-    backend.get_serialized_multi = lambda keys: calls.append(len(keys)) or original(keys)  # type: ignore[method-assign]
+    calls = _count_reads(monkeypatch, store)
     try:
         for _ in range(2):
             with readers() as s:
@@ -281,3 +293,151 @@ def test_only_a_refused_publish_turns_announcing_off(redis_url: str) -> None:
         assert store.publish_channel is None
     finally:
         cache.close()
+
+
+def _one_region(redis_url: str, tmp_path: Any, **arguments: Any) -> Any:
+    """An engine of seeded templates, an OrmCache with one Redis region
+    ``r`` attached to a sessionmaker, and a function reading template
+    ``tid`` through it: (engine, cache, name)."""
+    import uuid
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import sessionmaker
+
+    from ormcache import FromCache, OrmCache
+    from ormcache.testing.fixtures import Base, Template, seed
+
+    engine = create_engine(f"sqlite:///{tmp_path}/reader.db")
+    Base.metadata.create_all(engine)
+    seed(engine)
+    region = {"backend": "redis", "arguments": {"url": redis_url, **arguments}}
+    cache = OrmCache.from_settings({"namespace": "rd" + uuid.uuid4().hex[:8], "regions": {"r": region}})
+    maker = sessionmaker(engine)
+    cache.attach(maker)
+
+    def name(tid: int) -> str:
+        with maker() as s:
+            return s.get(Template, tid, options=[FromCache("r")]).name  # type: ignore[union-attr]
+
+    return engine, cache, name
+
+
+def test_hits_read_on_connections_of_their_own(redis_url: str, tmp_path: Any) -> None:
+    """A hit's MGET skips redis-py's client layer: it goes on a connection
+    kept for reads, reused from hit to hit; one the server closed while it
+    waited (an idle ``timeout``, a restart) is replaced without failing
+    the read."""
+    import redis
+
+    from ormcache.testing import QueryCounter
+
+    engine, cache, name = _one_region(redis_url, tmp_path)
+    store = cache._stores["r"]
+    try:
+        assert store._mget is not None
+        name(1)
+        name(1)
+        assert len(store._mget._free) == 1
+        conn = store._mget._free[0]
+        conn.send_command("CLIENT", "ID")
+        client_id = conn.read_response()
+        for _ in range(5):
+            with QueryCounter(engine) as c:
+                assert name(1) == "t1"
+            assert c.selects == 0
+        assert store._mget._free == [conn]  # the same connection every time
+        assert redis.Redis.from_url(redis_url).client_kill_filter(_id=client_id) == 1
+        with QueryCounter(engine) as c:
+            assert name(1) == "t1"
+        assert c.selects == 0 and store._failures == 0
+        assert len(store._mget._free) == 1 and store._mget._free[0] is not conn
+    finally:
+        cache.close()
+        engine.dispose()
+
+
+def test_hits_in_threads_at_once_use_a_connection_each(redis_url: str, tmp_path: Any) -> None:
+    """Readers at the same time never share a connection (their replies
+    would cross); the free list grows to the number of readers at once,
+    not of reads."""
+    import threading
+
+    engine, cache, name = _one_region(redis_url, tmp_path)
+    store = cache._stores["r"]
+    for tid in range(1, 9):
+        name(tid)
+    barrier = threading.Barrier(8)
+    wrong: list[Any] = []
+
+    def read(tid: int) -> None:
+        barrier.wait()
+        for _ in range(200):
+            got = name(tid)
+            if got != f"t{tid}":
+                wrong.append((tid, got))
+
+    threads = [threading.Thread(target=read, args=(tid,)) for tid in range(1, 9)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert wrong == []
+        assert 1 <= len(store._mget._free) <= 8
+        assert len(set(map(id, store._mget._free))) == len(store._mget._free)
+    finally:
+        cache.close()
+        engine.dispose()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_reads_on_connections_of_its_own(redis_url: str, tmp_path: Any) -> None:
+    """Read connections made before a fork are the parent's: the child
+    drops them (two processes on one socket would read each other's
+    replies) and makes its own; the parent keeps reading on its."""
+    import os
+
+    engine, cache, name = _one_region(redis_url, tmp_path)
+    store = cache._stores["r"]
+    try:
+        name(1)
+        name(1)
+        parents = list(store._mget._free)
+        assert len(parents) == 1
+        pid = os.fork()
+        if pid == 0:  # the child
+            ok = store._mget._free == []
+            ok = ok and name(1) == "t1" and name(2) == "t2"
+            ok = ok and len(store._mget._free) == 1 and store._mget._free[0] is not parents[0]
+            os._exit(0 if ok and store._failures == 0 else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert name(1) == "t1" and store._mget._free == parents and store._failures == 0
+    finally:
+        cache.close()
+        engine.dispose()
+
+
+def test_reads_keep_to_the_client_where_it_must_see_every_command(redis_url: str, tmp_path: Any) -> None:
+    """A ``BlockingConnectionPool`` (dogpile's ``connection_pool``
+    argument) caps the connections: reads stay on the client, and hit as
+    before.  (redis-py's ``set_retry`` fails on such a pool: the region
+    could not be built at all.)"""
+    import redis
+
+    from ormcache.testing import QueryCounter
+
+    pool = redis.BlockingConnectionPool.from_url(redis_url, max_connections=2)
+    engine, cache, name = _one_region(redis_url, tmp_path, connection_pool=pool)
+    store = cache._stores["r"]
+    try:
+        assert store._mget is None
+        assert pool.connection_kwargs["retry"].get_retries() == 0  # backend_timeout's "no retries"
+        name(1)
+        with QueryCounter(engine) as c:
+            assert name(1) == "t1"
+        assert c.selects == 0
+    finally:
+        cache.close()
+        engine.dispose()
+        pool.disconnect()
