@@ -262,7 +262,9 @@ class Store:
             keys = [mangler(k) for k in keys]
         if self._serialized:
             if self._mget is not None:
-                return self._mget(keys)  # type: ignore[no-any-return]
+                values = self._mget(keys)
+                if values is not None:
+                    return values
             return list(region.backend.get_serialized_multi(keys))
         return list(region.backend.get_multi(keys))
 
@@ -794,36 +796,47 @@ def _single_redis(region: CacheRegion) -> bool:
 
 class _RedisReader:
     """``MGET`` for a plain Redis region's reads (entry and version tokens,
-    the one round trip of every hit), sent on redis-py connections of its
-    own rather than through ``Redis.mget``.
+    the one round trip of every hit), sent on connections it keeps rather
+    than through ``Redis.mget``.
 
     redis-py's client layer costs about 45 us per command here (the
     pool's lock and its ``can_read`` poll of the socket, the retry wrapper,
     the observability hooks): more than the round trip itself, and the
     largest part of a Redis hit after the session.  The connections are
-    made as the pool makes its own (same class, same arguments: address,
-    timeouts, credentials, TLS, retries), one per thread reading at the
-    same time, kept in a free list, and closed when broken; a forked
-    child drops its parent's.  Everything else (writes, locks, ``add``)
-    still goes through the client.
+    the pool's own, borrowed once and kept (so the pool counts them
+    against ``max_connections``, ``disconnect()`` closes them, and a
+    maintenance notification reaches them), at most :attr:`limit` of them
+    (a quarter of the pool's ``max_connections``, 8 at most): a read that
+    finds none free goes through the client, as every command but these
+    reads always does.  A forked child borrows its own.
+
+    Only for clients that try each command once (``backend_timeout``,
+    the default, sees to that): a region configured with retries reads
+    through the client, which retries.
     """
 
-    __slots__ = ("_pool", "_free", "_closed_error")
+    __slots__ = ("_pool", "_free", "_lock", "_count", "limit", "_closed_error", "_reply_error")
 
-    def __init__(self, pool: Any) -> None:
-        from redis.exceptions import ConnectionError
+    def __init__(self, pool: Any, limit: int) -> None:
+        from redis.exceptions import ConnectionError, ResponseError
 
         self._pool = pool
         self._free: list[Any] = []
+        self._lock = threading.Lock()
+        #: connections borrowed from the pool so far
+        self._count = 0
+        self.limit = limit
         self._closed_error = ConnectionError
+        self._reply_error = ResponseError
 
     @classmethod
     def for_region(cls, region: CacheRegion) -> _RedisReader | None:
         """A reader for dogpile's plain ``redis`` backend on a redis-py
-        ``Redis`` client with an ordinary ``ConnectionPool``; None for the
-        others (Sentinel and Cluster route commands themselves; a
-        ``BlockingConnectionPool`` caps connections, a client-side cache
-        or a single-connection client must see every command)."""
+        ``Redis`` client with an ordinary ``ConnectionPool`` whose
+        connections do not retry; None for the others (Sentinel and Cluster
+        route commands themselves; a ``BlockingConnectionPool`` waits for a
+        free connection, a client-side cache or a single-connection client
+        must see every command)."""
         backend = region.backend
         if (
             region.serializer is None
@@ -840,44 +853,87 @@ class _RedisReader:
             or client.connection is not None
             or type(pool) is not ConnectionPool
             or getattr(pool, "cache", None) is not None
+            or _retries(pool.connection_kwargs.get("retry")) != 0
         ):
             return None
-        return cls(pool)
+        limit = min(8, int(pool.max_connections) // 4)
+        return cls(pool, limit) if limit > 0 else None
 
     def forget(self) -> None:
-        """In a forked child: the parent's sockets are not this process's."""
+        """In a forked child: the parent's connections are not this
+        process's (redis-py's pool starts afresh in the child too)."""
         self._free = []
+        self._lock = threading.Lock()
+        self._count = 0
 
-    def __call__(self, keys: Sequence[str]) -> list[Any]:
+    def __call__(self, keys: Sequence[str]) -> list[Any] | None:
+        """The values of ``keys``; None when no connection is free and
+        none may be borrowed (read through the client)."""
+        if not keys:
+            return []
+        free = self._free
         try:
-            conn = self._free.pop()
+            conn = free.pop()
         except IndexError:
-            return self._mget(self._connection(), keys)
+            conn = self._borrow()
+            if conn is None:
+                return None
         try:
-            return self._mget(conn, keys)
-        except self._closed_error:
-            # a connection that waited in the free list and that the server
-            # closed meanwhile (its idle ``timeout``, a restart): once more
-            # on a new one, as redis-py's pool checks its connections before
-            # lending them.  A timeout is not retried.
-            return self._mget(self._connection(), keys)
+            try:
+                return self._mget(conn, keys)
+            except self._closed_error:
+                # closed while it waited (the server's idle ``timeout``, a
+                # restart, ``pool.disconnect()``): once more, reconnecting,
+                # as the pool checks its connections before lending them.
+                # A timeout is not retried.
+                return self._mget(conn, keys)
+        finally:
+            free.append(conn)
 
-    def _connection(self) -> Any:
-        pool = self._pool
-        return pool.connection_class(**pool.connection_kwargs)
+    def _borrow(self) -> Any:
+        with self._lock:
+            if self._count >= self.limit:
+                return None
+            self._count += 1
+        try:
+            try:
+                return self._pool.get_connection()
+            except TypeError:  # redis-py before 5.3 wants a command name
+                return self._pool.get_connection("MGET")
+        except BaseException:
+            with self._lock:
+                self._count -= 1
+            raise
 
     def _mget(self, conn: Any, keys: Sequence[str]) -> list[Any]:
         try:
-            # connects if needed; on an error the connection closes itself
+            # connects if needed; a socket error closes the connection
             conn.send_command("MGET", *keys)
             values = conn.read_response()
+        except self._reply_error:
+            raise  # the whole reply was read: the connection is fine
         except BaseException:
-            conn.disconnect()  # a reply may be pending: never reuse it
+            conn.disconnect()  # a reply may be pending: never read it as ours
             raise
-        if conn.should_reconnect():  # a maintenance notification said so
-            conn.disconnect()
-        self._free.append(conn)
+        should_reconnect = getattr(conn, "should_reconnect", None)  # redis-py 7+
+        if should_reconnect is not None and should_reconnect():
+            conn.disconnect()  # a maintenance notification said so
         return values  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """Disconnect the free connections (they reconnect if used again)."""
+        for conn in list(self._free):
+            conn.disconnect()
+
+
+def _retries(retry: Any) -> int | None:
+    """How many times a redis-py ``Retry`` retries; None when unknown
+    (absent: redis-py's default retries)."""
+    if retry is None:
+        return None
+    get = getattr(retry, "get_retries", None)
+    count = get() if get is not None else getattr(retry, "_retries", None)
+    return count if isinstance(count, int) else None
 
 
 def _queue_sets(pipe: Any, ttl: Any, mapping: Mapping[str, bytes]) -> None:

@@ -313,6 +313,8 @@ class OrmCache:
             if store.subscriber is not None:
                 store.subscriber.close()
                 store.subscriber = None
+            if store._mget is not None:
+                store._mget.close()
 
     # -- the read path ---------------------------------------------------
 

@@ -323,43 +323,145 @@ def _one_region(redis_url: str, tmp_path: Any, **arguments: Any) -> Any:
 
 
 def test_hits_read_on_connections_of_their_own(redis_url: str, tmp_path: Any) -> None:
-    """A hit's MGET skips redis-py's client layer: it goes on a connection
-    kept for reads, reused from hit to hit; one the server closed while it
-    waited (an idle ``timeout``, a restart) is replaced without failing
-    the read."""
+    """A hit's MGET skips redis-py's client layer: it goes on a pool
+    connection kept for reads, reused from hit to hit; one the server
+    closed while it waited (an idle ``timeout``, a restart) reconnects
+    without failing the read; ``pool.disconnect()`` reaches it."""
     import redis
 
     from ormcache.testing import QueryCounter
 
     engine, cache, name = _one_region(redis_url, tmp_path)
     store = cache._stores["r"]
-    try:
-        assert store._mget is not None
-        name(1)
-        name(1)
-        assert len(store._mget._free) == 1
-        conn = store._mget._free[0]
+    reader = store._mget
+    pool = store.region.backend.reader_client.connection_pool
+
+    def client_id(conn: Any) -> int:
         conn.send_command("CLIENT", "ID")
-        client_id = conn.read_response()
+        return conn.read_response()  # type: ignore[no-any-return]
+
+    try:
+        assert reader is not None and reader.limit == 8  # redis-py 8: max_connections 100
+        name(1)
+        name(1)
+        assert len(reader._free) == 1
+        conn = reader._free[0]
+        assert conn in pool._in_use_connections  # counted by the pool
+        killed = client_id(conn)
         for _ in range(5):
             with QueryCounter(engine) as c:
                 assert name(1) == "t1"
             assert c.selects == 0
-        assert store._mget._free == [conn]  # the same connection every time
-        assert redis.Redis.from_url(redis_url).client_kill_filter(_id=client_id) == 1
+        assert reader._free == [conn]  # the same connection every time
+        assert redis.Redis.from_url(redis_url).client_kill_filter(_id=killed) == 1
         with QueryCounter(engine) as c:
             assert name(1) == "t1"
         assert c.selects == 0 and store._failures == 0
-        assert len(store._mget._free) == 1 and store._mget._free[0] is not conn
+        assert reader._free == [conn] and client_id(conn) != killed  # reconnected
+        pool.disconnect()
+        assert conn._sock is None
+        with QueryCounter(engine) as c:
+            assert name(1) == "t1"
+        assert c.selects == 0 and store._failures == 0
+        assert store._fetch([]) == []
+        cache.close()
+        assert conn._sock is None  # close() disconnects them too
     finally:
         cache.close()
         engine.dispose()
 
 
+def test_reads_borrow_a_quarter_of_the_pool_at_most(redis_url: str, tmp_path: Any) -> None:
+    """The connections kept for reads are the pool's, at most a quarter of
+    its ``max_connections``: with ``max_connections = 4``, one; the other
+    readers at the same moment read through the client, and the process
+    never holds more connections than the pool allows."""
+    import threading
+
+    engine, cache, name = _one_region(
+        redis_url, tmp_path, connection_kwargs={"max_connections": 4}
+    )
+    store = cache._stores["r"]
+    pool = store.region.backend.reader_client.connection_pool
+    for tid in range(1, 4):
+        name(tid)
+    assert store._mget.limit == 1
+    barrier = threading.Barrier(3)
+    wrong: list[Any] = []
+
+    def read(tid: int) -> None:
+        barrier.wait()
+        for _ in range(200):
+            got = name(tid)
+            if got != f"t{tid}":
+                wrong.append((tid, got))
+
+    threads = [threading.Thread(target=read, args=(tid,)) for tid in range(1, 4)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert wrong == [] and store._failures == 0
+        assert len(store._mget._free) == 1 and store._mget._count == 1
+        assert pool._created_connections <= 4
+    finally:
+        cache.close()
+        engine.dispose()
+
+
+def test_regions_that_retry_read_through_the_client(redis_url: str, tmp_path: Any) -> None:
+    """``backend_timeout = false`` keeps redis-py's retries: reads go
+    through the client, which retries them."""
+    import uuid
+
+    from ormcache import OrmCache
+
+    cache = OrmCache.from_settings(
+        {
+            "namespace": "rr" + uuid.uuid4().hex[:8],
+            "regions": {"r": {"backend": "redis", "backend_timeout": False, "arguments": {"url": redis_url}}},
+        }
+    )
+    try:
+        assert cache._stores["r"]._mget is None
+    finally:
+        cache.close()
+
+
+def test_reads_without_should_reconnect(redis_url: str, tmp_path: Any) -> None:
+    """redis-py before 7 has no ``Connection.should_reconnect()``
+    (``redis>=5`` is supported): reads still work."""
+    import redis
+
+    from ormcache._store import _RedisReader
+
+    class OldConnection:  # a redis-py 6 connection: the same, but that method
+        def __init__(self, conn: Any) -> None:
+            self._conn = conn
+
+        def __getattr__(self, name: str) -> Any:
+            if name == "should_reconnect":
+                raise AttributeError(name)
+            return getattr(self._conn, name)
+
+    client = redis.Redis.from_url(redis_url)
+    client.set("ormcache-test-old-conn", b"v", ex=60)
+    pool = client.connection_pool
+    reader = _RedisReader(pool, 1)
+    reader._free.append(OldConnection(pool.get_connection()))
+    reader._count = 1
+    try:
+        assert reader(["ormcache-test-old-conn", "ormcache-test-absent"]) == [b"v", None]
+        assert reader(["ormcache-test-old-conn"]) == [b"v"]
+    finally:
+        client.close()
+
+
 def test_hits_in_threads_at_once_use_a_connection_each(redis_url: str, tmp_path: Any) -> None:
     """Readers at the same time never share a connection (their replies
-    would cross); the free list grows to the number of readers at once,
-    not of reads."""
+    would cross); the free list grows to the number of readers at once (8
+    at most), not of reads."""
     import threading
 
     engine, cache, name = _one_region(redis_url, tmp_path)
@@ -383,7 +485,7 @@ def test_hits_in_threads_at_once_use_a_connection_each(redis_url: str, tmp_path:
         for thread in threads:
             thread.join()
         assert wrong == []
-        assert 1 <= len(store._mget._free) <= 8
+        assert 1 <= len(store._mget._free) <= store._mget.limit
         assert len(set(map(id, store._mget._free))) == len(store._mget._free)
     finally:
         cache.close()
@@ -394,7 +496,7 @@ def test_hits_in_threads_at_once_use_a_connection_each(redis_url: str, tmp_path:
 def test_a_forked_child_reads_on_connections_of_its_own(redis_url: str, tmp_path: Any) -> None:
     """Read connections made before a fork are the parent's: the child
     drops them (two processes on one socket would read each other's
-    replies) and makes its own; the parent keeps reading on its."""
+    replies) and borrows its own; the parent keeps reading on its."""
     import os
 
     engine, cache, name = _one_region(redis_url, tmp_path)
@@ -406,7 +508,7 @@ def test_a_forked_child_reads_on_connections_of_its_own(redis_url: str, tmp_path
         assert len(parents) == 1
         pid = os.fork()
         if pid == 0:  # the child
-            ok = store._mget._free == []
+            ok = store._mget._free == [] and store._mget._count == 0
             ok = ok and name(1) == "t1" and name(2) == "t2"
             ok = ok and len(store._mget._free) == 1 and store._mget._free[0] is not parents[0]
             os._exit(0 if ok and store._failures == 0 else 1)
