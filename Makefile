@@ -2,7 +2,7 @@
 # it builds .venv, starts the servers the tests talk to, and runs pytest.
 #
 #   make venv        .venv with the project installed editable, with [dev]
-#   make services    redis, memcached and postgresql answering on loopback
+#   make services    redis, memcached, postgresql and mariadb answering on loopback
 #   make test        pytest $(PYTEST_ARGS)
 #   make demo        ormcache demo $(DEMO_ARGS)
 #   make bench       python -m bench $(BENCH_ARGS)

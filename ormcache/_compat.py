@@ -22,6 +22,7 @@ __all__ = [
     "generate_cache_key",
     "fan_out",
     "in_async_greenlet",
+    "pool_ends_transactions",
     "run_after_routing",
     "serialized_payload",
     "session_connections",
@@ -34,6 +35,14 @@ def generate_cache_key(statement: Any) -> CacheKey | None:
     """The statement's structural cache key (memoized by SQLAlchemy), or
     None when the statement cannot be cached (it says so itself)."""
     return statement._generate_cache_key()  # type: ignore[no-any-return]
+
+
+def pool_ends_transactions(pool: Any) -> bool:
+    """Whether ``pool`` rolls back or commits a connection's transaction
+    when it is checked in (``reset_on_return``, rollback by default)."""
+    from sqlalchemy.pool.base import reset_none
+
+    return getattr(pool, "_reset_on_return", reset_none) is not reset_none
 
 
 def serialized_payload(region: Any, value: Any) -> bytes:

@@ -126,6 +126,38 @@ def in_transaction(context: Any) -> bool | None:
     return None
 
 
+#: dialects whose default isolation level (InnoDB's REPEATABLE READ) takes
+#: a transaction's snapshot at its first read, and whose drivers do not say
+#: whether a transaction is open
+SNAPSHOT_AT_FIRST_READ = frozenset({"mysql", "mariadb"})
+
+
+def statement_runs(context: Any) -> None:
+    """A statement is about to run on ``context``'s connection (called for
+    every statement ormcache's execute listeners see, on MySQL and
+    MariaDB): its SQLAlchemy transaction has begun at the server."""
+    root = context.root_connection
+    root._ormcache_began = root.get_transaction()
+
+
+def _first_statement(context: Any) -> bool:
+    """Whether the statement about to run on ``context`` is the first of
+    its SQLAlchemy transaction (MySQL, MariaDB: :func:`statement_runs`).
+    Their drivers begin a transaction at the server with its first
+    statement, and InnoDB takes a REPEATABLE READ snapshot at its first
+    read: such a statement sees every commit made before it.  Only when
+    the pool ends each transaction as the connection goes back (its
+    ``reset_on_return``, rollback by default): else a transaction begun
+    under an earlier checkout may still be open."""
+    root = context.root_connection
+    transaction = root.get_transaction()
+    if transaction is None or getattr(root, "_ormcache_began", None) is transaction:
+        return False
+    from . import _compat
+
+    return _compat.pool_ends_transactions(root.engine.pool)
+
+
 def snapshot_is_fresh(context: Any) -> bool:
     """Whether a SELECT about to run on ``context`` sees every transaction
     committed before now: it starts a new transaction, or the isolation
@@ -152,7 +184,9 @@ def snapshot_is_fresh(context: Any) -> bool:
         level = getattr(dialect, "_on_connect_isolation_level", None) or getattr(
             dialect, "default_isolation_level", None
         )
-    return isinstance(level, str) and level.upper() in _READ_COMMITTED
+    if isinstance(level, str) and level.upper() in _READ_COMMITTED:
+        return True
+    return dialect.name in SNAPSHOT_AT_FIRST_READ and _first_statement(context)
 
 
 _busy: Any = None
@@ -212,9 +246,13 @@ def replay_or_capture(cursor: Any, statement: str, parameters: Any, context: Any
         context.cursor = ReplayCursor(replay.description, replay.rows, connection)
         return True
     capture = options.get(CAPTURE)
-    if capture is not None and not capture.used:
+    capturing = capture is not None and not capture.used
+    if capturing:
         capture.used = True
         capture.fresh = snapshot_is_fresh(context)
+    if context.dialect.name in SNAPSHOT_AT_FIRST_READ:
+        statement_runs(context)  # (after asking whether it is the first)
+    if capturing:
         context.dialect.do_execute(cursor, statement, parameters, context)
         description = cursor.description
         if description is None:

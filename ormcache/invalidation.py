@@ -67,7 +67,7 @@ from sqlalchemy.pool import Pool
 from sqlalchemy.sql import util as sql_util
 
 from . import _compat
-from ._replay import replay_or_capture
+from ._replay import SNAPSHOT_AT_FIRST_READ, replay_or_capture, statement_runs
 from .keys import SEARCH_PATH_MARK, database_id, digest, table_name, table_pk_positions
 
 if TYPE_CHECKING:
@@ -415,8 +415,12 @@ def _on_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> b
 
 
 def _arm_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> None:
-    if context is not None and _writes(context):
+    if context is None:
+        return
+    if _writes(context):
         _arm(context.root_connection)
+    if context.dialect.name in SNAPSHOT_AT_FIRST_READ:
+        statement_runs(context)
 
 
 def _writes(context: Any) -> bool:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make the servers the test suite talks to answer on loopback.
 #
-#   scripts/services.sh [redis] [memcached] [postgresql]    (no argument: all three)
+#   scripts/services.sh [redis] [memcached] [postgresql] [mariadb]   (no argument: all four)
 #
 # For each service: probe it with its own protocol; if it does not answer,
 # install it with apt-get when its server is missing, start it, and wait (at
@@ -12,15 +12,19 @@
 #   redis       127.0.0.1:6379   probe: redis-cli ping (or PING over /dev/tcp)
 #   memcached   127.0.0.1:11211  probe: "version" over /dev/tcp
 #   postgresql  127.0.0.1:5432   probe: pg_isready -h 127.0.0.1
+#   mariadb     127.0.0.1:3306   probe: the server's greeting over /dev/tcp; then
+#               (as root, through the socket) database "test" and a user
+#               "ormcache" without password that may use it, from 127.0.0.1
 set -euo pipefail
 
 WAIT_SECONDS=${SERVICES_WAIT:-20}
 REDIS_PORT=6379
 MEMCACHED_PORT=11211
 POSTGRESQL_PORT=5432
+MARIADB_PORT=3306
 
 usage() {
-    echo "usage: $0 [redis] [memcached] [postgresql]   (no argument: all three)" >&2
+    echo "usage: $0 [redis] [memcached] [postgresql] [mariadb]   (no argument: all four)" >&2
     exit 2
 }
 
@@ -127,6 +131,41 @@ postgresql_start() {
     as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start
 }
 
+# --- mariadb -------------------------------------------------------------------
+
+mariadb_probe() {
+    # a MySQL server speaks first: a greeting packet naming its version
+    timeout 3 bash -c '
+        exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
+        head -c 64 <&3 | tr -d "\0" | grep -qa -E "[0-9]+\.[0-9]+\.[0-9]+"
+    ' _ "$MARIADB_PORT" 2>/dev/null
+}
+mariadb_installed() { command -v mariadbd >/dev/null 2>&1 || command -v mysqld >/dev/null 2>&1; }
+mariadb_install() { apt_install mariadb-server; }
+mariadb_start() {
+    if [[ -x /etc/init.d/mariadb ]]; then
+        as_root /etc/init.d/mariadb start
+    else
+        as_root mkdir -p /run/mysqld
+        as_root chown mysql: /run/mysqld 2>/dev/null || true
+        as_root bash -c 'mysqld_safe --bind-address=127.0.0.1 >/dev/null 2>&1 &'
+    fi
+}
+# The tests' database and user (mysql+pymysql://ormcache@127.0.0.1:3306/test):
+# root on Debian logs in through the socket only.  Idempotent.
+mariadb_setup() {
+    local client
+    client=$(command -v mariadb || command -v mysql) || return 1
+    as_root "$client" --protocol=socket -uroot -e "
+        CREATE DATABASE IF NOT EXISTS test;
+        CREATE USER IF NOT EXISTS 'ormcache'@'127.0.0.1';
+        CREATE USER IF NOT EXISTS 'ormcache'@'localhost';
+        GRANT ALL ON test.* TO 'ormcache'@'127.0.0.1';
+        GRANT ALL ON test.* TO 'ormcache'@'localhost';
+        GRANT ALL ON \`ormcache\\_%\`.* TO 'ormcache'@'127.0.0.1';
+        GRANT ALL ON \`ormcache\\_%\`.* TO 'ormcache'@'localhost';" >&2
+}
+
 # --- driver --------------------------------------------------------------------
 
 port_of() {
@@ -134,6 +173,7 @@ port_of() {
         redis) echo "$REDIS_PORT" ;;
         memcached) echo "$MEMCACHED_PORT" ;;
         postgresql) echo "$POSTGRESQL_PORT" ;;
+        mariadb) echo "$MARIADB_PORT" ;;
     esac
 }
 
@@ -177,15 +217,18 @@ main() {
     local services=() failed=() service
     for service in "$@"; do
         case $service in
-            redis | memcached | postgresql) services+=("$service") ;;
+            redis | memcached | postgresql | mariadb) services+=("$service") ;;
             -h | --help) usage ;;
             *) echo "$0: unknown service: $service" >&2; usage ;;
         esac
     done
-    ((${#services[@]})) || services=(redis memcached postgresql)
+    ((${#services[@]})) || services=(redis memcached postgresql mariadb)
     for service in "${services[@]}"; do
         ensure "$service" || failed+=("$service")
     done
+    if [[ " ${services[*]} " == *" mariadb "* && " ${failed[*]} " != *" mariadb "* ]]; then
+        mariadb_setup || { echo "mariadb: FAILED to create the tests' database and user"; failed+=(mariadb); }
+    fi
     if ((${#failed[@]})); then
         echo "services: could not make answer: ${failed[*]}" >&2
         exit 1

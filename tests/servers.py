@@ -1,4 +1,4 @@
-"""Real servers for the test suite: Redis, memcached and PostgreSQL.
+"""Real servers for the test suite: Redis, memcached, PostgreSQL and MariaDB.
 
 A pytest plugin, loaded from ``tests/conftest.py``::
 
@@ -17,6 +17,11 @@ returns its address):
     ``postgresql+psycopg2://postgres@127.0.0.1:5432/test`` (a SQLAlchemy URL),
     or ``$ORMCACHE_TEST_POSTGRESQL_URL``. Probe: ``select 1`` through psycopg2
     with ``connect_timeout=2``.
+``mariadb_url``
+    ``mysql+pymysql://ormcache@127.0.0.1:3306/test`` (a SQLAlchemy URL; the
+    user and database ``make services`` creates), or
+    ``$ORMCACHE_TEST_MARIADB_URL``; MySQL does as well. Probe: ``select 1``
+    through PyMySQL with ``connect_timeout=2``.
 
 Use them by naming them::
 
@@ -27,7 +32,7 @@ Use them by naming them::
 
 Outside fixtures (a module-level ``skipif``, a helper, a ``pytest_generate_tests``
 hook) call :func:`require_server` with ``"redis"``, ``"memcached"`` or
-``"postgresql"``; it returns the same address, probing at most once per
+``"postgresql"`` or ``"mariadb"``; it returns the same address, probing at most once per
 session. :func:`check_server` probes an explicit address and is not cached.
 
 When a server does not answer, the test fails if the environment variable
@@ -51,6 +56,7 @@ __all__ = [
     "Server",
     "check_server",
     "is_ci",
+    "mariadb_url",
     "memcached_url",
     "postgresql_url",
     "redis_url",
@@ -106,6 +112,21 @@ def _probe_postgresql(url: str) -> None:
         connection.close()
 
 
+def _probe_mariadb(url: str) -> None:
+    import pymysql
+    from sqlalchemy.engine import make_url
+
+    params = make_url(url).translate_connect_args(username="user", database="database")
+    connection = pymysql.connect(connect_timeout=2, **params)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("select 1")
+            if cursor.fetchone() != (1,):
+                raise ConnectionError("'select 1' did not return 1")
+    finally:
+        connection.close()
+
+
 @dataclass(frozen=True)
 class Server:
     """A server the tests need: where to find it and how to tell it answers."""
@@ -136,6 +157,12 @@ SERVERS: dict[str, Server] = {
             "ORMCACHE_TEST_POSTGRESQL_URL",
             "postgresql+psycopg2://postgres@127.0.0.1:5432/test",
             _probe_postgresql,
+        ),
+        Server(
+            "mariadb",
+            "ORMCACHE_TEST_MARIADB_URL",
+            "mysql+pymysql://ormcache@127.0.0.1:3306/test",
+            _probe_mariadb,
         ),
     )
 }
@@ -202,7 +229,7 @@ _outcomes: dict[tuple[str, str], str | None] = {}
 def require_server(name: str) -> str:
     """Return the configured address of server ``name`` if it answers.
 
-    ``name`` is ``"redis"``, ``"memcached"`` or ``"postgresql"``. The probe runs
+    ``name`` is ``"redis"``, ``"memcached"``, ``"postgresql"`` or ``"mariadb"``. The probe runs
     once per address per session; a server that does not answer fails the
     calling test in CI and skips it elsewhere, like :func:`check_server`.
     """
@@ -233,6 +260,12 @@ def memcached_url() -> str:
 def postgresql_url() -> str:
     """SQLAlchemy URL of a PostgreSQL database that answers."""
     return require_server("postgresql")
+
+
+@pytest.fixture(scope="session")
+def mariadb_url() -> str:
+    """SQLAlchemy URL of a MariaDB (or MySQL) database that answers."""
+    return require_server("mariadb")
 
 
 def closed_port() -> int:

@@ -1,0 +1,150 @@
+"""The backend suite over MariaDB (MySQL's dialect, PyMySQL), and what is
+MySQL's own: REPEATABLE READ by default, whose snapshot starts at a
+transaction's first read; multi-table ``UPDATE``; ``INSERT IGNORE``.
+
+The suite runs at READ COMMITTED, the isolation level the guide advises on
+MySQL: at REPEATABLE READ only a transaction's first statement can fill
+(a relationship's lazy load comes after its parent's query, and is never
+stored), which the tests below check on their own.
+
+Each test's databases are ``ormcache_main`` and ``ormcache_other`` on the
+test server (``make services`` lets the tests' user create them), emptied
+before each test.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, select, text
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from ormcache import FromCache
+from ormcache.testing.fixtures import BackendTests, Base, Store, Template
+
+
+class TestMariadbMemory(BackendTests):
+    backend = "memory"
+
+    def make_engine(self, name: str) -> Engine:
+        from servers import require_server
+
+        url = make_url(require_server("mariadb"))
+        database = f"ormcache_{name}"
+        admin = create_engine(url)
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE IF NOT EXISTS `{database}`")
+        admin.dispose()
+        engine = create_engine(url.set(database=database), isolation_level="READ COMMITTED")
+        Base.metadata.drop_all(engine)
+        Base.metadata.create_all(engine)
+        return engine
+
+    def repeatable_read(self, **arguments: Any) -> Any:
+        """A sessionmaker at MySQL's default isolation level, attached."""
+        engine = create_engine(self.engine.url, **arguments)
+        engine.connect().close()  # the dialect learns the server's default
+        assert engine.dialect.default_isolation_level == "REPEATABLE READ"
+        self._rr_engines.append(engine)
+        maker = sessionmaker(engine)
+        self.cache.attach(maker)
+        return maker
+
+    @pytest.fixture(autouse=True)
+    def _rr_disposed(self) -> Any:
+        self._rr_engines: list[Engine] = []
+        yield
+        for engine in self._rr_engines:
+            engine.dispose()
+
+    def names(self, maker: Any, tid: int) -> tuple[str, int]:
+        """Template ``tid``'s name through ``maker`` and the SELECTs that cost."""
+        with self.count(maker.kw["bind"]) as counter, maker() as s:
+            name = s.get_one(Template, tid, options=[FromCache("default")]).name
+        return name, counter.selects
+
+    def test_the_first_read_of_a_transaction_fills(self) -> None:
+        """At REPEATABLE READ, MySQL's default, a transaction's snapshot is
+        taken by its first read: a miss that is its transaction's first
+        statement sees every commit before it, and is stored.  (Before,
+        nothing was ever stored on MySQL and MariaDB: their drivers do not
+        say whether a transaction is open.)"""
+        rr = self.repeatable_read()
+        assert self.names(rr, 1) == ("t1", 1)
+        assert self.names(rr, 1) == ("t1", 0)
+        with self.count(rr.kw["bind"]) as counter, rr() as s:
+            s.get_one(Template, 1, options=[FromCache("default")])  # a hit: no statement
+            s.get_one(Template, 2, options=[FromCache("default")])  # the first: stored
+            s.execute(select(Store))  # the snapshot is older than what follows
+            s.get_one(Template, 3, options=[FromCache("default")])  # not stored
+        assert counter.selects == 3
+        assert self.names(rr, 2) == ("t2", 0)
+        assert self.names(rr, 3) == ("t3", 1)
+
+    def test_an_older_snapshot_is_never_stored(self) -> None:
+        """A miss after its transaction's first read sees that read's
+        snapshot, older than a commit made since: what it read is not
+        stored, and the next reader sees the commit."""
+        rr = self.repeatable_read()
+        with rr() as reader:
+            reader.execute(select(Store)).all()  # the snapshot starts here
+            with self.Session() as writer:
+                writer.get_one(Template, 4).name = "committed meanwhile"
+                writer.commit()
+            stale = reader.get_one(Template, 4, options=[FromCache("default")])
+            assert stale.name == "t4"  # its snapshot
+        assert self.names(rr, 4) == ("committed meanwhile", 1)
+        assert self.names(rr, 4) == ("committed meanwhile", 0)
+
+    def test_read_committed_fills_every_miss(self) -> None:
+        with self.Session() as s:  # the suite's engine: READ COMMITTED
+            s.execute(select(Store)).all()
+            s.get_one(Template, 5, options=[FromCache("default")])
+        assert self.names(self.Session, 5) == ("t5", 0)
+
+    def test_without_reset_on_return_nothing_fills_in_a_transaction(self) -> None:
+        """A pool that does not end transactions at check-in may hand out a
+        connection whose transaction (and snapshot) began before: no miss
+        can be told to be the first, and none is stored."""
+        rr = self.repeatable_read(pool_reset_on_return=None)
+        assert self.names(rr, 1) == ("t1", 1)
+        assert self.names(rr, 1) == ("t1", 1)
+
+    def test_multi_table_update_and_insert_ignore_invalidate(self) -> None:
+        """MySQL's multi-table UPDATE (Core and textual) writes the tables
+        it sets; ``INSERT IGNORE`` writes its table."""
+        from sqlalchemy import update
+
+        from ormcache.testing.fixtures import template_table
+
+        writer = create_engine(self.engine.url)  # no listener on its connections
+        store_1 = select(Template).where(Template.store_id == 1).order_by(Template.id).options(FromCache())
+        try:
+            self.cached_names(store_1)
+            with writer.begin() as conn:
+                conn.execute(
+                    update(template_table)
+                    .where(template_table.c.store_id == Store.id, Store.name == "store1")
+                    .values(name="core join")
+                )
+            assert self.cached_names(store_1) == (["core join"] * 5, 1)
+            with writer.begin() as conn:
+                conn.execute(
+                    text(
+                        "UPDATE templates t JOIN stores s ON t.store_id = s.id "
+                        "SET t.name = 'text join' WHERE s.name = 'store1'"
+                    )
+                )
+            assert self.cached_names(store_1) == (["text join"] * 5, 1)
+            with writer.begin() as conn:
+                conn.execute(
+                    text(
+                        "INSERT IGNORE INTO templates (id, store_id, name, body, version) "
+                        "VALUES (1, 1, 'dup', '{}', 1), (99, 1, 'ignored into', '{}', 1)"
+                    )
+                )
+            assert self.cached_names(store_1) == (["text join"] * 5 + ["ignored into"], 1)
+        finally:
+            writer.dispose()
