@@ -10,7 +10,11 @@ on the benchmark's data:
   listener, ``.one()``, closing the session);
 * building the statement and a session only;
 * SQLAlchemy's ``_generate_cache_key()`` of the statement, which a cache
-  keyed on the statement's structure has to pay on every hit.
+  keyed on the statement's structure has to pay on every hit;
+* with Redis answering (``--no-redis`` leaves it out), the read a Redis hit
+  makes (``MGET`` of six keys, one of them a 2 KB entry) through
+  redis-py's ``Redis.mget``, and the same ``MGET`` sent on a connection of
+  the pool, as ormcache's Redis regions send it: the client layer's cost.
 
 It prints microseconds per call and each as a ratio of the uncached query,
 so that the hit targets of ``hit.one_row`` can be read against what is
@@ -47,10 +51,43 @@ def _rounds(sides: dict[str, Callable[[int], object]], calls: int, rounds: int) 
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def _redis_sides(sides: dict[str, Callable[[int], object]]) -> Any:
+    """Add the two Redis reads to ``sides``; the client, or None when
+    Redis does not answer (said on stderr)."""
+    from . import backends as bk
+
+    ok, reason = bk.probe("redis")
+    if not ok:
+        print(f"(no Redis lines: {reason})", file=sys.stderr)
+        return None
+    import redis
+
+    client = redis.Redis.from_url(bk.redis_url(), socket_timeout=bk.BACKEND_TIMEOUT)
+    prefix = bk.new_namespace("floor")
+    keys = [f"{prefix}:k{i}" for i in range(6)]
+    client.set(keys[0], b"x" * 2048, ex=bk.SERVER_TTL)
+    for key in keys[1:]:
+        client.set(key, b"0123456789abcdef0123", ex=bk.SERVER_TTL)
+    pool = client.connection_pool
+    conn = pool.get_connection()
+
+    def client_mget(tid: int) -> object:
+        return client.mget(keys)
+
+    def connection_mget(tid: int) -> object:
+        conn.send_command("MGET", *keys)
+        return conn.read_response()
+
+    sides["Redis.mget (6 keys, 2 KB)"] = client_mget
+    sides["the same MGET on a pool connection"] = connection_mget
+    return client
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.floor")
     parser.add_argument("--calls", type=int, default=2000, help="calls per side per round")
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--no-redis", action="store_true", help="leave out the Redis MGET lines")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ormcache-floor-") as tmp:
         path = Path(tmp) / "templates.db"
@@ -90,12 +127,15 @@ def main(argv: list[str] | None = None) -> int:
             "statement only": statement_only,
             "statement + _generate_cache_key()": statement_and_key,
         }
+        redis_client = None if args.no_redis else _redis_sides(sides)
         for fn in sides.values():  # warm up
             for i in range(200):
                 fn(1 + i % 100)
         medians = _rounds(sides, args.calls, args.rounds)
         plain_engine.dispose()
         instant_engine.dispose()
+        if redis_client is not None:
+            redis_client.close()
     base = medians["uncached one-row select()"]
     key = medians["statement + _generate_cache_key()"] - medians["statement only"]
     for name, seconds in medians.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -58,7 +59,7 @@ def test_bench_quick_runs_and_writes_json(tmp_path: Path) -> None:
     assert data["profile"]["phases"], "the hit path profile is missing"
 
 
-def test_bench_floor_runs() -> None:
+def test_bench_floor_runs(redis_url: str) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench.floor", "--calls", "20", "--rounds", "1"],
         cwd=REPO,
@@ -66,7 +67,14 @@ def test_bench_floor_runs() -> None:
         text=True,
         timeout=120,
         check=False,
+        env={**os.environ, "ORMCACHE_BENCH_REDIS_URL": redis_url},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = {line.split("  ")[0]: line for line in proc.stdout.splitlines()}
-    assert {"uncached one-row select()", "listener answering at once", "_generate_cache_key() alone"} <= set(lines)
+    assert {
+        "uncached one-row select()",
+        "listener answering at once",
+        "_generate_cache_key() alone",
+        "Redis.mget (6 keys, 2 KB)",
+        "the same MGET on a pool connection",
+    } <= set(lines)
