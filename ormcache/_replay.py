@@ -19,6 +19,7 @@ parent's execution options into their own statements.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -132,12 +133,35 @@ def in_transaction(context: Any) -> bool | None:
 SNAPSHOT_AT_FIRST_READ = frozenset({"mysql", "mariadb"})
 
 
+_BEGAN = "ormcache_began"
+
+
 def statement_runs(context: Any) -> None:
     """A statement is about to run on ``context``'s connection (called for
     every statement ormcache's execute listeners see, on MySQL and
-    MariaDB): its SQLAlchemy transaction has begun at the server."""
+    MariaDB): its SQLAlchemy transaction has begun at the server.  Kept
+    weakly (a strong reference would keep the ``Connection`` in a cycle,
+    and its pooled connection from going back until the collector runs),
+    on the ``Connection`` and on the pool's record of the DBAPI connection,
+    which every ``Connection`` lent that DBAPI connection shares
+    (``StaticPool``, ``SingletonThreadPool``)."""
     root = context.root_connection
-    root._ormcache_began = root.get_transaction()
+    transaction = root.get_transaction()
+    mark = None if transaction is None else weakref.ref(transaction)
+    root._ormcache_began = mark
+    info = _record_info(root)
+    if info is not None:
+        info[_BEGAN] = mark
+
+
+def _record_info(root: Any) -> dict[Any, Any] | None:
+    """The ``info`` of the pool's record of ``root``'s DBAPI connection,
+    shared by every checkout of it; None where there is none (the
+    dialect's first connect)."""
+    try:
+        return root.connection.info  # type: ignore[no-any-return]
+    except (NotImplementedError, AttributeError):
+        return None
 
 
 def _first_statement(context: Any) -> bool:
@@ -145,13 +169,23 @@ def _first_statement(context: Any) -> bool:
     its SQLAlchemy transaction (MySQL, MariaDB: :func:`statement_runs`).
     Their drivers begin a transaction at the server with its first
     statement, and InnoDB takes a REPEATABLE READ snapshot at its first
-    read: such a statement sees every commit made before it.  Only when
-    the pool ends each transaction as the connection goes back (its
-    ``reset_on_return``, rollback by default): else a transaction begun
-    under an earlier checkout may still be open."""
+    read: such a statement sees every commit made before it.  Not when
+    another ``Connection``'s transaction on the same DBAPI connection is
+    open (its snapshot is this one's too), and only when the pool ends each
+    transaction as the connection goes back (its ``reset_on_return``,
+    rollback by default): else a transaction begun under an earlier
+    checkout may still be open."""
     root = context.root_connection
     transaction = root.get_transaction()
-    if transaction is None or getattr(root, "_ormcache_began", None) is transaction:
+    if transaction is None:
+        return False
+    mark = getattr(root, "_ormcache_began", None)
+    if mark is not None and mark() is transaction:
+        return False
+    info = _record_info(root)
+    shared = None if info is None else info.get(_BEGAN)
+    other = None if shared is None else shared()
+    if other is not None and other is not transaction and other.is_active:
         return False
     from . import _compat
 
@@ -174,7 +208,9 @@ def snapshot_is_fresh(context: Any) -> bool:
         return _sqlite_busy()(dbapi_conn) is False
     if in_transaction(context) is False:
         return True
-    level = context.execution_options.get("isolation_level")
+    # the connection's level: SQLAlchemy applies ``isolation_level`` set on
+    # the engine or the Connection, and ignores it in a statement's options
+    level = context.root_connection.get_execution_options().get("isolation_level")
     if dialect.name == "postgresql":
         # the level in force, however it was set (SET TRANSACTION, SET
         # SESSION CHARACTERISTICS, a connect event): ask the server, once

@@ -112,6 +112,64 @@ class TestMariadbMemory(BackendTests):
         assert self.names(rr, 1) == ("t1", 1)
         assert self.names(rr, 1) == ("t1", 1)
 
+    def test_a_dbapi_connection_shared_by_two_sessions(self) -> None:
+        """``StaticPool`` (as ``SingletonThreadPool`` within a thread) lends
+        one DBAPI connection to every ``Connection``: a second session's
+        first statement runs in the first session's open transaction, and
+        its older snapshot, which is not stored."""
+        from sqlalchemy.pool import StaticPool
+
+        rr = self.repeatable_read(poolclass=StaticPool)
+        outer = rr()
+        try:
+            outer.execute(select(Store)).all()  # the shared snapshot starts here
+            with self.Session() as writer:
+                writer.get_one(Template, 2).name = "committed meanwhile"
+                writer.commit()
+            with rr() as inner:
+                stale = inner.get_one(Template, 2, options=[FromCache("default")])
+                assert stale.name == "t2"  # the outer session's snapshot
+        finally:
+            outer.close()
+        assert self.names(rr, 2) == ("committed meanwhile", 1)
+
+    def test_isolation_level_of_a_statement_is_not_the_connections(self) -> None:
+        """SQLAlchemy applies ``isolation_level`` set on an engine or a
+        connection; in one statement's options it is ignored, and so is it
+        here: the miss still reads the transaction's older snapshot."""
+        rr = self.repeatable_read()
+        stmt = select(Template).where(Template.id == 3).options(FromCache("default"))
+        with rr() as reader:
+            reader.execute(select(Store)).all()  # the snapshot starts here
+            with self.Session() as writer:
+                writer.get_one(Template, 3).name = "committed meanwhile"
+                writer.commit()
+            options = {"isolation_level": "READ COMMITTED"}
+            assert reader.scalars(stmt, execution_options=options).one().name == "t3"
+        with self.count(rr.kw["bind"]) as counter, rr() as s:
+            assert s.scalars(stmt).one().name == "committed meanwhile"
+        assert counter.selects == 1
+
+    def test_a_committed_connection_goes_back_to_the_pool_at_once(self) -> None:
+        """What marks a transaction as begun holds it weakly: a Connection
+        dropped without ``close()`` after its commit returns its DBAPI
+        connection when its last reference goes, not at the next run of
+        the cycle collector."""
+        import gc
+
+        engine = create_engine(self.engine.url, pool_size=1, max_overflow=0, pool_timeout=1)
+        self._rr_engines.append(engine)
+        gc.disable()
+        try:
+            for _ in range(3):
+                conn = engine.connect()
+                conn.execute(select(Store)).all()
+                conn.commit()
+                del conn
+                assert engine.pool.checkedout() == 0
+        finally:
+            gc.enable()
+
     def test_multi_table_update_and_insert_ignore_invalidate(self) -> None:
         """MySQL's multi-table UPDATE (Core and textual) writes the tables
         it sets; ``INSERT IGNORE`` writes its table."""
