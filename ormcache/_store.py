@@ -59,8 +59,10 @@ def _after_fork_in_child() -> None:
     _retrying.clear()
     for store in list(_all_stores):
         store._replaying = threading.Lock()
-        if store._mget is not None:
-            store._mget.forget()
+    global _readers_lock
+    _readers_lock = threading.Lock()
+    for reader in list(_readers.values()):
+        reader.forget()
         if store._lost or store._lost_all:
             store._start_retrying()
 
@@ -803,19 +805,32 @@ class _RedisReader:
     pool's lock and its ``can_read`` poll of the socket, the retry wrapper,
     the observability hooks): more than the round trip itself, and the
     largest part of a Redis hit after the session.  The connections are
-    the pool's own, borrowed once and kept (so the pool counts them
-    against ``max_connections``, ``disconnect()`` closes them, and a
-    maintenance notification reaches them), at most :attr:`limit` of them
-    (a quarter of the pool's ``max_connections``, 8 at most): a read that
-    finds none free goes through the client, as every command but these
-    reads always does.  A forked child borrows its own.
+    the pool's own, borrowed and kept (so the pool counts them against
+    ``max_connections``, ``disconnect()`` closes them, and a maintenance
+    notification reaches them), at most :attr:`limit` of them (a quarter
+    of the pool's ``max_connections``, 8 at most): a read that finds none
+    free goes through the client, as every command but these reads always
+    does.  One reader per pool, whatever the number of regions and caches
+    on it; :meth:`close` gives its idle connections back.  A forked child
+    borrows its own, even one forked without Python's fork hooks (uWSGI).
 
     Only for clients that try each command once (``backend_timeout``,
-    the default, sees to that): a region configured with retries reads
-    through the client, which retries.
+    the default, sees to that) and whose credentials do not rotate: the
+    others read through the client.
     """
 
-    __slots__ = ("_pool", "_free", "_lock", "_count", "limit", "_closed_error", "_reply_error")
+    __slots__ = (
+        "_pool",
+        "_free",
+        "_lock",
+        "_count",
+        "_pid",
+        "limit",
+        "_command_name",
+        "_closed_error",
+        "_reply_error",
+        "__weakref__",
+    )
 
     def __init__(self, pool: Any, limit: int) -> None:
         from redis.exceptions import ConnectionError, ResponseError
@@ -823,20 +838,24 @@ class _RedisReader:
         self._pool = pool
         self._free: list[Any] = []
         self._lock = threading.Lock()
-        #: connections borrowed from the pool so far
+        #: connections borrowed from the pool and not given back
         self._count = 0
+        self._pid = os.getpid()
         self.limit = limit
+        #: redis-py before 5.3 wants a command name for get_connection()
+        self._command_name = _needs_command_name(pool)
         self._closed_error = ConnectionError
         self._reply_error = ResponseError
 
     @classmethod
     def for_region(cls, region: CacheRegion) -> _RedisReader | None:
-        """A reader for dogpile's plain ``redis`` backend on a redis-py
-        ``Redis`` client with an ordinary ``ConnectionPool`` whose
+        """The reader of the pool of dogpile's plain ``redis`` backend on a
+        redis-py ``Redis`` client with an ordinary ``ConnectionPool`` whose
         connections do not retry; None for the others (Sentinel and Cluster
         route commands themselves; a ``BlockingConnectionPool`` waits for a
         free connection, a client-side cache or a single-connection client
-        must see every command)."""
+        must see every command, rotating credentials are renewed only on
+        connections that go back to the pool)."""
         backend = region.backend
         if (
             region.serializer is None
@@ -854,10 +873,17 @@ class _RedisReader:
             or type(pool) is not ConnectionPool
             or getattr(pool, "cache", None) is not None
             or _retries(pool.connection_kwargs.get("retry")) != 0
+            or _rotating(pool.connection_kwargs.get("credential_provider"))
         ):
             return None
-        limit = min(8, int(pool.max_connections) // 4)
-        return cls(pool, limit) if limit > 0 else None
+        with _readers_lock:
+            reader = _readers.get(pool)
+            if reader is None:
+                limit = min(8, int(pool.max_connections) // 4)
+                if limit <= 0:
+                    return None
+                reader = _readers[pool] = cls(pool, limit)
+        return reader
 
     def forget(self) -> None:
         """In a forked child: the parent's connections are not this
@@ -865,12 +891,15 @@ class _RedisReader:
         self._free = []
         self._lock = threading.Lock()
         self._count = 0
+        self._pid = os.getpid()
 
     def __call__(self, keys: Sequence[str]) -> list[Any] | None:
         """The values of ``keys``; None when no connection is free and
         none may be borrowed (read through the client)."""
         if not keys:
             return []
+        if self._pid != os.getpid():
+            self.forget()  # forked without the hooks of os.register_at_fork
         free = self._free
         try:
             conn = free.pop()
@@ -896,10 +925,9 @@ class _RedisReader:
                 return None
             self._count += 1
         try:
-            try:
-                return self._pool.get_connection()
-            except TypeError:  # redis-py before 5.3 wants a command name
+            if self._command_name:
                 return self._pool.get_connection("MGET")
+            return self._pool.get_connection()
         except BaseException:
             with self._lock:
                 self._count -= 1
@@ -921,9 +949,46 @@ class _RedisReader:
         return values  # type: ignore[no-any-return]
 
     def close(self) -> None:
-        """Disconnect the free connections (they reconnect if used again)."""
-        for conn in list(self._free):
-            conn.disconnect()
+        """Give the idle connections back to the pool (a read borrows
+        again)."""
+        if self._pid != os.getpid():
+            self.forget()
+            return
+        while True:
+            try:
+                conn = self._free.pop()
+            except IndexError:
+                return
+            with self._lock:
+                self._count -= 1
+            self._pool.release(conn)
+
+
+#: the reader of each redis-py pool
+_readers: weakref.WeakKeyDictionary[Any, _RedisReader] = weakref.WeakKeyDictionary()
+_readers_lock = threading.Lock()
+
+
+def _needs_command_name(pool: Any) -> bool:
+    import inspect
+
+    try:
+        parameter = inspect.signature(pool.get_connection).parameters.get("command_name")
+    except (TypeError, ValueError):
+        return False
+    return parameter is not None and parameter.default is inspect.Parameter.empty
+
+
+def _rotating(provider: Any) -> bool:
+    """Credentials renewed while connections live (a token provider):
+    redis-py re-authenticates a connection when it goes back to the pool."""
+    if provider is None:
+        return False
+    try:
+        from redis.credentials import StreamingCredentialProvider
+    except ImportError:  # redis-py before 6
+        return False
+    return isinstance(provider, StreamingCredentialProvider)
 
 
 def _retries(retry: Any) -> int | None:

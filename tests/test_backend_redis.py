@@ -326,7 +326,8 @@ def test_hits_read_on_connections_of_their_own(redis_url: str, tmp_path: Any) ->
     """A hit's MGET skips redis-py's client layer: it goes on a pool
     connection kept for reads, reused from hit to hit; one the server
     closed while it waited (an idle ``timeout``, a restart) reconnects
-    without failing the read; ``pool.disconnect()`` reaches it."""
+    without failing the read; ``pool.disconnect()`` reaches it;
+    ``cache.close()`` gives it back."""
     import redis
 
     from ormcache.testing import QueryCounter
@@ -364,8 +365,11 @@ def test_hits_read_on_connections_of_their_own(redis_url: str, tmp_path: Any) ->
             assert name(1) == "t1"
         assert c.selects == 0 and store._failures == 0
         assert store._fetch([]) == []
-        cache.close()
-        assert conn._sock is None  # close() disconnects them too
+        cache.close()  # gives them back to the pool
+        assert reader._free == [] and reader._count == 0
+        assert conn in pool._available_connections
+        assert store._fetch(["ormcache-test-absent"]) == [None]  # borrows again
+        assert reader._count == 1
     finally:
         cache.close()
         engine.dispose()
@@ -408,6 +412,89 @@ def test_reads_borrow_a_quarter_of_the_pool_at_most(redis_url: str, tmp_path: An
     finally:
         cache.close()
         engine.dispose()
+
+
+def test_one_reader_per_pool(redis_url: str, tmp_path: Any) -> None:
+    """Caches over one pool (dogpile's ``connection_pool`` argument, or
+    caches made and closed in turn) share its reader: together they never
+    keep more than a quarter of it, and a closed cache gives its
+    connections back."""
+    import uuid
+
+    import redis
+
+    from ormcache import OrmCache
+
+    pool = redis.ConnectionPool.from_url(redis_url, max_connections=8)
+    client = redis.Redis(connection_pool=pool)
+    prefix = "ormcache-test-reader-" + uuid.uuid4().hex[:8]
+    client.set(prefix, b"v", ex=60)
+    settings = {
+        "namespace": "rp" + uuid.uuid4().hex[:8],
+        "regions": {"r": {"backend": "redis", "arguments": {"connection_pool": pool}}},
+    }
+    try:
+        caches = [OrmCache.from_settings(settings) for _ in range(3)]
+        readers = {id(cache._stores["r"]._mget) for cache in caches}
+        assert len(readers) == 1
+        for cache in caches:
+            assert cache._stores["r"]._fetch([prefix]) == [b"v"]
+            cache.close()
+        for _ in range(6):  # made, used and closed in turn
+            cache = OrmCache.from_settings(settings)
+            assert cache._stores["r"]._fetch([prefix]) == [b"v"]
+            cache.close()
+        assert len(pool._in_use_connections) == 0
+        assert client.get(prefix) == b"v"
+    finally:
+        client.delete(prefix)
+        pool.disconnect()
+
+
+def test_rotating_credentials_read_through_the_client(redis_url: str) -> None:
+    """A token provider (``StreamingCredentialProvider``, as for Entra ID)
+    renews a connection's credentials when it goes back to the pool, which
+    kept connections never do: such regions read through the client."""
+    import uuid
+
+    credentials = pytest.importorskip("redis.credentials")
+    provider_class = getattr(credentials, "StreamingCredentialProvider", None)
+    if provider_class is None:
+        pytest.skip("redis-py without StreamingCredentialProvider")
+
+    class Tokens(provider_class):  # type: ignore[misc, valid-type]
+        def get_credentials(self) -> tuple[str]:
+            return ("",)
+
+        async def get_credentials_async(self) -> tuple[str]:
+            return ("",)
+
+        def on_next(self, callback: Any) -> None:
+            pass
+
+        def on_error(self, callback: Any) -> None:
+            pass
+
+        def is_streaming(self) -> bool:
+            return True
+
+    from ormcache import OrmCache
+
+    cache = OrmCache.from_settings(
+        {
+            "namespace": "rc" + uuid.uuid4().hex[:8],
+            "regions": {
+                "r": {
+                    "backend": "redis",
+                    "arguments": {"url": redis_url, "connection_kwargs": {"credential_provider": Tokens()}},
+                }
+            },
+        }
+    )
+    try:
+        assert cache._stores["r"]._mget is None
+    finally:
+        cache.close()
 
 
 def test_regions_that_retry_read_through_the_client(redis_url: str, tmp_path: Any) -> None:
@@ -515,6 +602,42 @@ def test_a_forked_child_reads_on_connections_of_its_own(redis_url: str, tmp_path
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         assert name(1) == "t1" and store._mget._free == parents and store._failures == 0
+    finally:
+        cache.close()
+        engine.dispose()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_child_forked_without_hooks_reads_on_its_own(redis_url: str, tmp_path: Any) -> None:
+    """uWSGI forks its workers with libc's ``fork()``, which runs none of
+    Python's fork hooks: the child still finds the parent's connections in
+    the reader, and must not read on them (the two processes would read
+    each other's replies)."""
+    import ctypes
+    import os
+
+    engine, cache, name = _one_region(redis_url, tmp_path)
+    store = cache._stores["r"]
+    reader = store._mget
+    try:
+        name(1)
+        name(1)
+        parents = list(reader._free)
+        libc = ctypes.CDLL(None, use_errno=True)
+        pid = libc.fork()
+        if pid == 0:  # the child, without os.register_at_fork's hooks
+            code = 1
+            try:
+                seen = reader._free == parents  # the hooks did not run
+                ok = name(2) == "t2" and name(1) == "t1"
+                fresh = parents[0] not in reader._free and reader._pid == os.getpid()
+                code = 0 if seen and ok and fresh else 1
+            finally:
+                os._exit(code)
+        assert pid > 0
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert name(1) == "t1" and reader._free == parents and store._failures == 0
     finally:
         cache.close()
         engine.dispose()
