@@ -16,6 +16,7 @@ from sqlalchemy.sql.cache_key import CacheKey
 from sqlalchemy.sql.elements import BindParameter
 
 __all__ = [
+    "autobegins",
     "autoflush",
     "bind_value",
     "executing_flush",
@@ -35,6 +36,12 @@ def generate_cache_key(statement: Any) -> CacheKey | None:
     """The statement's structural cache key (memoized by SQLAlchemy), or
     None when the statement cannot be cached (it says so itself)."""
     return statement._generate_cache_key()  # type: ignore[no-any-return]
+
+
+def autobegins(connection: Connection) -> bool:
+    """Whether ``connection`` would begin a transaction for a statement
+    (False while the dialect's first connect runs its own)."""
+    return bool(getattr(connection, "_allow_autobegin", True))
 
 
 def pool_ends_transactions(pool: Any) -> bool:

@@ -23,6 +23,8 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+from . import _compat
+
 __all__ = ["CAPTURE", "REPLAY", "Capture", "Replay", "replay_or_capture", "snapshot_is_fresh"]
 
 CAPTURE = "_ormcache_capture"
@@ -133,7 +135,15 @@ def in_transaction(context: Any) -> bool | None:
 SNAPSHOT_AT_FIRST_READ = frozenset({"mysql", "mariadb"})
 
 
-_BEGAN = "ormcache_began"
+BEGAN = "ormcache_began"
+
+
+class _Beginning:
+    """A mark: a statement ran in the ``begin`` event of the transaction
+    that follows."""
+
+
+_BEGINNING = _Beginning()
 
 
 def statement_runs(context: Any) -> None:
@@ -147,11 +157,18 @@ def statement_runs(context: Any) -> None:
     (``StaticPool``, ``SingletonThreadPool``)."""
     root = context.root_connection
     transaction = root.get_transaction()
-    mark = None if transaction is None else weakref.ref(transaction)
+    if transaction is not None:
+        mark: Any = weakref.ref(transaction)
+    elif _compat.autobegins(root):
+        # a statement in a ``begin`` event: SQLAlchemy sets the Connection's
+        # Transaction only after the event, but this statement is its first
+        mark = _BEGINNING
+    else:
+        mark = None  # the dialect's first connect: rolled back after
     root._ormcache_began = mark
     info = _record_info(root)
     if info is not None:
-        info[_BEGAN] = mark
+        info[BEGAN] = None if mark is None else (mark, weakref.ref(root))
 
 
 def _record_info(root: Any) -> dict[Any, Any] | None:
@@ -180,15 +197,22 @@ def _first_statement(context: Any) -> bool:
     if transaction is None:
         return False
     mark = getattr(root, "_ormcache_began", None)
-    if mark is not None and mark() is transaction:
+    if mark is _BEGINNING or (mark is not None and mark() is transaction):
         return False
     info = _record_info(root)
-    shared = None if info is None else info.get(_BEGAN)
-    other = None if shared is None else shared()
-    if other is not None and other is not transaction and other.is_active:
-        return False
-    from . import _compat
-
+    shared = None if info is None else info.get(BEGAN)
+    if shared is not None:
+        other_mark, owner_ref = shared
+        owner = owner_ref()
+        if owner is None:
+            # its Connection was collected without being closed, and the
+            # pool did not reset the DBAPI connection (a checkin clears
+            # the entry): its transaction may still be open
+            return False
+        if owner is not root:
+            other = owner.get_transaction() if other_mark is _BEGINNING else other_mark()
+            if other is not None and other.is_active:
+                return False
     return _compat.pool_ends_transactions(root.engine.pool)
 
 

@@ -67,7 +67,7 @@ from sqlalchemy.pool import Pool
 from sqlalchemy.sql import util as sql_util
 
 from . import _compat
-from ._replay import SNAPSHOT_AT_FIRST_READ, replay_or_capture, statement_runs
+from ._replay import BEGAN, SNAPSHOT_AT_FIRST_READ, replay_or_capture, statement_runs
 from .keys import SEARCH_PATH_MARK, database_id, digest, table_name, table_pk_positions
 
 if TYPE_CHECKING:
@@ -619,9 +619,13 @@ def _on_begin(conn: Connection) -> None:
 
 
 def _on_checkin(dbapi_connection: Any, connection_record: Any) -> None:
-    if not _dirty or connection_record is None:
+    if connection_record is None:
         return
     info = connection_record.info
+    # the pool's reset ended any transaction a statement marked
+    info.pop(BEGAN, None)
+    if not _dirty:
+        return
     # returned to the pool without commit or rollback: the pool's reset
     # rolls it back
     _settle(info)

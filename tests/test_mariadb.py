@@ -133,6 +133,54 @@ class TestMariadbMemory(BackendTests):
             outer.close()
         assert self.names(rr, 2) == ("committed meanwhile", 1)
 
+    def test_a_session_dropped_while_sharing_its_dbapi_connection(self) -> None:
+        """A session dropped without ``close()`` while another shares its
+        DBAPI connection (``StaticPool``): the pool does not end its
+        transaction, which outlives its ``Transaction`` object; the other
+        session's next miss reads that older snapshot, and is not stored."""
+        import gc
+
+        from sqlalchemy.pool import StaticPool
+
+        rr = self.repeatable_read(poolclass=StaticPool)
+        outer = rr()
+        outer.execute(select(Store)).all()  # the shared snapshot starts here
+        inner = rr()
+        inner.connection()  # a second checkout of the same DBAPI connection
+        del outer
+        gc.collect()
+        with self.Session() as writer:
+            writer.get_one(Template, 2).name = "committed meanwhile"
+            writer.commit()
+        stale = inner.get_one(Template, 2, options=[FromCache("default")])
+        assert stale.name == "t2"  # the dropped session's snapshot
+        inner.close()
+        assert self.names(rr, 2) == ("committed meanwhile", 1)
+
+    def test_a_statement_in_a_begin_event_starts_the_snapshot(self) -> None:
+        """A ``begin`` listener that reads (or runs ``START TRANSACTION WITH
+        CONSISTENT SNAPSHOT``) runs before SQLAlchemy has set the
+        Connection's transaction: it still counts as the transaction's
+        first statement."""
+        from sqlalchemy import event
+
+        rr = self.repeatable_read()
+        engine = rr.kw["bind"]
+
+        @event.listens_for(engine, "begin")
+        def snapshot(conn: Any) -> None:
+            conn.exec_driver_sql("START TRANSACTION WITH CONSISTENT SNAPSHOT")
+
+        with rr() as reader:
+            reader.connection()  # the transaction begins, and its snapshot
+            with self.Session() as writer:
+                writer.get_one(Template, 5).name = "committed meanwhile"
+                writer.commit()
+            stale = reader.get_one(Template, 5, options=[FromCache("default")])
+            assert stale.name == "t5"
+        event.remove(engine, "begin", snapshot)
+        assert self.names(rr, 5) == ("committed meanwhile", 1)
+
     def test_isolation_level_of_a_statement_is_not_the_connections(self) -> None:
         """SQLAlchemy applies ``isolation_level`` set on an engine or a
         connection; in one statement's options it is ignored, and so is it
