@@ -16,7 +16,7 @@ How, without clocks:
   session: ``session.get``, ``select ... where key == k`` or
   ``select ... order by value desc limit 1`` (whose floor is the largest
   floor of all rows).  Seeing a value below the floor is a stale read.
-* Optional REPEATABLE READ readers (PostgreSQL) open their snapshot with an
+* Optional REPEATABLE READ readers (PostgreSQL, MariaDB) open their snapshot with an
   uncached SELECT, then run the cached query in the same transaction.  They
   may see their (old) snapshot, but never a value older than the floor read
   before their transaction began; the plain readers running next to them
@@ -36,6 +36,7 @@ Run a configuration for longer from the command line::
     python tests/consistency_checker.py --db postgresql --backend memcached --procs 4 \\
         --writers 2 --seconds 60
     python tests/consistency_checker.py --db postgresql --backend redis --threads 3 --rr 2
+    python tests/consistency_checker.py --db mariadb --backend redis --threads 3 --rr 2
 
 It prints one JSON summary and exits 1 when a stale read was seen.
 """
@@ -75,11 +76,12 @@ FAULT_INTERVALS = {
     "stall": 1.5,
 }
 BACKENDS = ("redis", "memcached", "memory")
-DATABASES = ("sqlite", "postgresql")
+DATABASES = ("sqlite", "postgresql", "mariadb")
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
 DEFAULT_MEMCACHED = "127.0.0.1:11211"
 DEFAULT_POSTGRESQL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+DEFAULT_MARIADB = "mysql+pymysql://ormcache@127.0.0.1:3306/test"
 
 #: stale reads kept in a summary (all are counted)
 MAX_SAMPLES = 20
@@ -704,8 +706,8 @@ def run(spec: Spec) -> dict[str, Any]:
     caller owns ``spec.db_url`` (a temp file for sqlite)."""
     if spec.mode == "procs" and spec.backend == "memory":
         raise ValueError("the memory backend is per process: use threads")
-    if spec.rr_readers and spec.db != "postgresql":
-        raise ValueError("REPEATABLE READ readers need PostgreSQL")
+    if spec.rr_readers and spec.db == "sqlite":
+        raise ValueError("REPEATABLE READ readers need PostgreSQL or MariaDB")
     if not spec.namespace:
         spec = replace(spec, namespace="cc" + uuid.uuid4().hex[:12])
     if not spec.table:
@@ -730,7 +732,7 @@ def run(spec: Spec) -> dict[str, Any]:
             server.close()
         elif spec.backend == "redis":
             drop_redis_keys(spec)
-        if spec.db == "postgresql":
+        if spec.db != "sqlite":
             drop_database(spec)
 
 
@@ -936,7 +938,7 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--threads", type=int, help="reader threads in one process")
     parser.add_argument("--writers", type=int, default=2)
     parser.add_argument(
-        "--rr", type=int, default=0, help="REPEATABLE READ readers (postgresql)"
+        "--rr", type=int, default=0, help="REPEATABLE READ readers (postgresql, mariadb)"
     )
     parser.add_argument(
         "--seconds", type=float, default=30.0, help="run at least this long"
@@ -956,6 +958,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", default=DEFAULT_REDIS)
     parser.add_argument("--memcached", default=DEFAULT_MEMCACHED)
     parser.add_argument("--postgresql-url", default=DEFAULT_POSTGRESQL)
+    parser.add_argument("--mariadb-url", default=DEFAULT_MARIADB)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument(
         "--json", action="store_true", help="print the whole summary as JSON"
@@ -974,7 +977,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--fault flushdb only runs on Redis logical database 15")
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     tmp = tempfile.mkdtemp(prefix="cc-")
-    db_url = f"sqlite:///{tmp}/cc.db" if args.db == "sqlite" else args.postgresql_url
+    db_url = {
+        "sqlite": f"sqlite:///{tmp}/cc.db",
+        "postgresql": args.postgresql_url,
+        "mariadb": args.mariadb_url,
+    }[args.db]
     spec = Spec(
         db=args.db,
         backend=args.backend,

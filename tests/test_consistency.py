@@ -69,7 +69,7 @@ def make_spec(request: pytest.FixtureRequest, tmp_path: Any) -> SpecFactory:
         if db == "sqlite":
             db_url = f"sqlite:///{tmp_path}/cc.db"
         else:
-            db_url = request.getfixturevalue("postgresql_url")
+            db_url = request.getfixturevalue(f"{db}_url")
         cache_url = ""
         if backend == "redis" and kw.get("fault") not in ("restart", "stall"):
             # a logical database of its own: the flushdb fault wipes it
@@ -135,7 +135,7 @@ def run_and_check(
 
 
 @pytest.mark.parametrize("backend", ["redis", "memcached", "memory"])
-@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("db", ["sqlite", "postgresql", "mariadb"])
 def test_threads(
     db: str, backend: str, make_spec: SpecFactory, record_property: Any
 ) -> None:
@@ -156,17 +156,21 @@ def test_processes(
     run_and_check(spec, record_property)
 
 
-@pytest.mark.parametrize("backend", ["redis", "memcached"])
+@pytest.mark.parametrize(
+    ("db", "backend"), [("postgresql", "redis"), ("postgresql", "memcached"), ("mariadb", "redis")]
+)
 def test_repeatable_read_readers(
-    backend: str, make_spec: SpecFactory, record_property: Any
+    db: str, backend: str, make_spec: SpecFactory, record_property: Any
 ) -> None:
-    """PostgreSQL readers in REPEATABLE READ transactions that took their
-    snapshot with an uncached SELECT before the cached query.  They may see
-    their snapshot, never older than what was committed before their
-    transaction began, and must never store what they saw: the READ
-    COMMITTED readers next to them, and the final pass, would read it."""
+    """Readers in REPEATABLE READ transactions that took their snapshot
+    with an uncached SELECT before the cached query.  They may see their
+    snapshot, never older than what was committed before their transaction
+    began, and must never store what they saw: the other readers next to
+    them (READ COMMITTED on PostgreSQL; on MariaDB at REPEATABLE READ too,
+    each with the cached query as its transaction's first statement), and
+    the final pass, would read it."""
     spec = make_spec(
-        "postgresql", backend, mode="threads", writers=2, readers=2, rr_readers=2
+        db, backend, mode="threads", writers=2, readers=2, rr_readers=2
     )
     summary = run_and_check(spec, record_property)
     assert summary["rr_reads"] > spec.min_reads // 10
