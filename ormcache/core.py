@@ -304,8 +304,9 @@ class OrmCache:
         self._attached = [t for t in self._attached if t is not target]
 
     def close(self) -> None:
-        """Detach from every session factory and stop following writes.
-        The regions and their backends stay usable."""
+        """Detach from every session factory, stop following writes, and
+        give the connections Redis regions keep for reads back to their
+        pools.  The regions and their backends stay usable."""
         for target in list(self._attached):
             self.detach(target)
         invalidation.unregister(self)
