@@ -54,17 +54,16 @@ def _after_fork_in_child() -> None:
     """A forked child inherits the parent's locks as they were, maybe held
     by a thread it does not have (a replay waiting on a dead backend), and
     no retry thread: fresh locks, and the lost keys are retried anew."""
-    global _retry_lock
+    global _retry_lock, _readers_lock
     _retry_lock = threading.Lock()
+    _readers_lock = threading.Lock()
     _retrying.clear()
     for store in list(_all_stores):
         store._replaying = threading.Lock()
-    global _readers_lock
-    _readers_lock = threading.Lock()
-    for reader in list(_readers.values()):
-        reader.forget()
         if store._lost or store._lost_all:
             store._start_retrying()
+    for reader in list(_readers):
+        reader.forget()
 
 
 if hasattr(os, "register_at_fork"):
@@ -811,7 +810,8 @@ class _RedisReader:
     of the pool's ``max_connections``, 8 at most): a read that finds none
     free goes through the client, as every command but these reads always
     does.  One reader per pool, whatever the number of regions and caches
-    on it; :meth:`close` gives its idle connections back.  A forked child
+    on it, collected with the pool; :meth:`close` gives its idle
+    connections back.  A forked child
     borrows its own, even one forked without Python's fork hooks (uWSGI).
 
     Only for clients that try each command once (``backend_timeout``,
@@ -835,7 +835,8 @@ class _RedisReader:
     def __init__(self, pool: Any, limit: int) -> None:
         from redis.exceptions import ConnectionError, ResponseError
 
-        self._pool = pool
+        #: weakly: the pool keeps its reader
+        self._pool = weakref.ref(pool)
         self._free: list[Any] = []
         self._lock = threading.Lock()
         #: connections borrowed from the pool and not given back
@@ -877,12 +878,16 @@ class _RedisReader:
         ):
             return None
         with _readers_lock:
-            reader = _readers.get(pool)
+            # kept on the pool: it lives as long as the pool does, and a
+            # pool its caches dropped is collected with its reader
+            reader: _RedisReader | None = getattr(pool, "_ormcache_reader", None)
             if reader is None:
                 limit = min(8, int(pool.max_connections) // 4)
                 if limit <= 0:
                     return None
-                reader = _readers[pool] = cls(pool, limit)
+                reader = cls(pool, limit)
+                setattr(pool, "_ormcache_reader", reader)
+                _readers.add(reader)
         return reader
 
     def forget(self) -> None:
@@ -925,9 +930,12 @@ class _RedisReader:
                 return None
             self._count += 1
         try:
+            pool = self._pool()
+            if pool is None:
+                raise RuntimeError("the Redis connection pool is gone")
             if self._command_name:
-                return self._pool.get_connection("MGET")
-            return self._pool.get_connection()
+                return pool.get_connection("MGET")
+            return pool.get_connection()
         except BaseException:
             with self._lock:
                 self._count -= 1
@@ -961,11 +969,15 @@ class _RedisReader:
                 return
             with self._lock:
                 self._count -= 1
-            self._pool.release(conn)
+            pool = self._pool()
+            if pool is None:
+                conn.disconnect()
+            else:
+                pool.release(conn)
 
 
-#: the reader of each redis-py pool
-_readers: weakref.WeakKeyDictionary[Any, _RedisReader] = weakref.WeakKeyDictionary()
+#: every reader (each kept on its redis-py pool), for a forked child
+_readers: weakref.WeakSet[_RedisReader] = weakref.WeakSet()
 _readers_lock = threading.Lock()
 
 

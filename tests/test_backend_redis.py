@@ -643,6 +643,73 @@ def test_a_child_forked_without_hooks_reads_on_its_own(redis_url: str, tmp_path:
         engine.dispose()
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_retries_every_regions_lost_invalidations(
+    redis_url: str, monkeypatch: Any
+) -> None:
+    """Lost invalidations are retried in a forked child for every region,
+    with or without a Redis reader (the fork hook once retried only the
+    last region it had seen)."""
+    import os
+    import uuid
+
+    from ormcache import OrmCache
+    from ormcache._store import Store
+
+    cache = OrmCache.from_settings(
+        {
+            "namespace": "fr" + uuid.uuid4().hex[:8],
+            "regions": {
+                "m": {"backend": "memory"},
+                "a": {"backend": "redis", "arguments": {"url": redis_url}},
+                "b": {"backend": "redis", "arguments": {"url": redis_url}},
+            },
+        }
+    )
+    started: list[str] = []
+    monkeypatch.setattr(Store, "_start_retrying", lambda self: started.append(self.name))
+    try:
+        for store in cache._stores.values():
+            store._lost = {"k"}  # as after an invalidation the backend refused
+        pid = os.fork()
+        if pid == 0:  # the child: the fork hook has run
+            os._exit(0 if sorted(started) == ["a", "b", "m"] else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        for store in cache._stores.values():
+            store._lost = set()
+        cache.close()
+
+
+def test_a_dropped_cache_lets_its_pool_go(redis_url: str) -> None:
+    """The reader lives on its pool: a cache dropped without ``close()``,
+    its pool and the connections the reader kept are collected."""
+    import gc
+    import uuid
+    import weakref
+
+    import redis
+
+    from ormcache import OrmCache
+
+    def used_and_dropped() -> Any:
+        pool = redis.ConnectionPool.from_url(redis_url)
+        cache = OrmCache.from_settings(
+            {
+                "namespace": "rd" + uuid.uuid4().hex[:8],
+                "regions": {"r": {"backend": "redis", "arguments": {"connection_pool": pool}}},
+            }
+        )
+        cache._stores["r"]._fetch(["ormcache-test-absent"])  # borrows a connection
+        assert len(cache._stores["r"]._mget._free) == 1
+        return weakref.ref(pool), weakref.ref(cache._stores["r"]._mget)
+
+    pool, reader = used_and_dropped()
+    gc.collect()
+    assert pool() is None and reader() is None
+
+
 def test_reads_keep_to_the_client_where_it_must_see_every_command(redis_url: str, tmp_path: Any) -> None:
     """A ``BlockingConnectionPool`` (dogpile's ``connection_pool``
     argument) caps the connections: reads stay on the client, and hit as
