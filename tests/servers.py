@@ -58,6 +58,7 @@ __all__ = [
     "is_ci",
     "mariadb_url",
     "memcached_url",
+    "postgresql_database",
     "postgresql_url",
     "redis_url",
     "require_server",
@@ -97,12 +98,8 @@ def _probe_memcached(address: str) -> None:
         raise ConnectionError(f"unexpected reply to 'version': {reply!r}")
 
 
-def _probe_postgresql(url: str) -> None:
-    import psycopg2
-    from sqlalchemy.engine import make_url
-
-    params = make_url(url).translate_connect_args(username="user", database="dbname")
-    connection = psycopg2.connect(connect_timeout=2, **params)
+def _select_one(connection: Any) -> None:
+    """Ask a DBAPI ``connection`` for ``select 1``, then close it."""
     try:
         with connection.cursor() as cursor:
             cursor.execute("select 1")
@@ -110,6 +107,14 @@ def _probe_postgresql(url: str) -> None:
                 raise ConnectionError("'select 1' did not return 1")
     finally:
         connection.close()
+
+
+def _probe_postgresql(url: str) -> None:
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    params = make_url(url).translate_connect_args(username="user", database="dbname")
+    _select_one(psycopg2.connect(connect_timeout=2, **params))
 
 
 def _probe_mariadb(url: str) -> None:
@@ -117,14 +122,25 @@ def _probe_mariadb(url: str) -> None:
     from sqlalchemy.engine import make_url
 
     params = make_url(url).translate_connect_args(username="user", database="database")
-    connection = pymysql.connect(connect_timeout=2, **params)
+    _select_one(pymysql.connect(connect_timeout=2, **params))
+
+
+def postgresql_database(url: str, database: str) -> Any:
+    """``url`` (a PostgreSQL SQLAlchemy URL) for ``database`` on the same
+    server, created when missing."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    base = make_url(url)
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
     try:
-        with connection.cursor() as cursor:
-            cursor.execute("select 1")
-            if cursor.fetchone() != (1,):
-                raise ConnectionError("'select 1' did not return 1")
+        with admin.connect() as conn:
+            exists = conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = :d"), {"d": database})
+            if not exists:
+                conn.exec_driver_sql(f'CREATE DATABASE "{database}"')
     finally:
-        connection.close()
+        admin.dispose()
+    return base.set(database=database)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, select, text, update
+from sqlalchemy import create_engine, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
@@ -53,13 +53,10 @@ def test_async_factories_attach_to_their_own_sync_sessions(memory_cache: OrmCach
 
 @pytest.fixture
 def async_pg_url(postgresql_url: str) -> Iterator[str]:
-    url = make_url(postgresql_url)
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        if not conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = 'ormcache_async'")):
-            conn.exec_driver_sql('CREATE DATABASE "ormcache_async"')
-    admin.dispose()
-    sync = create_engine(url.set(database="ormcache_async"))
+    from servers import postgresql_database
+
+    url = postgresql_database(postgresql_url, "ormcache_async")
+    sync = create_engine(url)
     Base.metadata.drop_all(sync)
     Base.metadata.create_all(sync)
     seed(sync)

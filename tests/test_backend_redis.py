@@ -322,6 +322,29 @@ def _one_region(redis_url: str, tmp_path: Any, **arguments: Any) -> Any:
     return engine, cache, name
 
 
+def _read_at_once(name: Any, tids: range, reads: int = 200) -> list[Any]:
+    """Threads, one per template id, start together and each read its
+    template ``reads`` times through ``name``; what they got wrong."""
+    import threading
+
+    barrier = threading.Barrier(len(tids))
+    wrong: list[Any] = []
+
+    def read(tid: int) -> None:
+        barrier.wait()
+        for _ in range(reads):
+            got = name(tid)
+            if got != f"t{tid}":
+                wrong.append((tid, got))
+
+    threads = [threading.Thread(target=read, args=(tid,)) for tid in tids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return wrong
+
+
 def test_hits_read_on_connections_of_their_own(redis_url: str, tmp_path: Any) -> None:
     """A hit's MGET skips redis-py's client layer: it goes on a pool
     connection kept for reads, reused from hit to hit; one the server
@@ -380,8 +403,6 @@ def test_reads_borrow_a_quarter_of_the_pool_at_most(redis_url: str, tmp_path: An
     its ``max_connections``: with ``max_connections = 4``, one; the other
     readers at the same moment read through the client, and the process
     never holds more connections than the pool allows."""
-    import threading
-
     engine, cache, name = _one_region(
         redis_url, tmp_path, connection_kwargs={"max_connections": 4}
     )
@@ -390,23 +411,8 @@ def test_reads_borrow_a_quarter_of_the_pool_at_most(redis_url: str, tmp_path: An
     for tid in range(1, 4):
         name(tid)
     assert store._mget.limit == 1
-    barrier = threading.Barrier(3)
-    wrong: list[Any] = []
-
-    def read(tid: int) -> None:
-        barrier.wait()
-        for _ in range(200):
-            got = name(tid)
-            if got != f"t{tid}":
-                wrong.append((tid, got))
-
-    threads = [threading.Thread(target=read, args=(tid,)) for tid in range(1, 4)]
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert wrong == [] and store._failures == 0
+        assert _read_at_once(name, range(1, 4)) == [] and store._failures == 0
         assert len(store._mget._free) == 1 and store._mget._count == 1
         assert pool._created_connections <= 4
     finally:
@@ -457,12 +463,9 @@ def test_rotating_credentials_read_through_the_client(redis_url: str) -> None:
     kept connections never do: such regions read through the client."""
     import uuid
 
-    credentials = pytest.importorskip("redis.credentials")
-    provider_class = getattr(credentials, "StreamingCredentialProvider", None)
-    if provider_class is None:
-        pytest.skip("redis-py without StreamingCredentialProvider")
+    from redis.credentials import StreamingCredentialProvider  # redis-py 6+
 
-    class Tokens(provider_class):  # type: ignore[misc, valid-type]
+    class Tokens(StreamingCredentialProvider):
         def get_credentials(self) -> tuple[str]:
             return ("",)
 
@@ -549,29 +552,12 @@ def test_hits_in_threads_at_once_use_a_connection_each(redis_url: str, tmp_path:
     """Readers at the same time never share a connection (their replies
     would cross); the free list grows to the number of readers at once (8
     at most), not of reads."""
-    import threading
-
     engine, cache, name = _one_region(redis_url, tmp_path)
     store = cache._stores["r"]
     for tid in range(1, 9):
         name(tid)
-    barrier = threading.Barrier(8)
-    wrong: list[Any] = []
-
-    def read(tid: int) -> None:
-        barrier.wait()
-        for _ in range(200):
-            got = name(tid)
-            if got != f"t{tid}":
-                wrong.append((tid, got))
-
-    threads = [threading.Thread(target=read, args=(tid,)) for tid in range(1, 9)]
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert wrong == []
+        assert _read_at_once(name, range(1, 9)) == []
         assert 1 <= len(store._mget._free) <= store._mget.limit
         assert len(set(map(id, store._mget._free))) == len(store._mget._free)
     finally:

@@ -116,16 +116,11 @@ def test_search_path_spellings_still_invalidate_each_other(postgresql_url: str, 
     """One URL sets ``search_path=public``, the other leaves it implicit:
     their result keys differ, but a write through either invalidates the
     other's readers (version keys are per database, not per spelling)."""
-    base = make_url(postgresql_url)
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        if not conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = 'ormcache_spelling'")):
-            conn.exec_driver_sql('CREATE DATABASE "ormcache_spelling"')
-    admin.dispose()
-    plain = create_engine(base.set(database="ormcache_spelling"))
-    spelled = create_engine(
-        base.set(database="ormcache_spelling").update_query_dict({"options": "-csearch_path=public"})
-    )
+    from servers import postgresql_database
+
+    url = postgresql_database(postgresql_url, "ormcache_spelling")
+    plain = create_engine(url)
+    spelled = create_engine(url.update_query_dict({"options": "-csearch_path=public"}))
     try:
         Base.metadata.drop_all(plain)
         Base.metadata.create_all(plain)

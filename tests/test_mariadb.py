@@ -227,30 +227,33 @@ class TestMariadbMemory(BackendTests):
 
         writer = create_engine(self.engine.url)  # no listener on its connections
         store_1 = select(Template).where(Template.store_id == 1).order_by(Template.id).options(FromCache())
+        writes = [
+            (
+                update(template_table)
+                .where(template_table.c.store_id == Store.id, Store.name == "store1")
+                .values(name="core join"),
+                ["core join"] * 5,
+            ),
+            (
+                text(
+                    "UPDATE templates t JOIN stores s ON t.store_id = s.id "
+                    "SET t.name = 'text join' WHERE s.name = 'store1'"
+                ),
+                ["text join"] * 5,
+            ),
+            (
+                text(
+                    "INSERT IGNORE INTO templates (id, store_id, name, body, version) "
+                    "VALUES (1, 1, 'dup', '{}', 1), (99, 1, 'ignored into', '{}', 1)"
+                ),
+                ["text join"] * 5 + ["ignored into"],
+            ),
+        ]
         try:
             self.cached_names(store_1)
-            with writer.begin() as conn:
-                conn.execute(
-                    update(template_table)
-                    .where(template_table.c.store_id == Store.id, Store.name == "store1")
-                    .values(name="core join")
-                )
-            assert self.cached_names(store_1) == (["core join"] * 5, 1)
-            with writer.begin() as conn:
-                conn.execute(
-                    text(
-                        "UPDATE templates t JOIN stores s ON t.store_id = s.id "
-                        "SET t.name = 'text join' WHERE s.name = 'store1'"
-                    )
-                )
-            assert self.cached_names(store_1) == (["text join"] * 5, 1)
-            with writer.begin() as conn:
-                conn.execute(
-                    text(
-                        "INSERT IGNORE INTO templates (id, store_id, name, body, version) "
-                        "VALUES (1, 1, 'dup', '{}', 1), (99, 1, 'ignored into', '{}', 1)"
-                    )
-                )
-            assert self.cached_names(store_1) == (["text join"] * 5 + ["ignored into"], 1)
+            for write, names in writes:
+                with writer.begin() as conn:
+                    conn.execute(write)
+                assert self.cached_names(store_1) == (names, 1)
         finally:
             writer.dispose()

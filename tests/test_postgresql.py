@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, select, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 
 from ormcache import FromCache
 from ormcache.testing.fixtures import BackendTests, Base, Template
@@ -24,17 +24,9 @@ class TestPostgresqlRedis(BackendTests):
         return {"url": request.getfixturevalue("redis_url")}
 
     def make_engine(self, name: str) -> Engine:
-        url = make_url(self._pg_url())
-        admin = create_engine(url, isolation_level="AUTOCOMMIT")
-        database = f"ormcache_{name}"
-        with admin.connect() as conn:
-            exists = conn.scalar(
-                text("SELECT 1 FROM pg_database WHERE datname = :d"), {"d": database}
-            )
-            if not exists:
-                conn.exec_driver_sql(f'CREATE DATABASE "{database}"')
-        admin.dispose()
-        engine = create_engine(url.set(database=database))
+        from servers import postgresql_database
+
+        engine = create_engine(postgresql_database(self._pg_url(), f"ormcache_{name}"))
         Base.metadata.drop_all(engine)
         Base.metadata.create_all(engine)
         return engine
