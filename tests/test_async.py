@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from ormcache import FromCache, OrmCache
 from ormcache.testing.fixtures import Base, Template, seed
 
-pytest.importorskip("greenlet")
+import greenlet  # noqa: E402, F401  (the dev extra's; SQLAlchemy's asyncio needs it)
 from sqlalchemy.ext.asyncio import (  # noqa: E402
     AsyncSession,
     async_scoped_session,
