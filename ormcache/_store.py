@@ -24,7 +24,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from dogpile.cache.api import NO_VALUE
@@ -152,8 +152,8 @@ class Store:
         self._one_redis = _single_redis(region)
         #: MGET without redis-py's client layer (see :class:`_RedisReader`)
         self._mget = _RedisReader.for_region(region)
-        self._set_unlocking = _set_unlocker(region)
-        self._lock_adding = _lock_adder(region)
+        self._set_unlocking = _set_unlocker(region, self._mget)
+        self._lock_adding = _lock_adder(region, self._mget)
         self._last_warning = 0.0
         #: in-process locks in front of a backend's distributed lock
         self._local_locks = NameRegistry(_local_lock)
@@ -903,6 +903,19 @@ class _RedisReader:
         none may be borrowed (read through the client)."""
         if not keys:
             return []
+        return self._run(self._mget, keys)
+
+    def pipeline(self, commands: Sequence[tuple[Any, ...]]) -> list[Any] | None:
+        """The replies to ``commands``, sent in one round trip, a
+        ``ResponseError`` in place of each error reply (as a pipeline's
+        ``execute(raise_on_error=False)`` gives them, without its response
+        callbacks: raw replies); None when no connection is free (send
+        them through the client).  A connection closed while it waited is
+        reconnected and the commands sent again, so they must be safe to
+        send twice."""
+        return self._run(self._pipeline, commands)
+
+    def _run(self, send: Callable[[Any, Any], list[Any]], arg: Any) -> list[Any] | None:
         if self._pid != os.getpid():
             self.forget()  # forked without the hooks of os.register_at_fork
         free = self._free
@@ -914,13 +927,13 @@ class _RedisReader:
                 return None
         try:
             try:
-                return self._mget(conn, keys)
+                return send(conn, arg)
             except self._closed_error:
                 # closed while it waited (the server's idle ``timeout``, a
                 # restart, ``pool.disconnect()``): once more, reconnecting,
                 # as the pool checks its connections before lending them.
                 # A timeout is not retried.
-                return self._mget(conn, keys)
+                return send(conn, arg)
         finally:
             free.append(conn)
 
@@ -951,10 +964,29 @@ class _RedisReader:
         except BaseException:
             conn.disconnect()  # a reply may be pending: never read it as ours
             raise
+        self._after(conn)
+        return values  # type: ignore[no-any-return]
+
+    def _pipeline(self, conn: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        replies: list[Any] = []
+        try:
+            conn.send_packed_command(conn.pack_commands(commands))
+            for _ in commands:
+                try:
+                    replies.append(conn.read_response())
+                except self._reply_error as err:
+                    replies.append(err)  # read whole: the next reply follows
+        except BaseException:
+            conn.disconnect()  # replies may be pending: never read them as ours
+            raise
+        self._after(conn)
+        return replies
+
+    @staticmethod
+    def _after(conn: Any) -> None:
         should_reconnect = getattr(conn, "should_reconnect", None)  # redis-py 7+
         if should_reconnect is not None and should_reconnect():
             conn.disconnect()  # a maintenance notification said so
-        return values  # type: ignore[no-any-return]
 
     def close(self) -> None:
         """Give the idle connections back to the pool (a read borrows
@@ -1024,16 +1056,39 @@ def _queue_sets(pipe: Any, ttl: Any, mapping: Mapping[str, bytes]) -> None:
         pipe.mset(dict(mapping))
 
 
-def _set_unlocker(region: CacheRegion) -> Any:
+def _set_commands(ttl: Any, mapping: Mapping[str, bytes]) -> list[tuple[Any, ...]]:
+    """The commands of :func:`_queue_sets`, for :meth:`_RedisReader.pipeline`."""
+    if ttl:
+        return [("SETEX", key, ttl, value) for key, value in mapping.items()]
+    return [("MSET", *[part for item in mapping.items() for part in item])]
+
+
+def _raise_first(replies: Sequence[Any]) -> None:
+    """As a pipeline's ``execute()`` does: the first error reply, raised."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+
+
+def _lock_owner() -> bytes:
+    """A token naming one holder of a distributed lock (redis-py's ``Lock``
+    takes ``uuid1()``, which costs 9 us here; any unique bytes will do)."""
+    return os.urandom(16).hex().encode()
+
+
+def _set_unlocker(region: CacheRegion, reader: _RedisReader | None = None) -> Any:
     """For :func:`_single_redis` regions: a function that stores an entry
     and releases dogpile's distributed lock (redis-py's ``Lock``) in one
-    round trip, saving the release's own round trip on every miss.  None
-    elsewhere."""
+    round trip, saving the release's own round trip on every miss, on
+    ``reader``'s connections when there is one.  None elsewhere."""
     if not _single_redis(region):
         return None
     backend = region.backend
     from redis.exceptions import LockNotOwnedError
     from redis.lock import Lock
+
+    if reader is not None and backend.writer_client is not backend.reader_client:  # type: ignore[attr-defined]
+        reader = None  # (the reader's pool is the one reads go to)
 
     def set_unlocking(key: str, value: Any, unlock: _TwoLevelLock) -> None:
         lock = getattr(unlock.remote, "mutex", None)
@@ -1044,11 +1099,21 @@ def _set_unlocker(region: CacheRegion) -> Any:
         if region.key_mangler is not None:
             key = region.key_mangler(key)
         payload = _compat.serialized_payload(region, value)
-        pipe = backend.writer_client.pipeline(transaction=False)  # type: ignore[attr-defined]
-        _queue_sets(pipe, backend.redis_expiration_time, {key: payload})  # type: ignore[attr-defined]
-        pipe.eval(Lock.LUA_RELEASE_SCRIPT, 1, lock.name, token)
-        # (a connection error raises here: the lock is released as usual)
-        stored, released = pipe.execute(raise_on_error=False)
+        ttl = backend.redis_expiration_time  # type: ignore[attr-defined]
+        replies = None
+        if reader is not None:
+            # (sent twice after a reconnect: the write is the same, and a
+            # second release finds the lock released: "expired", logged)
+            commands = _set_commands(ttl, {key: payload})
+            commands.append(("EVAL", Lock.LUA_RELEASE_SCRIPT, 1, lock.name, token))
+            replies = reader.pipeline(commands)
+        if replies is None:
+            pipe = backend.writer_client.pipeline(transaction=False)  # type: ignore[attr-defined]
+            _queue_sets(pipe, ttl, {key: payload})
+            pipe.eval(Lock.LUA_RELEASE_SCRIPT, 1, lock.name, token)
+            # (a connection error raises here: the lock is released as usual)
+            replies = pipe.execute(raise_on_error=False)
+        stored, released = replies
         lock.local.token = None
         unlock.remote_released = True
         if isinstance(released, Exception):
@@ -1061,33 +1126,53 @@ def _set_unlocker(region: CacheRegion) -> Any:
     return set_unlocking
 
 
-def _lock_adder(region: CacheRegion) -> Any:
+def _lock_adder(region: CacheRegion, reader: _RedisReader | None = None) -> Any:
     """For :func:`_single_redis` regions: a function that creates absent
     version tokens (``SET NX``, as ``add`` does) and takes dogpile's
     distributed lock (``SET NX PX``, as redis-py's ``Lock`` does) in one
-    round trip.  None elsewhere."""
+    round trip, on ``reader``'s connections when there is one.  None
+    elsewhere."""
     if not _single_redis(region) or region.key_mangler is not None:
         return None
-    import uuid
-
     from redis.lock import Lock
 
     backend = region.backend
+    if reader is not None and backend.writer_client is not backend.reader_client:  # type: ignore[attr-defined]
+        reader = None
 
     def lock_adding(remote: Any, tokens: Mapping[str, str]) -> tuple[bool, dict[str, bool | None] | None]:
         lock = getattr(remote, "mutex", None)
         if type(lock) is not Lock or lock.local.token is not None:
             return bool(remote.acquire(False)), None
         ttl = backend.redis_expiration_time or None  # type: ignore[attr-defined]
-        pipe = backend.writer_client.pipeline(transaction=False)  # type: ignore[attr-defined]
-        for key, token in tokens.items():
-            pipe.set(key, _backend_value(region, token), nx=True, ex=ttl)
-        owner = uuid.uuid1().hex.encode()
-        pipe.set(lock.name, owner, nx=True, px=int(lock.timeout * 1000) if lock.timeout else None)
-        *adds, locked = pipe.execute()
+        owner = _lock_owner()
+        px = int(lock.timeout * 1000) if lock.timeout else None
+        replies = None
+        if reader is not None:
+            # sent twice after a reconnect: an add the first sending made
+            # then reads as someone else's (the miss stores nothing), and
+            # the lock's GET tells whether the first sending took it
+            commands: list[tuple[Any, ...]] = []
+            for key, token in tokens.items():
+                value = _backend_value(region, token)
+                commands.append(("SET", key, value, "NX", "EX", ttl) if ttl else ("SET", key, value, "NX"))
+            commands.append(("SET", lock.name, owner, "NX", "PX", px) if px else ("SET", lock.name, owner, "NX"))
+            commands.append(("GET", lock.name))
+            replies = reader.pipeline(commands)
+            if replies is not None:
+                _raise_first(replies)
+                *adds, _taken, holder = replies
+                locked = holder == owner or holder == owner.decode()
+        if replies is None:
+            pipe = backend.writer_client.pipeline(transaction=False)  # type: ignore[attr-defined]
+            for key, token in tokens.items():
+                pipe.set(key, _backend_value(region, token), nx=True, ex=ttl)
+            pipe.set(lock.name, owner, nx=True, px=px)
+            *adds, taken = pipe.execute()
+            locked = bool(taken)
         if locked:
             lock.local.token = owner
-        return bool(locked), {key: bool(a) for key, a in zip(tokens, adds)}
+        return locked, {key: bool(a) for key, a in zip(tokens, adds)}
 
     return lock_adding
 

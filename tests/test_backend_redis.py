@@ -398,6 +398,93 @@ def test_hits_read_on_connections_of_their_own(redis_url: str, tmp_path: Any) ->
         engine.dispose()
 
 
+def test_a_miss_writes_on_the_readers_connections(redis_url: str, tmp_path: Any, monkeypatch: Any) -> None:
+    """A miss's two pipelines (create absent tokens and take the lock;
+    store the entry and release the lock) go on the reader's connection,
+    not through the client, and leave no lock behind."""
+    from ormcache.testing import QueryCounter
+
+    engine, cache, name = _one_region(redis_url, tmp_path)
+    store = cache._stores["r"]
+    client = store.region.backend.writer_client
+
+    def no_client_pipeline(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a miss sent a pipeline through the client")
+
+    try:
+        name(1)
+        monkeypatch.setattr(client, "pipeline", no_client_pipeline)
+        with QueryCounter(engine) as c:
+            assert name(2) == "t2"  # absent row token: lock and add
+            assert name(2) == "t2"
+        assert c.selects == 1 and store._failures == 0
+        monkeypatch.undo()
+        assert not client.keys(f"_lock{cache.settings.namespace}*")
+    finally:
+        cache.close()
+        engine.dispose()
+
+
+class _DropsFirstReply:
+    """A redis-py connection whose first reply after sending is lost, as
+    when the server closes the connection once it has run the commands."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self.dropped = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.dropped:
+            import redis
+
+            self.dropped += 1
+            self._conn.disconnect()
+            raise redis.ConnectionError("closed by the server")
+        return self._conn.read_response(*args, **kwargs)
+
+
+def test_a_miss_sent_again_after_a_lost_reply_holds_its_lock(redis_url: str, tmp_path: Any) -> None:
+    """The server ran the lock pipeline, then the connection closed before
+    its replies came back: sent again on a new connection, the lock reads
+    as this caller's own (it is), and the add the first sending made as
+    someone else's (nothing is stored from this miss).  Storing, whose
+    reply is lost the same way, stores the entry and releases the lock."""
+    from ormcache._store import _TwoLevelLock
+    from ormcache.invalidation import new_token
+
+    engine, cache, name = _one_region(redis_url, tmp_path)
+    store = cache._stores["r"]
+    reader = store._mget
+    client = store.region.backend.writer_client
+    try:
+        name(1)
+        assert reader is not None and len(reader._free) == 1
+        reader._free[0] = lossy = _DropsFirstReply(reader._free[0])
+        key, dep = "ormcache-test-lost-reply-" + new_token(), "ormcache-test-lost-dep-" + new_token()
+        mutex = store.mutex(key)
+        assert type(mutex) is _TwoLevelLock
+        acquired, added = store.acquire_adding(mutex, {dep: "v1"})
+        assert lossy.dropped == 1
+        assert acquired is True and added == {dep: False}
+        lock_name = mutex.remote.mutex.name
+        assert client.get(lock_name) == mutex.remote.mutex.local.token
+        assert client.get(dep) is not None
+        lossy.dropped = 0
+        assert store.set(key, ("entry",), mutex) is True
+        assert lossy.dropped == 1
+        mutex.release()
+        assert client.get(lock_name) is None
+        assert store.get_values([key]) == [("entry",)]
+        assert store._failures == 0
+        client.delete(key, dep)
+    finally:
+        cache.close()
+        engine.dispose()
+
+
 def test_reads_borrow_a_quarter_of_the_pool_at_most(redis_url: str, tmp_path: Any) -> None:
     """The connections kept for reads are the pool's, at most a quarter of
     its ``max_connections``: with ``max_connections = 4``, one; the other
