@@ -6,7 +6,7 @@ project changes one of these, this is the only module to adapt.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
@@ -22,6 +22,7 @@ __all__ = [
     "executing_flush",
     "generate_cache_key",
     "fan_out",
+    "in_aiosqlite_thread",
     "in_async_greenlet",
     "pool_ends_transactions",
     "run_after_routing",
@@ -36,6 +37,27 @@ def generate_cache_key(statement: Any) -> CacheKey | None:
     """The statement's structural cache key (memoized by SQLAlchemy), or
     None when the statement cannot be cached (it says so itself)."""
     return statement._generate_cache_key()  # type: ignore[no-any-return]
+
+
+def in_aiosqlite_thread(driver_connection: Any, fn: Callable[[Any], Any]) -> Any:
+    """``fn(the sqlite3 connection)``, run in the thread aiosqlite keeps
+    for ``driver_connection`` (its only user: pysqlite connections belong to
+    their thread), from the greenlet SQLAlchemy's asyncio runs statements
+    in, as SQLAlchemy's own aiosqlite adapter runs its calls; None when
+    ``driver_connection`` is not aiosqlite's, or when that fails."""
+    if type(driver_connection).__module__.split(".")[0] != "aiosqlite":
+        return None
+    execute = getattr(driver_connection, "_execute", None)
+    if execute is None:
+        return None
+    try:
+        from sqlalchemy.util.concurrency import await_
+    except ImportError:  # SQLAlchemy 2.0
+        from sqlalchemy.util.concurrency import await_only as await_
+    try:
+        return await_(execute(lambda: fn(driver_connection._conn)))
+    except Exception:
+        return None
 
 
 def autobegins(connection: Connection) -> bool:

@@ -224,12 +224,15 @@ def snapshot_is_fresh(context: Any) -> bool:
     if dialect.name == "sqlite":
         # pysqlite's default (legacy) transaction control begins a
         # transaction only before DML, which ormcache never fills from; but
-        # an active statement (a result read only in part) or an explicit
-        # BEGIN keeps an older snapshot.
-        if in_transaction(context) is not False:
-            return False
-        dbapi_conn = context.root_connection.connection.dbapi_connection
-        return _sqlite_busy()(dbapi_conn) is False
+        # an active statement (a result read only in part) or a transaction
+        # that has read keeps an older snapshot.
+        fairy = context.root_connection.connection
+        free = _snapshot_free()
+        # aiosqlite: its connection lives in a thread of its own; asked there
+        answer = _compat.in_aiosqlite_thread(fairy.driver_connection, free)
+        if answer is None:
+            return free(fairy.dbapi_connection)  # type: ignore[no-any-return]
+        return answer is True
     if in_transaction(context) is False:
         return True
     # the connection's level: SQLAlchemy applies ``isolation_level`` set on
@@ -249,17 +252,17 @@ def snapshot_is_fresh(context: Any) -> bool:
     return dialect.name in SNAPSHOT_AT_FIRST_READ and _first_statement(context)
 
 
-_busy: Any = None
+_free: Any = None
 
 
-def _sqlite_busy() -> Any:
-    """``_sqlite.busy``, imported on first use (it loads ctypes)."""
-    global _busy
-    if _busy is None:
-        from ._sqlite import busy
+def _snapshot_free() -> Any:
+    """``_sqlite.snapshot_free``, imported on first use (it loads ctypes)."""
+    global _free
+    if _free is None:
+        from ._sqlite import snapshot_free
 
-        _busy = busy
-    return _busy
+        _free = snapshot_free
+    return _free
 
 
 def _pg_isolation(context: Any) -> str | None:

@@ -25,7 +25,7 @@ import sys
 import threading
 from typing import Any
 
-__all__ = ["busy"]
+__all__ = ["busy", "snapshot_free"]
 
 _lib: Any = None
 #: ``sqlite3_txn_state``, when the library has it (SQLite 3.34 and later)
@@ -118,3 +118,20 @@ def busy(conn: Any, walk: bool = False) -> bool | None:
             return True
         stmt = lib.sqlite3_next_stmt(db, stmt)
     return False
+
+
+def snapshot_free(conn: Any) -> bool:
+    """Whether a read on pysqlite connection ``conn`` would now take a new
+    snapshot, and so see every transaction committed before it: no
+    statement is active and no transaction has read or written.  With
+    ``sqlite3_txn_state`` a transaction that has only begun (``BEGIN``,
+    deferred: SQLite takes its snapshot at its first read) qualifies;
+    without it, only a connection outside any transaction does.  False
+    when this cannot be told.  Called in the thread that uses ``conn``."""
+    if not isinstance(conn, sqlite3.Connection):
+        return False
+    if _library() is None:
+        return False
+    if _txn_state is None and conn.in_transaction:
+        return False
+    return busy(conn) is False

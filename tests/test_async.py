@@ -164,3 +164,78 @@ async def _flush_and_bulk(url: str, cache: OrmCache) -> None:
         assert await name() == "bulk"
     finally:
         await engine.dispose()
+
+
+@pytest.fixture
+def aiosqlite_url(tmp_path: Any) -> str:
+    path = tmp_path / "templates.db"
+    sync = create_engine(f"sqlite:///{path}")
+    Base.metadata.create_all(sync)
+    seed(sync)
+    sync.dispose()
+    return f"sqlite+aiosqlite:///{path}"
+
+
+@pytest.mark.parametrize("backend", ["memory", "memory_pickle"])
+def test_aiosqlite_hits_invalidation_and_concurrent_misses(aiosqlite_url: str, backend: str) -> None:
+    """aiosqlite stores and hits: whether its connection holds an older
+    read snapshot is asked in aiosqlite's own thread."""
+    cache = OrmCache.from_settings(
+        {"namespace": "as" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": backend}}}
+    )
+    faulthandler.dump_traceback_later(120, exit=True)
+    try:
+        asyncio.run(_asyncpg_scenario(aiosqlite_url, cache))
+        assert cache.stats()["regions"]["default"]["fills"] >= 2
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        cache.close()
+
+
+def test_aiosqlite_read_in_an_older_snapshot_is_not_stored(aiosqlite_url: str, memory_cache: OrmCache) -> None:
+    """With SQLAlchemy's recipe for real SQLite transactions (the driver's
+    own transaction handling off, ``BEGIN`` emitted in the ``begin``
+    event), a transaction that read before another connection's commit
+    keeps its snapshot: what it reads then is served to it, never stored."""
+    from sqlalchemy import event
+
+    from ormcache.testing import QueryCounter
+
+    writer = create_engine(aiosqlite_url.replace("+aiosqlite", ""))
+    with writer.connect() as conn:
+        conn.exec_driver_sql("PRAGMA journal_mode=WAL")  # a reader and a writer at once
+
+    async def scenario() -> None:
+        engine = create_async_engine(aiosqlite_url)
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def no_driver_transactions(dbapi_connection: Any, record: Any) -> None:
+            dbapi_connection.isolation_level = None
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN")
+
+        maker = async_sessionmaker(engine)
+        memory_cache.attach(maker)
+        stmt = select(Template).where(Template.id == 1).options(FromCache())
+        try:
+            async with maker() as old:
+                await old.get(Template, 2)  # its snapshot starts here
+                with writer.begin() as conn:
+                    conn.execute(update(Template).where(Template.id == 1).values(name="new"))
+                assert (await old.scalars(stmt)).one().name == "t1"  # its snapshot's
+            for _ in range(2):
+                async with maker() as fresh:
+                    assert (await fresh.scalars(stmt)).one().name == "new"
+            with QueryCounter(engine.sync_engine) as counter:
+                async with maker() as fresh:
+                    assert (await fresh.scalars(stmt)).one().name == "new"
+            assert counter.selects == 0  # a new transaction's read was stored
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        writer.dispose()

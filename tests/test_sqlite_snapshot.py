@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,3 +67,66 @@ def test_a_write_transaction_is_a_snapshot(conn: sqlite3.Connection) -> None:
 
 def test_not_a_pysqlite_connection() -> None:
     assert _sqlite.busy(object()) is None
+
+
+def test_a_transaction_that_has_only_begun_holds_no_snapshot(conn: sqlite3.Connection) -> None:
+    """``BEGIN`` (deferred) takes no snapshot until the first read: a read
+    then sees every commit, and may be stored; after it, the transaction
+    holds that snapshot."""
+    conn.isolation_level = None  # the driver's own transaction handling off
+    conn.execute("BEGIN")
+    assert conn.in_transaction
+    assert _sqlite.snapshot_free(conn) is (_sqlite._txn_state is not None)
+    conn.execute("SELECT v FROM t WHERE id = 1").fetchall()
+    assert _sqlite.snapshot_free(conn) is False
+    conn.execute("COMMIT")
+    assert _sqlite.snapshot_free(conn) is True
+    assert _sqlite.snapshot_free(object()) is False
+
+
+def test_sqlalchemys_begin_recipe_stores_first_reads_only(tmp_path: Path, memory_cache: Any) -> None:
+    """SQLAlchemy's recipe for real SQLite transactions (the driver's own
+    transaction handling off, ``BEGIN`` emitted in the ``begin`` event):
+    the first read of a transaction is stored; a read in a transaction
+    whose snapshot predates another connection's commit is served from
+    that snapshot and never stored."""
+    from sqlalchemy import create_engine, event, select, update
+    from sqlalchemy.orm import sessionmaker
+
+    from ormcache import FromCache
+    from ormcache.testing import QueryCounter
+    from ormcache.testing.fixtures import Base, Template, seed
+
+    url = f"sqlite:///{tmp_path}/recipe.db"
+    writer = create_engine(url)
+    Base.metadata.create_all(writer)
+    seed(writer)
+    with writer.connect() as c:
+        c.exec_driver_sql("PRAGMA journal_mode=WAL")  # a reader and a writer at once
+    engine = create_engine(url)
+
+    @event.listens_for(engine, "connect")
+    def no_driver_transactions(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN")
+
+    maker = sessionmaker(engine)
+    memory_cache.attach(maker)
+    stmt = select(Template).where(Template.id == 1).options(FromCache())
+    try:
+        with maker() as old:
+            old.get(Template, 2)  # its snapshot starts here
+            with writer.begin() as c:
+                c.execute(update(Template).where(Template.id == 1).values(name="new"))
+            assert old.scalars(stmt).one().name == "t1"  # its snapshot's
+        with QueryCounter(engine) as counter:
+            for _ in range(3):
+                with maker() as fresh:
+                    assert fresh.scalars(stmt).one().name == "new"
+        assert counter.selects == 1  # then stored: a transaction's first read
+    finally:
+        engine.dispose()
+        writer.dispose()
