@@ -96,6 +96,7 @@ class Store:
         "_lost",
         "_lost_all",
         "_lost_fallback",
+        "_lost_releases",
         "_fresh_token",
         "failure_threshold",
         "retry_after",
@@ -128,6 +129,8 @@ class Store:
         self._retry = self.retry_after
         self._lost: set[str] = set()
         self._lost_all = False
+        #: distributed locks whose release failed: (deadline, release)
+        self._lost_releases: list[tuple[float, Callable[[], Any]]] = []
         #: the key to move when too many were lost (everything)
         self._lost_fallback = lost_fallback
         self._fresh_token = fresh_token
@@ -466,7 +469,7 @@ class Store:
         delay = max(self.retry_after, 0.05)
         try:
             # (keys in flight in another thread's replay come back on failure)
-            while self._lost or self._lost_all or self._replaying.locked():
+            while self._lost or self._lost_all or self._lost_releases or self._replaying.locked():
                 time.sleep(delay)
                 try:
                     self._replay_lost()
@@ -513,10 +516,37 @@ class Store:
             )
         return self._replay_lost()
 
+    def lose_release(self, release: Callable[[], Any], timeout: float | None) -> None:
+        """A distributed lock whose release failed (the backend did not
+        answer): ``release`` is tried again with the lost invalidations,
+        until the lock would have expired (``timeout`` seconds from now),
+        so that callers waiting for the key do not wait for that."""
+        deadline = time.monotonic() + timeout if timeout else float("inf")
+        self._lost_releases.append((deadline, release))
+        self._start_retrying()
+
+    def _release_lost(self) -> None:
+        pending, self._lost_releases = self._lost_releases, []
+        now = time.monotonic()
+        for i, (deadline, release) in enumerate(pending):
+            if now >= deadline:
+                continue  # expired by itself, and may be someone else's now
+            try:
+                release()
+            except Exception as err:
+                if type(err).__name__ in _LOCK_GONE:
+                    continue  # gone already
+                self._lost_releases.extend(pending[i:])
+                raise
+
     def _replay_lost(self) -> bool:
-        if not (self._lost or self._lost_all or self._replaying.locked()):
+        """Release the locks and write the invalidations lost so far; True
+        if there were invalidations (readers must read again)."""
+        if not (self._lost or self._lost_all or self._lost_releases or self._replaying.locked()):
             return False  # nothing lost, nothing in flight: no lock to wait on
         with self._replaying:
+            if self._lost_releases:
+                self._release_lost()
             if not (self._lost or self._lost_all) or self._fresh_token is None:
                 return False
             lost, lost_all = self._lost, self._lost_all
@@ -1184,6 +1214,57 @@ def _local_lock(key: str) -> Any:
     return CacheRegion._LockWrapper()
 
 
+#: seconds between two tries at a memcached lock another caller holds (as
+#: ``lock_sleep`` for Redis regions)
+LOCK_POLL = 0.01
+
+_memcached_lock_class: Any = None
+
+
+def _memcached_lock() -> Any:
+    """dogpile's ``MemcachedLock`` class (imported on first use)."""
+    global _memcached_lock_class
+    if _memcached_lock_class is None:
+        from dogpile.cache.backends.memcached import MemcachedLock
+
+        _memcached_lock_class = MemcachedLock
+    return _memcached_lock_class
+
+
+def _release_again(remote: Any) -> Callable[[], Any]:
+    """What releases ``remote`` (a distributed lock, held) later, should its
+    release fail now: redis-py's ``Lock`` forgets its token as it starts
+    releasing, so its release is kept with the token."""
+    lock = getattr(remote, "mutex", None)  # dogpile's wrapper of redis-py's Lock
+    token = getattr(getattr(lock, "local", None), "token", None)
+    do_release = getattr(lock, "do_release", None)
+    if token is not None and do_release is not None:
+        return lambda: do_release(token)
+    return remote.release  # type: ignore[no-any-return]
+
+
+def _lock_timeout(remote: Any) -> float | None:
+    """Seconds after which ``remote`` expires by itself (None: never or
+    unknown)."""
+    timeout = getattr(getattr(remote, "mutex", remote), "timeout", None)
+    return float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else None
+
+
+#: what redis-py raises releasing a lock that expired (or was released)
+_LOCK_GONE = ("LockNotOwnedError", "LockError")
+
+
+def _no_lua(err: Exception) -> bool:
+    """The server runs no Lua script (fakeredis without ``lupa``)."""
+    return type(err).__name__ == "ResponseError" and "unknown command" in str(err).lower()
+
+
+def _backend_failure(err: Exception) -> bool:
+    """A lock's release failed because the backend did not answer (not
+    because the lock expired, or the server runs no Lua)."""
+    return type(err).__name__ not in _LOCK_GONE and not _no_lua(err)
+
+
 class _TwoLevelLock:
     """An in-process lock, then a backend's distributed lock."""
 
@@ -1200,7 +1281,11 @@ class _TwoLevelLock:
         if not self.local.acquire(wait):
             return False
         try:
-            if self.remote.acquire(wait):
+            if wait and type(self.remote) is _memcached_lock():
+                taken = self._poll()
+            else:
+                taken = self.remote.acquire(wait)
+            if taken:
                 return True
         except BaseException:
             self.local.release()
@@ -1208,13 +1293,31 @@ class _TwoLevelLock:
         self.local.release()
         return False
 
+    def _poll(self) -> bool:
+        """Wait for dogpile's memcached lock, trying every
+        :data:`LOCK_POLL` seconds until it would have expired.  (Its own
+        wait sleeps 0.4 to 0.8 s before the second try and doubles that
+        each time, up to hours: a waiter would wait far longer than the
+        query it waits for.)"""
+        remote = self.remote
+        timeout = getattr(remote, "timeout", 0)
+        deadline = time.monotonic() + timeout if timeout else float("inf")
+        while not remote.acquire(False):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(LOCK_POLL)
+        return True
+
     def release(self) -> None:
         try:
             if not self.remote_released:
                 self.remote_released = True
+                again = _release_again(self.remote)
                 try:
                     self.remote.release()
                 except Exception as err:
+                    if _backend_failure(err):
+                        self.store.lose_release(again, _lock_timeout(self.remote))
                     self.remote_failed(err)
         finally:
             self.local.release()
@@ -1222,9 +1325,9 @@ class _TwoLevelLock:
     def remote_failed(self, err: Exception) -> None:
         """The distributed lock's release failed: expired locks and servers
         without Lua are not backend failures; other errors are raised."""
-        if type(err).__name__ == "ResponseError" and "unknown command" in str(err).lower():
+        if _no_lua(err):
             self.store._lock_unsupported(self.remote, err)
-        elif type(err).__name__ in ("LockNotOwnedError", "LockError"):
+        elif type(err).__name__ in _LOCK_GONE:
             # held longer than lock_timeout: it expired (and may be
             # someone else's now); the backend is fine
             log.debug("cache region %r: lock expired before release", self.store.name)

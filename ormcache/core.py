@@ -1181,6 +1181,11 @@ def _with_defaults(spec: RegionSettings) -> RegionSettings:
         ("pylibmc", "memcached", "bmemcached", "pymemcache")
     ):
         spec = dataclasses.replace(spec, arguments={**MEMCACHED_LOCK, **spec.arguments})
+    if spec.backend == "dogpile.cache.pylibmc":
+        # libmemcached leaves Nagle's algorithm on: a value of some 100 KB
+        # or more then often waits 40 ms for the server's delayed ACK
+        behaviors = {"tcp_nodelay": True, **spec.arguments.get("behaviors", {})}
+        spec = dataclasses.replace(spec, arguments={**spec.arguments, "behaviors": behaviors})
     timeout = spec.backend_timeout
     if timeout is None:
         return spec

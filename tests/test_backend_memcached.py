@@ -166,3 +166,86 @@ def test_full_memcached_is_not_an_outage(full_memcached: str, tmp_path: Any) -> 
     finally:
         cache.close()
         engine.dispose()
+
+
+def test_large_values_do_not_wait_on_delayed_acks(memcached_url: str) -> None:
+    """libmemcached leaves Nagle's algorithm on: a value of some 100 KB
+    then often waited 40 ms for the server's delayed ACK, past the default
+    ``backend_timeout`` (3 ms), and the failure took the whole region to
+    the database.  ormcache turns ``tcp_nodelay`` on unless the region's
+    behaviors say otherwise."""
+    import uuid
+
+    from ormcache import OrmCache
+
+    namespace = "mn" + uuid.uuid4().hex[:8]
+    cache = OrmCache.from_settings(
+        {
+            "namespace": namespace,
+            "regions": {
+                "m": {"backend": "memcached", "arguments": {"url": [memcached_url]}},
+                "own": {
+                    "backend": "memcached",
+                    "arguments": {"url": [memcached_url], "behaviors": {"tcp_nodelay": False}},
+                },
+            },
+        }
+    )
+    store = cache._stores["m"]
+    try:
+        assert cache.region("m").backend.behaviors["tcp_nodelay"] is True
+        assert cache.region("own").backend.behaviors["tcp_nodelay"] is False
+        value = b"x" * 200_000
+        for i in range(300):
+            key = f"{namespace}:big:{i % 20}"
+            assert store.set(key, value) is True, f"write {i} failed"
+            assert store.get_values([key]) == [value], f"read {i} failed"
+        assert store._failures == 0
+    finally:
+        cache.close()
+
+
+def test_a_waiter_polls_a_memcached_lock_briefly(memcached_url: str, monkeypatch: Any) -> None:
+    """A caller waiting for another process's miss of the same key tries
+    dogpile's memcached lock every ``LOCK_POLL`` seconds; dogpile's own
+    wait sleeps 0.4 s or more before its second try, and doubles that."""
+    import threading
+    import time
+    import uuid
+
+    from ormcache import OrmCache
+    from ormcache._store import LOCK_POLL
+
+    settings = {
+        "namespace": "mw" + uuid.uuid4().hex[:8],
+        "regions": {"m": {"backend": "memcached", "arguments": {"url": [memcached_url]}}},
+    }
+    holder_cache, waiter_cache = OrmCache.from_settings(settings), OrmCache.from_settings(settings)
+    held = holder_cache._stores["m"].mutex("cold-key")
+    waiting = waiter_cache._stores["m"].mutex("cold-key")
+    sleeps: list[float] = []
+    real_sleep = time.sleep
+    got: list[bool] = []
+
+    def recording_sleep(seconds: float) -> None:
+        if threading.current_thread() is waiter:
+            sleeps.append(seconds)
+        real_sleep(seconds)
+
+    def wait() -> None:
+        got.append(waiting.acquire(True))
+
+    monkeypatch.setattr(time, "sleep", recording_sleep)
+    waiter = threading.Thread(target=wait)
+    try:
+        assert held.acquire(False)
+        waiter.start()
+        real_sleep(0.2)
+        held.release()
+        waiter.join(30)
+        assert got == [True]
+        waiting.release()
+        assert sleeps and max(sleeps) <= LOCK_POLL
+    finally:
+        holder_cache.close()
+        waiter_cache.close()

@@ -485,6 +485,54 @@ def test_a_miss_sent_again_after_a_lost_reply_holds_its_lock(redis_url: str, tmp
         engine.dispose()
 
 
+def test_a_lock_whose_release_failed_is_released_once_the_backend_answers(
+    redis_url: str, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """A miss whose lock release found no server leaves the lock held
+    until it expires (30 s by default), and every caller of that key
+    waiting for it.  The release is tried again in the background, as lost
+    invalidations are; one that would come after the lock's expiry is
+    dropped (the lock may be someone else's by then)."""
+    import time
+
+    import redis
+
+    engine, cache, name = _one_region(redis_url, tmp_path)
+    store = cache._stores["r"]
+    store.retry_after = 0.05
+    client = store.region.backend.writer_client
+    mutex = store.mutex("orphan-key")
+    try:
+        assert mutex.acquire(False)
+        lock = mutex.remote.mutex
+        original = type(lock).do_release
+        calls: list[Any] = []
+
+        def fails_once(self: Any, token: Any) -> Any:
+            calls.append(token)
+            if len(calls) == 1:
+                raise redis.ConnectionError("the server went away")
+            return original(self, token)
+
+        monkeypatch.setattr(type(lock), "do_release", fails_once)
+        with pytest.raises(redis.ConnectionError):
+            mutex.release()
+        deadline = time.monotonic() + 10
+        while client.get(lock.name) is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert client.get(lock.name) is None
+        assert len(calls) == 2 and calls[0] == calls[1]  # with the token it held
+        assert not store._lost_releases
+
+        late: list[int] = []
+        store.lose_release(lambda: late.append(1), 0.01)
+        time.sleep(0.05)
+        assert store.flush_lost() and late == []
+    finally:
+        cache.close()
+        engine.dispose()
+
+
 def test_reads_borrow_a_quarter_of_the_pool_at_most(redis_url: str, tmp_path: Any) -> None:
     """The connections kept for reads are the pool's, at most a quarter of
     its ``max_connections``: with ``max_connections = 4``, one; the other
