@@ -25,6 +25,7 @@ __all__ = [
     "in_aiosqlite_thread",
     "in_async_greenlet",
     "pool_ends_transactions",
+    "query_statement",
     "run_after_routing",
     "serialized_payload",
     "session_connections",
@@ -58,6 +59,12 @@ def in_aiosqlite_thread(driver_connection: Any, fn: Callable[[Any], Any]) -> Any
         return await_(execute(lambda: fn(driver_connection._conn)))
     except Exception:
         return None
+
+
+def query_statement(query: Any) -> Any:
+    """The statement a legacy ``Query`` runs (``Query.statement`` labels
+    its columns otherwise, so its cache key is another statement's)."""
+    return query._statement_20()
 
 
 def autobegins(connection: Connection) -> bool:

@@ -998,7 +998,7 @@ class OrmCache:
           :class:`RelationshipCache` cached.
         """
         if isinstance(target, Query):
-            target = target.statement
+            target = _compat.query_statement(target)
         if isinstance(target, QueryableAttribute):
             prop = target.property
             mapper = getattr(prop, "mapper", None)

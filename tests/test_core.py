@@ -130,6 +130,32 @@ def test_invalidate_needs_a_cached_statement(env: Any) -> None:
         cache.invalidate(42)
 
 
+def test_invalidate_a_legacy_query(env: Any) -> None:
+    """``invalidate(query)`` drops what the ``Query`` cached (it once
+    looked under ``Query.statement``'s key, which labels its columns
+    otherwise, and dropped nothing)."""
+    engine, maker, cache = env
+
+    def query(s: Any) -> Any:
+        return s.query(Template).filter(Template.store_id == 1).order_by(Template.id).options(FromCache())
+
+    def names() -> list[str]:
+        with maker() as s:
+            return [t.name for t in query(s)]
+
+    before = names()
+    raw = engine.raw_connection()  # a write SQLAlchemy does not see
+    try:
+        raw.cursor().execute("UPDATE templates SET name = 'outside' WHERE store_id = 1")
+        raw.commit()
+    finally:
+        raw.close()
+    assert names() == before  # still cached
+    with maker() as s:
+        cache.invalidate(query(s))
+    assert set(names()) == {"outside"}
+
+
 def test_stats(env: Any) -> None:
     engine, maker, cache = env
     stmt = select(Template).where(Template.id == 1).options(FromCache())
