@@ -217,6 +217,35 @@ def test_write_invalidates_only_its_shard(store: Store_) -> None:
     assert store.queries() == {}
 
 
+def test_bulk_update_through_the_sharded_session(store: Store_) -> None:
+    """An ORM bulk UPDATE goes to the shards the ``shards`` execution
+    option names, else to all, and its shards' cached reads see it."""
+    from sqlalchemy import update
+
+    with store.Cached() as session:
+        template = store.resolver.resolve(session, 7)
+        assert template is not None and template.status != "retired"
+        shard = q.shard_of(template)
+    store.queries()
+    with store.Cached() as session:
+        session.execute(
+            update(Template).where(Template.id == 7).values(status="retired"),
+            execution_options={"shards": (shard,)},
+        )
+        session.commit()
+    assert set(store.queries()) == {shard}
+    with store.Cached() as session:
+        template = store.resolver.resolve(session, 7)
+        assert template is not None and template.status == "retired"
+    with store.Cached() as session:
+        session.execute(update(Template).where(Template.id == 7).values(status="live"))
+        session.commit()
+    assert set(store.queries()) >= set(store.shards)  # every shard
+    with store.Cached() as session:
+        template = store.resolver.resolve(session, 7)
+        assert template is not None and template.status == "live"
+
+
 def test_invalidate_model_on_one_shard(store: Store_) -> None:
     def resolve_all() -> None:
         with store.Cached() as session:

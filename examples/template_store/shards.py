@@ -142,7 +142,8 @@ def make_sessionmaker(engines: Mapping[str, Engine], **kw: Any) -> sessionmaker[
         return order
 
     def execute_chooser(context: ORMExecuteState) -> Sequence[str]:
-        if context.lazy_loaded_from is not None:
+        # (only a SELECT has load options: lazy_loaded_from raises for DML)
+        if context.is_select and context.lazy_loaded_from is not None:
             return [str(context.lazy_loaded_from.identity_token)]
         return tuple(context.execution_options.get("shards", order))
 
