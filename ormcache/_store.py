@@ -19,6 +19,7 @@ the outage is served after it.
 from __future__ import annotations
 
 import atexit
+import datetime
 import logging
 import os
 import threading
@@ -588,7 +589,7 @@ class Store:
             if not mutex.local.acquire(False):
                 return False, None
             try:
-                acquired, added = self._lock_adding(mutex.remote, tokens)
+                acquired, added = self._lock_adding(mutex.remote, tokens, self.lose_release)
             except BaseException:
                 mutex.local.release()
                 raise
@@ -1077,19 +1078,28 @@ def _retries(retry: Any) -> int | None:
 
 def _queue_sets(pipe: Any, ttl: Any, mapping: Mapping[str, bytes]) -> None:
     """Queue writes of ``mapping`` on a Redis pipeline as dogpile's Redis
-    backend writes them: ``SETEX`` with its ``redis_expiration_time``, else
-    one ``MSET``."""
+    backend writes them: each with its ``redis_expiration_time`` (``SET
+    EX``, as its ``SETEX``, which redis-py deprecates), else one ``MSET``."""
     if ttl:
         for key, value in mapping.items():
-            pipe.setex(key, ttl, value)
+            pipe.set(key, value, ex=ttl)
     else:
         pipe.mset(dict(mapping))
+
+
+def _seconds(ttl: Any) -> Any:
+    """A Redis expiry as a command takes it (redis-py's commands take a
+    ``timedelta`` too, and convert it so)."""
+    if isinstance(ttl, datetime.timedelta):
+        return int(ttl.total_seconds())
+    return ttl
 
 
 def _set_commands(ttl: Any, mapping: Mapping[str, bytes]) -> list[tuple[Any, ...]]:
     """The commands of :func:`_queue_sets`, for :meth:`_RedisReader.pipeline`."""
     if ttl:
-        return [("SETEX", key, ttl, value) for key, value in mapping.items()]
+        ttl = _seconds(ttl)
+        return [("SET", key, value, "EX", ttl) for key, value in mapping.items()]
     return [("MSET", *[part for item in mapping.items() for part in item])]
 
 
@@ -1170,12 +1180,26 @@ def _lock_adder(region: CacheRegion, reader: _RedisReader | None = None) -> Any:
     if reader is not None and backend.writer_client is not backend.reader_client:  # type: ignore[attr-defined]
         reader = None
 
-    def lock_adding(remote: Any, tokens: Mapping[str, str]) -> tuple[bool, dict[str, bool | None] | None]:
+    def lock_adding(
+        remote: Any, tokens: Mapping[str, str], lost: Callable[[Callable[[], Any], float | None], None]
+    ) -> tuple[bool, dict[str, bool | None] | None]:
         lock = getattr(remote, "mutex", None)
         if type(lock) is not Lock or lock.local.token is not None:
             return bool(remote.acquire(False)), None
-        ttl = backend.redis_expiration_time or None  # type: ignore[attr-defined]
+        ttl = _seconds(backend.redis_expiration_time) or None  # type: ignore[attr-defined]
         owner = _lock_owner()
+        try:
+            return _take(lock, ttl, owner, tokens)
+        except Exception:
+            # the lock's SET may have reached the server and run (a reply
+            # that timed out): released once the server answers, if it is
+            # this owner's, rather than left for waiters until it expires
+            lost(lambda: lock.do_release(owner), lock.timeout)  # type: ignore[arg-type]
+            raise
+
+    def _take(
+        lock: Any, ttl: Any, owner: bytes, tokens: Mapping[str, str]
+    ) -> tuple[bool, dict[str, bool | None] | None]:
         px = int(lock.timeout * 1000) if lock.timeout else None
         replies = None
         if reader is not None:

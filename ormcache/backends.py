@@ -90,7 +90,7 @@ class RedisClusterBackend(_DogpileCluster):
             return
         pipe = self.writer_client.pipeline()
         for key, value in mapping.items():
-            pipe.setex(key, self.redis_expiration_time, value)
+            pipe.set(key, value, ex=self.redis_expiration_time)
         pipe.execute()
 
     def delete_multi(self, keys: Iterable[str]) -> None:

@@ -43,7 +43,7 @@ from dogpile.cache.api import NO_VALUE
 from dogpile.cache.region import CacheRegion
 from sqlalchemy import event, inspect
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session, scoped_session, sessionmaker
 from sqlalchemy.orm.attributes import QueryableAttribute
 from sqlalchemy.orm.query import Query
 from sqlalchemy.sql.base import Executable
@@ -113,6 +113,11 @@ class OrmCache:
         settings: Settings,
         regions: Mapping[str, CacheRegion] | None = None,
     ) -> None:
+        if not isinstance(settings, Settings):
+            raise TypeError(
+                f"OrmCache() takes a Settings object, not {type(settings).__name__}; "
+                "build one from a dict or a TOML file with OrmCache.from_settings(...)"
+            )
         self.settings = settings
         built = dict(regions or {})
         for name in built:
@@ -1146,6 +1151,19 @@ def _sync_target(target: Any) -> Any:
         return target.sync_session
     if isinstance(target, type) and issubclass(target, AsyncSession):
         return target.sync_session_class
+    if not (
+        isinstance(target, (Session, sessionmaker, scoped_session))
+        or (isinstance(target, type) and issubclass(target, Session))
+    ):
+        hint = (
+            "; attach the sessionmaker bound to it"
+            if isinstance(target, (Engine, Connection))
+            else ""
+        )
+        raise TypeError(
+            f"cannot attach to {target!r}: pass a Session class, a sessionmaker, "
+            "a scoped_session or a Session (or their asyncio counterparts)" + hint
+        )
     return target
 
 

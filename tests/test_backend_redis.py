@@ -533,6 +533,85 @@ def test_a_lock_whose_release_failed_is_released_once_the_backend_answers(
         engine.dispose()
 
 
+def test_a_timedelta_expiration_on_the_readers_pipelines(redis_url: str, tmp_path: Any) -> None:
+    """``redis_expiration_time`` given as a ``timedelta`` (redis-py's
+    commands take one) works on a miss's pipelines too: the first miss
+    (tokens absent) and a miss after an invalidation (tokens there) both
+    store, with the expiry."""
+    import datetime
+
+    from ormcache.testing import QueryCounter
+    from ormcache.testing.fixtures import Template
+
+    engine, cache, name = _one_region(redis_url, tmp_path, redis_expiration_time=datetime.timedelta(minutes=10))
+    store = cache._stores["r"]
+    client = store.region.backend.writer_client
+    try:
+        with QueryCounter(engine) as c:
+            for _ in range(3):
+                assert name(1) == "t1"
+            cache.invalidate(Template)
+            for _ in range(3):
+                assert name(1) == "t1"
+        assert c.selects == 2 and store._failures == 0
+        keys = client.keys(f"{cache.settings.namespace}:q:*")
+        assert keys and all(0 < client.ttl(k) <= 600 for k in keys)
+    finally:
+        cache.close()
+        engine.dispose()
+
+
+class _TimesOutOnce(_DropsFirstReply):
+    """The server runs the commands; their reply does not come in time."""
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.dropped:
+            import redis
+
+            self.dropped += 1
+            self._conn.read_response(*args, **kwargs)  # (it ran)
+            self._conn.disconnect()
+            raise redis.TimeoutError("Timeout reading from socket")
+        return self._conn.read_response(*args, **kwargs)
+
+
+def test_a_lock_taken_by_a_reply_that_timed_out_is_released(redis_url: str, tmp_path: Any) -> None:
+    """The lock pipeline ran on the server but its reply timed out (not
+    sent again): the miss goes to the database without the lock, and the
+    lock the server took for it is released once the server answers,
+    rather than held until it expires while callers of the key wait."""
+    import time
+
+    import redis
+
+    from ormcache._store import _TwoLevelLock
+    from ormcache.invalidation import new_token
+
+    engine, cache, name = _one_region(redis_url, tmp_path)
+    store = cache._stores["r"]
+    store.retry_after = 0.05
+    reader = store._mget
+    client = store.region.backend.writer_client
+    try:
+        name(1)
+        assert reader is not None and len(reader._free) == 1
+        reader._free[0] = _TimesOutOnce(reader._free[0])
+        key, dep = "ormcache-test-timeout-" + new_token(), "ormcache-test-timeout-dep-" + new_token()
+        mutex = store.mutex(key)
+        assert type(mutex) is _TwoLevelLock
+        with pytest.raises(redis.TimeoutError):
+            store.acquire_adding(mutex, {dep: "v1"})
+        lock_name = mutex.remote.mutex.name
+        deadline = time.monotonic() + 10
+        while client.get(lock_name) is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert client.get(lock_name) is None and not store._lost_releases
+        client.delete(dep)
+    finally:
+        cache.close()
+        engine.dispose()
+
+
 def test_reads_borrow_a_quarter_of_the_pool_at_most(redis_url: str, tmp_path: Any) -> None:
     """The connections kept for reads are the pool's, at most a quarter of
     its ``max_connections``: with ``max_connections = 4``, one; the other

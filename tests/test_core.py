@@ -552,3 +552,18 @@ def test_only_flushing_sessions_are_looked_through(env: Any) -> None:
     finally:
         for s in sessions:
             s.close()
+
+
+def test_what_cannot_be_attached_is_named(env: Any) -> None:
+    from sqlalchemy import create_engine
+
+    from ormcache import OrmCache
+
+    _, _, cache = env
+    engine = create_engine("sqlite://")
+    with pytest.raises(TypeError, match=r"cannot attach to Engine\(sqlite://\).*sessionmaker bound to it"):
+        cache.attach(engine)
+    with pytest.raises(TypeError, match="cannot attach to 5: pass a Session class"):
+        cache.attach(5)
+    with pytest.raises(TypeError, match=r"takes a Settings object, not dict.*from_settings"):
+        OrmCache({"regions": {"default": {"backend": "memory"}}})  # type: ignore[arg-type]
