@@ -108,23 +108,23 @@ def _load(path: str | None) -> Any:
     return OrmCache.from_settings(path)
 
 
-def _import_model(spec: str) -> Any:
+def _import_model(spec: str, what: str = "model", form: str = "module:Class") -> Any:
     module_name, sep, attr = spec.partition(":")
     if not sep:
         module_name, _, attr = spec.rpartition(".")
     if not module_name or not attr:
-        raise ConfigurationError(f"model {spec!r}: write it as module:Class")
+        raise ConfigurationError(f"{what} {spec!r}: write it as {form}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ConfigurationError(f"model {spec!r}: cannot import {module_name!r}: {err}") from err
+        raise ConfigurationError(f"{what} {spec!r}: cannot import {module_name!r}: {err}") from err
     target: Any = module
     for part in attr.split("."):
         try:
             target = getattr(target, part)
         except AttributeError:
             raise ConfigurationError(
-                f"model {spec!r}: {module_name!r} has no attribute {attr!r}"
+                f"{what} {spec!r}: {module_name!r} has no attribute {attr!r}"
             ) from None
     return target
 
@@ -186,14 +186,39 @@ def _warm(args: argparse.Namespace) -> int:
 
     from .demo import Progress
 
-    target = _import_model(args.target)
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    from .options import FromCache
+
+    target = _import_model(args.target, "warm target", "module:QUERIES")
+    try:
+        engine = create_engine(args.database_url)
+    except (ArgumentError, NoSuchModuleError, ImportError) as err:
+        # a malformed URL, an unknown dialect, a driver not installed
+        raise ConfigurationError(f"--database-url {args.database_url!r}: {err}") from err
     cache = _load(args.settings)
-    engine = create_engine(args.database_url)
     failed = 0
     try:
         with Session(engine) as session:
             cache.attach(session)
-            statements = list(target(session) if callable(target) else target)
+            try:
+                statements = list(target(session) if callable(target) else target)
+            except TypeError as err:
+                raise ConfigurationError(
+                    f"warm target {args.target!r}: not a list of statements, nor a "
+                    f"callable(session) returning one ({err})"
+                ) from err
+            uncached = sum(
+                1
+                for stmt in statements
+                if not any(isinstance(o, FromCache) for o in getattr(stmt, "_with_options", ()))
+            )
+            if uncached:
+                print(
+                    f"ormcache: {uncached} of {len(statements)} statements carry no FromCache "
+                    "option: they run, and store nothing",
+                    file=sys.stderr,
+                )
             progress = Progress("warm", len(statements), sys.stderr)
             for done, stmt in enumerate(statements, 1):
                 try:

@@ -157,3 +157,30 @@ def test_warm(settings_file: Path, tmp_path: Path, capsys: Any) -> None:
     finally:
         cache.close()
         engine.dispose()
+
+
+def test_warm_says_what_is_wrong(settings_file: Path, tmp_path: Path, capsys: Any) -> None:
+    """Bad arguments to ``warm`` exit 2 with a message naming the argument,
+    not a traceback; statements without ``FromCache`` are reported."""
+    url = f"sqlite:///{tmp_path}/db.sqlite"
+    engine = create_engine(url)
+    Base.metadata.create_all(engine)
+    engine.dispose()
+    base = ["--settings", str(settings_file)]
+    cases = [
+        (["warm", "warmup_queries:QUERIES", "--database-url", "notaurl", *base], "--database-url 'notaurl'"),
+        (
+            ["warm", "warmup_queries:QUERIES", "--database-url", "nosuchdialect://x", *base],
+            "--database-url 'nosuchdialect://x'",
+        ),
+        (["warm", "warmup_queries:NOPE", "--database-url", url, *base], "warm target 'warmup_queries:NOPE'"),
+        (
+            ["warm", "warmup_queries:NOT_STATEMENTS", "--database-url", url, *base],
+            "warm target 'warmup_queries:NOT_STATEMENTS': not a list of statements",
+        ),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err
+    assert main(["warm", "warmup_queries:UNCACHED", "--database-url", url, *base]) == 0
+    assert "1 of 1 statements carry no FromCache option" in capsys.readouterr().err

@@ -10,3 +10,7 @@ QUERIES = [select(Template).where(Template.id == i).options(FromCache()) for i i
 
 def by_store(session: object) -> list[object]:
     return [select(Template).where(Template.store_id == s).options(FromCache()) for s in (1, 2)]
+
+
+UNCACHED = [select(Template).where(Template.id == 1)]
+NOT_STATEMENTS = 42
