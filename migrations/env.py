@@ -128,10 +128,13 @@ def run_migrations_online() -> None:
     total = len(targets)
     width = len(str(total))
     done: list[str] = []
+    changed: list[str] = []
     application = application_cache()
     try:
-        _migrate(targets, total, width, done)
-        if application is not None:
+        _migrate(targets, total, width, done, changed)
+        if application is not None and not changed:
+            config.print_stdout("ormcache: no shard changed revision; nothing to invalidate")
+        elif application is not None:
             cache, path = application
             failed = cache.write_lost_invalidations()
             if failed:
@@ -146,7 +149,9 @@ def run_migrations_online() -> None:
             application[0].close()
 
 
-def _migrate(targets: dict[str, str], total: int, width: int, done: list[str]) -> None:
+def _migrate(
+    targets: dict[str, str], total: int, width: int, done: list[str], changed: list[str]
+) -> None:
     if total > 1:
         config.print_stdout(f"migrating {total} shards")
     for n, (name, url) in enumerate(targets.items(), 1):
@@ -172,6 +177,8 @@ def _migrate(targets: dict[str, str], total: int, width: int, done: list[str]) -
         finally:
             engine.dispose()
         done.append(name)
+        if before != after:
+            changed.append(name)
         elapsed = time.perf_counter() - started
         change = _heads(after) if before == after else f"{_heads(before)} -> {_heads(after)}"
         config.print_stdout(f"[{n:>{width}}/{total}] {name}: {change} ({elapsed:.2f} s)")

@@ -402,3 +402,34 @@ def test_migrations_say_so_when_their_invalidations_were_lost(tmp_path: Path) ->
     assert "the migrations are committed" in done.stderr
     assert f"ormcache invalidate --all --settings {settings}" in done.stderr
     assert {version(p) for p in data.glob("*.db")} == {HEAD}
+
+
+def test_a_run_that_changes_nothing_says_so(tmp_path: Path) -> None:
+    """``alembic current`` (or an upgrade already at head) with the
+    application's settings writes nothing: it does not claim to have
+    invalidated anything, even with the backend down."""
+    from servers import closed_port
+
+    data = tmp_path / "data"
+    empty_shards(data, 2)
+    settings = tmp_path / "ormcache.toml"
+    settings.write_text(
+        "[ormcache]\n"
+        "[ormcache.regions.templates]\n"
+        'backend = "redis"\n'
+        f'arguments = {{ url = "redis://127.0.0.1:{closed_port()}/0" }}\n'
+    )
+    alembic = [sys.executable, "-m", "alembic", "-c", str(REPO / "alembic.ini"), "-x", f"data_dir={data}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    upgrade = subprocess.run([*alembic, "upgrade", "head"], cwd=REPO, capture_output=True, text=True, env=env)
+    assert upgrade.returncode == 0, upgrade.stderr
+    done = subprocess.run(
+        [*alembic, "-x", f"ormcache_settings={settings}", "current"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "no shard changed revision; nothing to invalidate" in done.stdout
+    assert "is invalidated" not in done.stdout
