@@ -532,9 +532,21 @@ def _region_settings(name: str, spec: Any) -> RegionSettings:
             region=name,
             key="arguments",
         )
+    backend = _backend(name, _interpolate(spec["backend"], name, "backend"))
+    if (
+        backend in _NO_SERVER
+        and "backend_timeout" in spec
+        and _timeout(name, _interpolate(spec["backend_timeout"], name, "backend_timeout")) is not None
+    ):
+        raise ConfigurationError(
+            f"applies to regions on a server (Redis, memcached); {backend!r} has "
+            "none to wait for",
+            region=name,
+            key="backend_timeout",
+        )
     return RegionSettings(
         name=name,
-        backend=_backend(name, _interpolate(spec["backend"], name, "backend")),
+        backend=backend,
         expiration_time=_expiration_time(
             name, _interpolate(spec.get("expiration_time"), name, "expiration_time")
         ),
@@ -552,6 +564,12 @@ def _region_settings(name: str, spec: Any) -> RegionSettings:
             else _default_timeout(name),
         ),
     )
+
+
+#: backends that wait for no server: ``backend_timeout`` means nothing there
+_NO_SERVER = frozenset(
+    {"dogpile.cache.memory", "dogpile.cache.memory_pickle", "dogpile.cache.null", "dogpile.cache.dbm"}
+)
 
 
 def _default_timeout(region: str) -> float | None:

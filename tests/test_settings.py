@@ -223,6 +223,16 @@ class TestErrors:
         assert (info.value.region, info.value.key) == ("r", "backend_timeout")
         assert "number of seconds > 0" in str(info.value)
 
+    @pytest.mark.parametrize("backend", ["memory", "memory_pickle", "null", "dbm"])
+    def test_backend_timeout_without_a_server(self, backend: str) -> None:
+        with pytest.raises(ConfigurationError) as info:
+            load_settings(regions(r={"backend": backend, "backend_timeout": 0.5}))
+        assert (info.value.region, info.value.key) == ("r", "backend_timeout")
+        assert "has none to wait for" in str(info.value)
+        # false (the driver's own) says nothing; the default applies to every region
+        assert load_settings(regions(r={"backend": backend, "backend_timeout": False}))
+        assert load_settings(regions(r={"backend": backend}))
+
     @pytest.mark.parametrize(
         ("value", "seconds"),
         [(None, None), (False, None), ("false", None), (0.02, 0.02), ("0.5", 0.5), (1, 1.0)],
