@@ -61,6 +61,7 @@ def _after_fork_in_child() -> None:
     _retrying.clear()
     for store in list(_all_stores):
         store._replaying = threading.Lock()
+        store._lost_releases = []  # the parent's locks: the parent releases them
         if store._lost or store._lost_all:
             store._start_retrying()
     for reader in list(_readers):
