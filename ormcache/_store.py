@@ -99,6 +99,7 @@ class Store:
         "_lost_all",
         "_lost_fallback",
         "_lost_releases",
+        "_releases_lock",
         "_fresh_token",
         "failure_threshold",
         "retry_after",
@@ -133,6 +134,7 @@ class Store:
         self._lost_all = False
         #: distributed locks whose release failed: (deadline, release)
         self._lost_releases: list[tuple[float, Callable[[], Any]]] = []
+        self._releases_lock = threading.Lock()
         #: the key to move when too many were lost (everything)
         self._lost_fallback = lost_fallback
         self._fresh_token = fresh_token
@@ -518,17 +520,19 @@ class Store:
             )
         return self._replay_lost()
 
-    def lose_release(self, release: Callable[[], Any], timeout: float | None) -> None:
+    def lose_release(self, release: Callable[[], Any], deadline: float | None) -> None:
         """A distributed lock whose release failed (the backend did not
         answer): ``release`` is tried again with the lost invalidations,
-        until the lock would have expired (``timeout`` seconds from now),
-        so that callers waiting for the key do not wait for that."""
-        deadline = time.monotonic() + timeout if timeout else float("inf")
-        self._lost_releases.append((deadline, release))
+        until ``deadline`` (``time.monotonic()``: when the lock expires by
+        itself; None: never), so that callers waiting for the key do not
+        wait for that."""
+        with self._releases_lock:
+            self._lost_releases.append((deadline if deadline is not None else float("inf"), release))
         self._start_retrying()
 
     def _release_lost(self) -> None:
-        pending, self._lost_releases = self._lost_releases, []
+        with self._releases_lock:
+            pending, self._lost_releases = self._lost_releases, []
         now = time.monotonic()
         for i, (deadline, release) in enumerate(pending):
             if now >= deadline:
@@ -536,32 +540,37 @@ class Store:
             try:
                 release()
             except Exception as err:
-                if type(err).__name__ in _LOCK_GONE:
-                    continue  # gone already
-                self._lost_releases.extend(pending[i:])
+                if not _backend_failure(err):
+                    continue  # gone already, or a server without Lua: nothing to retry
+                with self._releases_lock:
+                    self._lost_releases.extend(pending[i:])
                 raise
 
     def _replay_lost(self) -> bool:
-        """Release the locks and write the invalidations lost so far; True
+        """Write the invalidations and release the locks lost so far; True
         if there were invalidations (readers must read again)."""
         if not (self._lost or self._lost_all or self._lost_releases or self._replaying.locked()):
             return False  # nothing lost, nothing in flight: no lock to wait on
         with self._replaying:
+            wrote = self._write_lost()
             if self._lost_releases:
-                self._release_lost()
-            if not (self._lost or self._lost_all) or self._fresh_token is None:
-                return False
-            lost, lost_all = self._lost, self._lost_all
-            self._lost, self._lost_all = set(), False
-            keys = list(lost)
-            if lost_all and self._lost_fallback is not None:
-                keys = [self._lost_fallback]
-            try:
-                self._write_tokens(dict.fromkeys(keys, self._fresh_token()))
-            except BaseException:
-                self._remember_lost(keys)
-                raise
-            self._replayed += 1
+                self._release_lost()  # (after the invalidations, which matter more)
+            return wrote
+
+    def _write_lost(self) -> bool:
+        if not (self._lost or self._lost_all) or self._fresh_token is None:
+            return False
+        lost, lost_all = self._lost, self._lost_all
+        self._lost, self._lost_all = set(), False
+        keys = list(lost)
+        if lost_all and self._lost_fallback is not None:
+            keys = [self._lost_fallback]
+        try:
+            self._write_tokens(dict.fromkeys(keys, self._fresh_token()))
+        except BaseException:
+            self._remember_lost(keys)
+            raise
+        self._replayed += 1
         log.warning(
             "cache region %r: wrote %d invalidation(s) lost during the outage",
             self.name,
@@ -594,7 +603,9 @@ class Store:
             except BaseException:
                 mutex.local.release()
                 raise
-            if not acquired:
+            if acquired:
+                mutex.taken_at = time.monotonic()
+            else:
                 mutex.local.release()
             return acquired, added
         return bool(mutex.acquire(False)), None
@@ -1195,7 +1206,8 @@ def _lock_adder(region: CacheRegion, reader: _RedisReader | None = None) -> Any:
             # the lock's SET may have reached the server and run (a reply
             # that timed out): released once the server answers, if it is
             # this owner's, rather than left for waiters until it expires
-            lost(lambda: lock.do_release(owner), lock.timeout)  # type: ignore[arg-type]
+            expires = time.monotonic() + lock.timeout if lock.timeout else None
+            lost(lambda: lock.do_release(owner), expires)  # type: ignore[arg-type]
             raise
 
     def _take(
@@ -1256,16 +1268,18 @@ def _memcached_lock() -> Any:
     return _memcached_lock_class
 
 
-def _release_again(remote: Any) -> Callable[[], Any]:
+def _release_again(remote: Any) -> tuple[Callable[[], Any], bool]:
     """What releases ``remote`` (a distributed lock, held) later, should its
-    release fail now: redis-py's ``Lock`` forgets its token as it starts
-    releasing, so its release is kept with the token."""
+    release fail now, and whether it releases the lock only if it is still
+    this holder's.  redis-py's ``Lock`` forgets its token as it starts
+    releasing, so its release is kept with the token; dogpile's memcached
+    lock has no owner (its release deletes the key, whoever holds it)."""
     lock = getattr(remote, "mutex", None)  # dogpile's wrapper of redis-py's Lock
     token = getattr(getattr(lock, "local", None), "token", None)
     do_release = getattr(lock, "do_release", None)
     if token is not None and do_release is not None:
-        return lambda: do_release(token)
-    return remote.release  # type: ignore[no-any-return]
+        return (lambda: do_release(token)), True
+    return remote.release, False
 
 
 def _lock_timeout(remote: Any) -> float | None:
@@ -1273,6 +1287,17 @@ def _lock_timeout(remote: Any) -> float | None:
     unknown)."""
     timeout = getattr(getattr(remote, "mutex", remote), "timeout", None)
     return float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else None
+
+
+#: pylibmc errors raised before a command is sent (the server is marked
+#: failed, or cannot be reached): a delete that raised one never ran
+_NEVER_SENT = frozenset(
+    {"ServerDown", "ServerDead", "ConnectionError", "HostLookupError", "SocketCreateError", "ConnectionBindError"}
+)
+
+
+def _never_sent(err: Exception) -> bool:
+    return type(err).__module__.split(".")[0] in ("pylibmc", "_pylibmc") and type(err).__name__ in _NEVER_SENT
 
 
 #: what redis-py raises releasing a lock that expired (or was released)
@@ -1293,7 +1318,7 @@ def _backend_failure(err: Exception) -> bool:
 class _TwoLevelLock:
     """An in-process lock, then a backend's distributed lock."""
 
-    __slots__ = ("local", "remote", "store", "remote_released")
+    __slots__ = ("local", "remote", "store", "remote_released", "taken_at")
 
     def __init__(self, local: Any, remote: Any, store: Store) -> None:
         self.local = local
@@ -1301,6 +1326,8 @@ class _TwoLevelLock:
         self.store = store
         #: released already, with the entry's write (:meth:`Store.set`)
         self.remote_released = False
+        #: ``time.monotonic()`` when the distributed lock was taken
+        self.taken_at = 0.0
 
     def acquire(self, wait: bool = True) -> bool:
         if not self.local.acquire(wait):
@@ -1311,6 +1338,7 @@ class _TwoLevelLock:
             else:
                 taken = self.remote.acquire(wait)
             if taken:
+                self.taken_at = time.monotonic()
                 return True
         except BaseException:
             self.local.release()
@@ -1337,12 +1365,17 @@ class _TwoLevelLock:
         try:
             if not self.remote_released:
                 self.remote_released = True
-                again = _release_again(self.remote)
+                again, owned = _release_again(self.remote)
                 try:
                     self.remote.release()
                 except Exception as err:
-                    if _backend_failure(err):
-                        self.store.lose_release(again, _lock_timeout(self.remote))
+                    # again later, unless it may have run (a timed-out
+                    # reply): a lock without an owner may be someone
+                    # else's by then
+                    if _backend_failure(err) and (owned or _never_sent(err)):
+                        timeout = _lock_timeout(self.remote)
+                        expires = self.taken_at + timeout if timeout else None
+                        self.store.lose_release(again, expires)
                     self.remote_failed(err)
         finally:
             self.local.release()

@@ -249,3 +249,74 @@ def test_a_waiter_polls_a_memcached_lock_briefly(memcached_url: str, monkeypatch
     finally:
         holder_cache.close()
         waiter_cache.close()
+
+
+class _Client:
+    """A pylibmc client stand-in whose next delete raises ``error``."""
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+        self.deleted = 0
+
+    def add(self, key: str, value: Any, time: int = 0) -> bool:
+        return True
+
+    def delete(self, key: str) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        self.deleted += 1
+
+
+def test_a_memcached_lock_is_released_again_only_if_its_delete_never_ran(memcached_url: str) -> None:
+    """dogpile's memcached lock has no owner: a delete sent again could
+    remove another caller's lock.  It is sent again only after an error
+    raised before sending (the server marked failed), never after a
+    timeout (the server may have run it, and someone taken the lock since),
+    and not once the lock would have expired."""
+    import time
+    import uuid
+
+    import pylibmc
+    from dogpile.cache.backends.memcached import MemcachedLock
+
+    from ormcache import OrmCache
+    from ormcache._store import _TwoLevelLock
+
+    cache = OrmCache.from_settings(
+        {
+            "namespace": "mr" + uuid.uuid4().hex[:8],
+            "regions": {"m": {"backend": "memcached", "arguments": {"url": [memcached_url]}}},
+        }
+    )
+    store = cache._stores["m"]
+    client = _Client()
+
+    def held(taken_ago: float = 0.0) -> _TwoLevelLock:
+        lock = _TwoLevelLock(store._local_locks.get("k"), MemcachedLock(lambda: client, "k", timeout=30), store)
+        assert lock.acquire(False)
+        lock.taken_at -= taken_ago
+        return lock
+
+    try:
+        lock = held()
+        client.error = pylibmc.Error("error 31 from memcached_delete: A TIMEOUT OCCURRED")
+        with pytest.raises(pylibmc.Error):
+            lock.release()
+        assert store._lost_releases == []
+
+        lock = held()
+        client.error = pylibmc.ServerDown("error 47 from memcached_delete: SERVER HAS FAILED AND IS DISABLED")
+        with pytest.raises(pylibmc.ServerDown):
+            lock.release()
+        assert len(store._lost_releases) == 1
+        assert store.flush_lost() and client.deleted == 1 and store._lost_releases == []
+
+        lock = held(taken_ago=29.95)  # expires 50 ms from now
+        client.error = pylibmc.ServerDown("error 47 from memcached_delete: SERVER HAS FAILED AND IS DISABLED")
+        with pytest.raises(pylibmc.ServerDown):
+            lock.release()
+        time.sleep(0.1)
+        assert store.flush_lost() and client.deleted == 1  # not sent: it expired
+    finally:
+        cache.close()
