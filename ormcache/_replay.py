@@ -226,6 +226,10 @@ def snapshot_is_fresh(context: Any) -> bool:
         # transaction only before DML, which ormcache never fills from; but
         # an active statement (a result read only in part) or a transaction
         # that has read keeps an older snapshot.
+        if _shared_cache(context.root_connection.engine):
+            # connections of one shared cache share its read snapshot,
+            # which SQLite reports for none but the one that took it
+            return False
         fairy = context.root_connection.connection
         free = _snapshot_free()
         # aiosqlite: its connection lives in a thread of its own; asked there
@@ -250,6 +254,29 @@ def snapshot_is_fresh(context: Any) -> bool:
     if isinstance(level, str) and level.upper() in _READ_COMMITTED:
         return True
     return dialect.name in SNAPSHOT_AT_FIRST_READ and _first_statement(context)
+
+
+#: per engine: does it open SQLite connections in shared-cache mode?
+_shared: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def _shared_cache(engine: Any) -> bool:
+    """Whether ``engine``'s URL asks for SQLite's shared cache
+    (``file:...?cache=shared&uri=true``).  (A ``creator`` or
+    ``sqlite3.enable_shared_cache()`` is not seen; see consistency.md.)"""
+    try:
+        return _shared[engine]
+    except KeyError:
+        pass
+    url = engine.url
+    cache = url.query.get("cache")
+    shared = (
+        cache == "shared"
+        or (isinstance(cache, tuple) and "shared" in cache)
+        or "cache=shared" in (url.database or "")
+    )
+    _shared[engine] = shared
+    return shared
 
 
 _free: Any = None

@@ -130,3 +130,44 @@ def test_sqlalchemys_begin_recipe_stores_first_reads_only(tmp_path: Path, memory
     finally:
         engine.dispose()
         writer.dispose()
+
+
+def test_shared_cache_connections_never_store(tmp_path: Path, memory_cache: Any) -> None:
+    """Connections of one SQLite shared cache share its read snapshot, which
+    SQLite reports only for the connection that took it: another one,
+    reporting none, still reads that older snapshot.  An engine whose URL
+    asks for the shared cache never stores."""
+    from sqlalchemy import create_engine, select, text, update
+    from sqlalchemy.orm import sessionmaker
+
+    from ormcache import FromCache
+    from ormcache.testing import QueryCounter
+    from ormcache.testing.fixtures import Base, Template, seed
+
+    path = tmp_path / "shared.db"
+    writer = create_engine(f"sqlite:///{path}")
+    Base.metadata.create_all(writer)
+    seed(writer)
+    with writer.connect() as c:
+        c.exec_driver_sql("PRAGMA journal_mode=WAL")  # a reader and a writer at once
+    engine = create_engine(f"sqlite:///file:{path}?cache=shared&uri=true")
+    maker = sessionmaker(engine)
+    memory_cache.attach(maker)
+    stmt = select(Template).where(Template.id == 1).options(FromCache())
+    try:
+        with engine.connect() as holder:
+            result = holder.execute(text("SELECT id FROM templates"))
+            result.fetchone()  # the shared cache's snapshot, held
+            with writer.begin() as c:
+                c.execute(update(Template).where(Template.id == 1).values(name="new"))
+            with maker() as other:  # another connection of the shared cache
+                assert other.scalars(stmt).one().name == "t1"  # the old snapshot's
+            result.close()
+        with QueryCounter(engine) as counter:
+            for _ in range(2):
+                with maker() as fresh:
+                    assert fresh.scalars(stmt).one().name == "new"
+        assert counter.selects == 2  # never stored
+    finally:
+        engine.dispose()
+        writer.dispose()
