@@ -1201,8 +1201,11 @@ def _with_defaults(spec: RegionSettings) -> RegionSettings:
         spec = dataclasses.replace(spec, arguments={**MEMCACHED_LOCK, **spec.arguments})
     if spec.backend == "dogpile.cache.pylibmc":
         # libmemcached leaves Nagle's algorithm on: a value of some 100 KB
-        # or more then often waits 40 ms for the server's delayed ACK
-        behaviors = {"tcp_nodelay": True, **spec.arguments.get("behaviors", {})}
+        # or more then often waits 40 ms for the server's delayed ACK.  And
+        # after one timeout it refuses every command for retry_timeout
+        # seconds (2 by default, over 3 s measured): 1, the least it takes,
+        # leaves the pacing to ormcache's own circuit breaker
+        behaviors = {"tcp_nodelay": True, "retry_timeout": 1, **spec.arguments.get("behaviors", {})}
         spec = dataclasses.replace(spec, arguments={**spec.arguments, "behaviors": behaviors})
     timeout = spec.backend_timeout
     if timeout is None:

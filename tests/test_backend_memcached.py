@@ -195,6 +195,8 @@ def test_large_values_do_not_wait_on_delayed_acks(memcached_url: str) -> None:
     try:
         assert cache.region("m").backend.behaviors["tcp_nodelay"] is True
         assert cache.region("own").backend.behaviors["tcp_nodelay"] is False
+        # one timeout disables the server for retry_timeout s: the least it takes
+        assert cache.region("m").backend.behaviors["retry_timeout"] == 1
         value = b"x" * 200_000
         for i in range(300):
             key = f"{namespace}:big:{i % 20}"
