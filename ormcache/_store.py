@@ -92,6 +92,7 @@ class Store:
         "_one_redis",
         "_mget",
         "_last_warning",
+        "last_error",
         "_failures",
         "_open_until",
         "_retry",
@@ -162,6 +163,8 @@ class Store:
         self._set_unlocking = _set_unlocker(region, self._mget)
         self._lock_adding = _lock_adder(region, self._mget)
         self._last_warning = 0.0
+        #: the backend's last error (the ``__cause__`` of a BackendError)
+        self.last_error: BaseException | None = None
         #: in-process locks in front of a backend's distributed lock
         self._local_locks = NameRegistry(_local_lock)
         #: held while lost invalidations are being written (by the retry
@@ -663,6 +666,7 @@ class Store:
     def failed(self, what: str, err: BaseException, count: bool = True) -> None:
         """Count a failure, open the circuit at the threshold, and log, at
         most one warning per region every 10 s."""
+        self.last_error = err
         if count:
             self._failures += 1
         fields = _fields(

@@ -979,9 +979,9 @@ class OrmCache:
             if store.set_many(mapping):
                 self._stats.count(store.name, "*", "invalidations")
             else:
-                failed.append(store.name)
+                failed.append(store)
         if failed:
-            raise BackendError(failed[0], "record an invalidation")
+            raise BackendError(failed[0].name, "record an invalidation") from failed[0].last_error
 
     def invalidate(self, target: Any, **kw: Any) -> None:
         """Drop cached results.
@@ -1005,6 +1005,8 @@ class OrmCache:
         if isinstance(target, Query):
             target = _compat.query_statement(target)
         if isinstance(target, QueryableAttribute):
+            if kw:
+                raise TypeError(f"invalidate() of a relationship takes no arguments, got {sorted(kw)}")
             prop = target.property
             mapper = getattr(prop, "mapper", None)
             if mapper is None:
@@ -1019,6 +1021,11 @@ class OrmCache:
             self._bump(self._keys.model(t) for t in tables)
             return
         if isinstance(target, Executable):
+            unexpected = sorted(set(kw) - {"params", "session", "bind", "shard"})
+            if unexpected:
+                raise TypeError(
+                    f"invalidate() of a statement takes params, session, bind and shard, not {unexpected}"
+                )
             self._invalidate_statement(target, **kw)
             return
         mapper = _mapper_of(target)
@@ -1029,7 +1036,7 @@ class OrmCache:
             )
         shard = kw.pop("shard", None)
         if kw:
-            raise TypeError(f"unexpected arguments for a model: {sorted(kw)}")
+            raise TypeError(f"invalidate() of a model takes only shard, not {sorted(kw)}")
         tables = _mapper_tables(mapper)
         if shard is None:
             self._bump(self._keys.model(t) for t in tables)
@@ -1081,9 +1088,25 @@ class OrmCache:
             )
         option = options[0]
         store = self._store(option.region)
+        if session is not None and not isinstance(session, Session):
+            raise TypeError(f"invalidate(statement, session=...) takes a Session, not {session!r}")
+        if bind is not None and not isinstance(bind, (Engine, Connection)):
+            raise TypeError(f"invalidate(statement, bind=...) takes an Engine or a Connection, not {bind!r}")
+        if params is not None and not isinstance(params, Mapping):
+            raise TypeError(f"invalidate(statement, params=...) takes a mapping of parameter values, not {params!r}")
         cache_key = _compat.generate_cache_key(statement)
         if cache_key is None:
             return
+        if params:
+            names = {bp.key for bp in cache_key.bindparams}
+            unknown = sorted(str(k) for k in params if k not in names)
+            if unknown:
+                named = sorted(n for n in names if not n.startswith("%("))
+                raise ConfigurationError(
+                    f"invalidate(statement, params=...): the statement has no parameter "
+                    f"{', '.join(map(repr, unknown))}; its named parameters: "
+                    f"{', '.join(map(repr, named)) or 'none'}"
+                )
         if session is not None:
             bind = session.get_bind(clause=statement)
         targets: list[tuple[str, Any]]
@@ -1091,13 +1114,19 @@ class OrmCache:
             targets = [(database_id(bind), bind.dialect)]
         else:
             targets = list(self._databases.items())
+            if not targets:
+                raise ConfigurationError(
+                    "invalidate(statement): this process has cached from no database yet, "
+                    "so it cannot tell which one the statement's entry belongs to; pass "
+                    "session= or bind="
+                )
         for db, dialect in targets:
             shape = self._shapes.shape(cache_key, statement, dialect)
             values = None if option.cache_key is not None else parameter_values(cache_key, params)
             pk = self._entity_pk(shape, values, params)
             key = self._result_key(option, db, shard, None, shape, values, pk)
             if not store.delete(key):
-                raise BackendError(store.name, "delete an entry")
+                raise BackendError(store.name, "delete an entry") from store.last_error
 
     def invalidate_table(self, name: str) -> None:
         """Drop every result that read table ``name`` (schema-qualified as
@@ -1122,10 +1151,10 @@ class OrmCache:
         for name, store in self._stores.items():
             try:
                 self._bump([self._keys.region(name)], [store])
-            except BackendError:
-                failed.append(name)
+            except BackendError as err:
+                failed.append(err)
         if failed:
-            raise BackendError(failed[0], "record an invalidation")
+            raise failed[0]
 
 
 def _sync_target(target: Any) -> Any:

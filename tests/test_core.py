@@ -567,3 +567,54 @@ def test_what_cannot_be_attached_is_named(env: Any) -> None:
         cache.attach(5)
     with pytest.raises(TypeError, match=r"takes a Settings object, not dict.*from_settings"):
         OrmCache({"regions": {"default": {"backend": "memory"}}})  # type: ignore[arg-type]
+
+
+def test_invalidate_statement_refuses_what_it_cannot_do(env: Any) -> None:
+    """A statement's entry is per database: a process that has cached from
+    none (a script, a migration) must name it, rather than drop nothing;
+    a parameter the statement does not have, and arguments of the wrong
+    kind, are named."""
+    from sqlalchemy import bindparam
+
+    engine, maker, _ = env
+    settings = {"namespace": "fresh" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}}
+    fresh = OrmCache.from_settings(settings)
+    stmt = select(Template).where(Template.store_id == bindparam("sid")).options(FromCache())
+    try:
+        with pytest.raises(ormcache.ConfigurationError, match="cached from no database yet.*session= or bind="):
+            fresh.invalidate(stmt, params={"sid": 1})
+        fresh.invalidate(stmt, params={"sid": 1}, bind=engine)
+        with pytest.raises(ormcache.ConfigurationError, match=r"no parameter 'sdi'; its named parameters: 'sid'"):
+            fresh.invalidate(stmt, params={"sdi": 1}, bind=engine)
+        with pytest.raises(TypeError, match="params=.*mapping"):
+            fresh.invalidate(stmt, params="x", bind=engine)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="session=.*takes a Session"):
+            fresh.invalidate(stmt, session="x")
+        with pytest.raises(TypeError, match="bind=.*Engine or a Connection"):
+            fresh.invalidate(stmt, bind="x")
+        with pytest.raises(TypeError, match=r"of a statement takes params.*\['bogus'\]"):
+            fresh.invalidate(stmt, bogus=1)
+        with pytest.raises(TypeError, match="of a relationship takes no arguments"):
+            fresh.invalidate(ormcache.testing.fixtures.Store.templates, shard="x")
+    finally:
+        fresh.close()
+
+
+def test_backend_error_carries_the_drivers_error(tmp_path: Any) -> None:
+    from servers import closed_port
+
+    cache = OrmCache.from_settings(
+        {
+            "namespace": "be" + uuid.uuid4().hex[:8],
+            "regions": {"r": {"backend": "redis", "arguments": {"url": f"redis://127.0.0.1:{closed_port()}/0"}}},
+        }
+    )
+    try:
+        with pytest.raises(ormcache.BackendError) as info:
+            cache.invalidate(Template)
+        assert type(info.value.__cause__).__name__ == "ConnectionError"
+        with pytest.raises(ormcache.BackendError) as info:
+            cache.invalidate_all()
+        assert info.value.__cause__ is not None
+    finally:
+        cache.close()
