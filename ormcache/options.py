@@ -37,10 +37,10 @@ def _expiration(value: Any) -> float | None:
         return None
     if isinstance(value, timedelta):
         value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise sa_exc.ArgumentError(
-            f"expiration_time must be a number of seconds >= 0, a timedelta "
-            f"or None, not {value!r}"
+            f"expiration_time must be a number of seconds > 0, a timedelta "
+            f"or None, not {value!r} (0 would expire every entry at once)"
         )
     return float(value)
 

@@ -707,12 +707,13 @@ def _expiration_time(region: str, value: Any) -> float | None:
         isinstance(number, (int, float))
         and not isinstance(number, bool)
         and math.isfinite(number)
-        and number >= 0
+        and number > 0
     ):
         return number
     raise ConfigurationError(
-        f"{value!r} is not a number of seconds; use a number >= 0, a "
-        "timedelta, or leave it out (or None) for values that never expire",
+        f"{value!r} is not a number of seconds; use a number > 0, a "
+        "timedelta, or leave it out (or None) for values that never expire "
+        "(0 would expire every entry at once: nothing would be served)",
         region=region,
         key="expiration_time",
     )

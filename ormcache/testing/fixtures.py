@@ -515,7 +515,7 @@ class BackendTests:
         assert self.cached_names(stmt)[1] == 0
 
     def test_expiration(self) -> None:
-        stmt = select(Template).where(Template.id == 1).options(FromCache(expiration_time=0))
+        stmt = select(Template).where(Template.id == 1).options(FromCache(expiration_time=0.001))
         self.cached_names(stmt)
         import time
 
