@@ -192,11 +192,8 @@ class OrmCache:
         self._attached: list[Any] = []
         self._shard_dbs: dict[Any, str] = {}
         self._stats = Stats()
-        #: pickled results larger than this many bytes are compressed
-        self.compress_threshold = COMPRESS_THRESHOLD
-        #: results still larger than this once compressed are not stored
-        #: (memcached refuses items of 1 MiB and more by default)
-        self.max_entry_bytes = MAX_ENTRY_BYTES
+        self._compress_threshold = COMPRESS_THRESHOLD
+        self._max_entry_bytes = MAX_ENTRY_BYTES
         #: part of every result key: set it to the schema revision (e.g.
         #: alembic's) so that entries cached under another schema are never
         #: served; see :meth:`use_schema_version`
@@ -252,6 +249,25 @@ class OrmCache:
             )
         publish(self, self._store(name), interval)
         return self
+
+    @property
+    def compress_threshold(self) -> int:
+        """Pickled results larger than this many bytes are compressed."""
+        return self._compress_threshold
+
+    @compress_threshold.setter
+    def compress_threshold(self, value: int) -> None:
+        self._compress_threshold = _byte_count("compress_threshold", value)
+
+    @property
+    def max_entry_bytes(self) -> int:
+        """Results still larger than this once compressed are not stored
+        (memcached refuses items of 1 MiB and more by default)."""
+        return self._max_entry_bytes
+
+    @max_entry_bytes.setter
+    def max_entry_bytes(self, value: int) -> None:
+        self._max_entry_bytes = _byte_count("max_entry_bytes", value)
 
     def write_lost_invalidations(self) -> list[str]:
         """Try once, now, to write the invalidations that failed while a
@@ -843,7 +859,7 @@ class OrmCache:
             and not any(self._session_writes(orm_context.session, d) for d in dbs)
         ):
             encoding, rows_value = self._encode_rows(store, capture.rows)
-            if encoding == _AS_IS or len(rows_value) <= self.max_entry_bytes:
+            if encoding == _AS_IS or len(rows_value) <= self._max_entry_bytes:
                 entry: tuple[Any, ...] = (now, tuple(current), capture.description, rows_value, encoding)
                 if bounds is not None:
                     entry += (bounds,)
@@ -885,7 +901,7 @@ class OrmCache:
         if store.in_process and _plain(rows):
             return _AS_IS, tuple(rows)
         data = pickle.dumps(rows, pickle.HIGHEST_PROTOCOL)
-        if len(data) > self.compress_threshold:
+        if len(data) > self._compress_threshold:
             compressed = _zstd_compress(data)
             if compressed is not None:
                 return _ZSTD, compressed
@@ -1155,6 +1171,12 @@ class OrmCache:
                 failed.append(err)
         if failed:
             raise failed[0]
+
+
+def _byte_count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigurationError(f"{name} must be a number of bytes > 0, not {value!r}")
+    return value
 
 
 def _sync_target(target: Any) -> Any:

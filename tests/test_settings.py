@@ -716,6 +716,12 @@ def test_api_arguments_are_checked() -> None:
         for name in (5, "", None):
             with pytest.raises(ConfigurationError, match="table name"):
                 cache.invalidate_table(name)  # type: ignore[arg-type]
+        for attribute in ("compress_threshold", "max_entry_bytes"):
+            for value in ("big", None, 0, -1, 1.5, True):
+                with pytest.raises(ConfigurationError, match=f"{attribute} must be a number of bytes"):
+                    setattr(cache, attribute, value)
+            setattr(cache, attribute, 4096)
+            assert getattr(cache, attribute) == 4096
     finally:
         cache.close()
     for value in (float("nan"), 0, -1, datetime.timedelta(0)):
