@@ -240,12 +240,13 @@ def _warm(args: argparse.Namespace) -> int:
 def _stats(args: argparse.Namespace) -> int:
     import json
 
+    from .core import _shared
     from .stats import collect
 
     cache = _load(args.settings)
     try:
         name = args.region or next(
-            (n for n, s in cache._stores.items() if not s.in_process), None
+            (n for n, s in cache._stores.items() if _shared(s)), None
         )
         if name is None:
             raise ConfigurationError("no shared region: statistics are per process here")

@@ -239,15 +239,23 @@ class OrmCache:
                 f"publish_stats() interval must be a finite number of seconds > 0, not {interval!r}"
             )
 
-        name = region or next(
-            (n for n, s in self._stores.items() if not s.in_process), None
-        )
-        if name is None:
-            raise ConfigurationError(
-                "no shared region to publish statistics in; declare a Redis, "
-                "memcached or dbm region, or name one with region="
-            )
-        publish(self, self._store(name), interval)
+        if region is not None:
+            store = self._store(region)
+            if not _shared(store):
+                raise ConfigurationError(
+                    f"publish_stats(region={region!r}): its backend "
+                    f"({type(store.region.backend).__name__}) is not shared: `ormcache stats` "
+                    "in another process would never see what is published there"
+                )
+        else:
+            found = next((s for s in self._stores.values() if _shared(s)), None)
+            if found is None:
+                raise ConfigurationError(
+                    "no shared region to publish statistics in; declare a Redis, "
+                    "memcached or dbm region, or name one with region="
+                )
+            store = found
+        publish(self, store, interval)
         return self
 
     @property
@@ -1171,6 +1179,13 @@ class OrmCache:
                 failed.append(err)
         if failed:
             raise failed[0]
+
+
+def _shared(store: Store) -> bool:
+    """Whether other processes can read what ``store`` holds (not a memory
+    nor a null backend)."""
+    module = type(store.region.backend).__module__
+    return module not in ("dogpile.cache.backends.memory", "dogpile.cache.backends.null")
 
 
 def _byte_count(name: str, value: Any) -> int:

@@ -748,3 +748,25 @@ def test_misspelt_backend_arguments_are_refused(backend: str, arguments: dict[st
 
     with pytest.raises(ConfigurationError, match=f"region 'r', setting 'arguments'.*'{typo}'"):
         OrmCache.from_settings({"regions": {"r": {"backend": backend, "arguments": arguments}}})
+
+
+def test_publish_stats_only_where_another_process_can_read_them() -> None:
+    from ormcache import OrmCache
+
+    cache = OrmCache.from_settings(
+        {
+            "regions": {
+                "local": {"backend": "null"},
+                "pickled": {"backend": "memory_pickle"},
+                "fast": {"backend": "memory"},
+            }
+        }
+    )
+    try:
+        with pytest.raises(ConfigurationError, match="no shared region to publish statistics in"):
+            cache.publish_stats()
+        for name in ("local", "pickled", "fast"):
+            with pytest.raises(ConfigurationError, match=f"region='{name}'.*is not shared"):
+                cache.publish_stats(region=name)
+    finally:
+        cache.close()
