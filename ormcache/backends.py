@@ -19,6 +19,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from dogpile.cache.backends.redis import RedisBackend as _DogpileRedis
 from dogpile.cache.backends.redis import RedisClusterBackend as _DogpileCluster
 from dogpile.cache.backends.redis import RedisSentinelBackend as _DogpileSentinel
 
@@ -35,11 +36,13 @@ class RedisClusterBackend(_DogpileCluster):
     ``cluster_error_retry_attempts`` say otherwise."""
 
     def __init__(self, arguments: Mapping[str, Any]) -> None:
-        arguments = dict(arguments)
-        self._no_retries = bool(arguments.pop("ormcache_no_retries", False))
+        # (a copy as dogpile makes one: dict() would read every name, and
+        # the settings could no longer tell a misspelt argument)
+        args: Any = arguments.copy()  # type: ignore[attr-defined]
+        self._no_retries = bool(args.pop("ormcache_no_retries", False))
         self._client: Any = None
         self._client_lock = threading.Lock()
-        super().__init__(arguments)
+        super().__init__(args)
 
     def _create_client(self) -> None:
         pass  # on first use: see _cluster
@@ -104,6 +107,18 @@ class RedisSentinelBackend(_DogpileSentinel):
     sets their own (redis-py does so when given no ``sentinel_kwargs``;
     dogpile always gives some, so the sentinels waited seconds, with
     retries, for a sentinel that is down)."""
+
+    def __init__(self, arguments: Mapping[str, Any]) -> None:
+        # dogpile's own passes ``{**arguments}`` on, reading every name: the
+        # settings could not tell a misspelt argument.  The same, by name.
+        args: Any = arguments.copy()  # type: ignore[attr-defined]
+        self.sentinels = args.pop("sentinels", None)
+        self.service_name = args.pop("service_name", "mymaster")
+        self.sentinel_kwargs = args.pop("sentinel_kwargs", {})
+        for name, default in (("distributed_lock", True), ("thread_local_lock", False)):
+            if name not in args:
+                args[name] = default
+        _DogpileRedis.__init__(self, args)
 
     def _create_client(self) -> None:
         db = self.db

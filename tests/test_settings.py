@@ -741,6 +741,8 @@ def test_api_arguments_are_checked() -> None:
         ("memcached", {"url": "127.0.0.1:11211", "behaviours": {}}, "behaviours"),
         ("dbm", {"filename": "/tmp/ormcache-typo.dbm", "rw_lock_file": True}, "rw_lock_file"),
         ("memory", {"size": 10}, "size"),
+        ("redis_sentinel", {"sentinels": [("127.0.0.1", 26379)], "dbb": 1}, "dbb"),
+        ("redis_cluster", {"url": "redis://127.0.0.1:7000", "hots": "x"}, "hots"),
     ],
 )
 def test_misspelt_backend_arguments_are_refused(backend: str, arguments: dict[str, Any], typo: str) -> None:
