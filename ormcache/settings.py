@@ -149,18 +149,19 @@ class RegionSettings:
     """Seconds before a value is regenerated; ``None`` never expires."""
     arguments: Mapping[str, Any] = field(default_factory=dict)
     """Passed to the backend's constructor."""
-    l1_max_entries: int | None = None
+    # (the settings below are keyword-only: positional use would swap them)
+    l1_max_entries: int | None = field(default=None, kw_only=True)
     """An in-process first tier of at most this many entries in front of a
     shared backend (``l1 = {max_entries = 10000}``); ``None``: no L1."""
-    l1_max_bytes: int | None = None
+    l1_max_bytes: int | None = field(default=None, kw_only=True)
     """And at most about this many bytes of results (``max_bytes``)."""
-    stale_while_revalidate: bool = False
+    stale_while_revalidate: bool = field(default=False, kw_only=True)
     """Serve an *expired* entry (never an invalidated one) while another
     thread or process refreshes it, instead of waiting for it."""
-    l1_mode: str = "validated"
+    l1_mode: str = field(default="validated", kw_only=True)
     """``"validated"``: an L1 hit checks its version tokens in the backend;
     ``"relaxed"`` (Redis only): against tokens received over pub/sub."""
-    backend_timeout: float | None = DEFAULT_BACKEND_TIMEOUT
+    backend_timeout: float | None = field(default=DEFAULT_BACKEND_TIMEOUT, kw_only=True)
     """Seconds to wait for a Redis or memcached server before giving up on
     it (socket and connect timeouts; arguments that set them win);
     ``None`` (``false`` in settings): the driver's own defaults."""
