@@ -21,6 +21,8 @@ from typing import Any
 
 from dogpile.cache.api import CantDeserializeException
 
+from .exc import ConfigurationError
+
 __all__ = ["SignedSerializer"]
 
 log = logging.getLogger("ormcache")
@@ -34,6 +36,13 @@ class SignedSerializer:
     ``deserializer``."""
 
     def __init__(self, key: str | bytes, region: str = "?") -> None:
+        if not isinstance(key, (str, bytes)) or len(key.strip()) < 16:
+            raise ConfigurationError(
+                "a signing key must be a secret of at least 16 characters (str or "
+                f"bytes), not {type(key).__name__}" + (f" of {len(key)}" if isinstance(key, (str, bytes)) else ""),
+                region=None if region == "?" else region,
+                key="signing_key",
+            )
         self._key = key.encode() if isinstance(key, str) else bytes(key)
         self.region = region
         self._last_warning = 0.0

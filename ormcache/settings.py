@@ -497,7 +497,7 @@ def _parse(tree: Mapping[str, Any]) -> Settings:
         )
     namespace = _interpolate(tree.get("namespace", "ormcache"), None, "namespace")
     signing_key = _interpolate(tree.get("signing_key"), None, "signing_key")
-    if signing_key is not None and (not isinstance(signing_key, str) or len(signing_key) < 16):
+    if signing_key is not None and (not isinstance(signing_key, str) or len(signing_key.strip()) < 16):
         raise ConfigurationError(
             "must be a secret string of at least 16 characters, e.g. "
             "'${ORMCACHE_SIGNING_KEY}'",

@@ -109,3 +109,12 @@ def test_tampered_entries_are_misses(env: Any) -> None:
 def test_signing_key_too_short() -> None:
     with pytest.raises(ConfigurationError, match="signing_key"):
         OrmCache.from_settings({"signing_key": "short", "regions": {"r": {"backend": "memory"}}})
+
+
+def test_weak_or_wrong_keys_are_refused() -> None:
+    for key in ("", b"", "short", " " * 20, 16, None, b"fifteen-bytes!!"):
+        with pytest.raises(ConfigurationError, match="at least 16 characters"):
+            SignedSerializer(key)  # type: ignore[arg-type]
+    SignedSerializer(b"sixteen-bytes-ok")
+    with pytest.raises(ConfigurationError, match="setting 'signing_key'"):
+        OrmCache.from_settings({"signing_key": " " * 16, "regions": {"r": {"backend": "memory_pickle"}}})
