@@ -132,10 +132,19 @@ def _import_model(spec: str, what: str = "model", form: str = "module:Class") ->
 def _invalidate(args: argparse.Namespace) -> int:
     if not (args.models or args.table or args.region or args.all):
         raise ConfigurationError("nothing to invalidate: name a MODEL, --table, --region or --all")
+    from .core import _mapper_of
+
+    # every target is checked before anything is written
     models = [(spec, _import_model(spec)) for spec in args.models]
+    for spec, model in models:
+        if not (isinstance(model, type) and _mapper_of(model) is not None):
+            raise ConfigurationError(f"model {spec!r}: {model!r} is not a mapped class")
+    for table in args.table:
+        if not table.strip():
+            raise ConfigurationError(f"--table {table!r}: give a table name")
     cache = _load(args.settings)
     for region in args.region:
-        cache._store(region)  # unknown names are usage errors, before any write
+        cache._store(region)  # unknown names are usage errors
     steps: list[tuple[str, Any]] = [(f"model {spec}", partial(cache.invalidate, m)) for spec, m in models]
     steps += [(f"table {t}", partial(cache.invalidate_table, t)) for t in args.table]
     steps += [(f"region {r}", partial(cache.invalidate_region, r)) for r in args.region]
@@ -162,6 +171,9 @@ def _check(args: argparse.Namespace) -> int:
     status = EXIT_OK
     try:
         for name, region in cache.regions.items():
+            if type(region.backend).__module__ == "dogpile.cache.backends.null":
+                print(f"region {name}: ok (NullBackend: stores nothing, by design)")
+                continue
             key = f"{cache.settings.namespace}:check:{uuid.uuid4().hex}"
             try:
                 region.set(key, "ok")

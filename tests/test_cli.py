@@ -184,3 +184,22 @@ def test_warm_says_what_is_wrong(settings_file: Path, tmp_path: Path, capsys: An
         assert message in capsys.readouterr().err
     assert main(["warm", "warmup_queries:UNCACHED", "--database-url", url, *base]) == 0
     assert "1 of 1 statements carry no FromCache option" in capsys.readouterr().err
+
+
+def test_invalidate_checks_every_target_before_writing(settings_file: Path, capsys: Any) -> None:
+    """A target that is not a model stops the command before anything is
+    invalidated (it used to come after the model before it was done)."""
+    before = main(["invalidate", "ormcache.testing.fixtures:Template", "ormcache.testing.fixtures:seed",
+                   "--settings", str(settings_file)])
+    captured = capsys.readouterr()
+    assert before == 2 and "is not a mapped class" in captured.err
+    assert "invalidated" not in captured.out
+    assert main(["invalidate", "--table", " ", "--settings", str(settings_file)]) == 2
+    assert "--table ' ': give a table name" in capsys.readouterr().err
+
+
+def test_check_a_null_region(tmp_path: Path, capsys: Any) -> None:
+    path = tmp_path / "null.toml"
+    path.write_text('[ormcache.regions.off]\nbackend = "null"\n')
+    assert main(["check", "--settings", str(path)]) == 0
+    assert "region off: ok (NullBackend: stores nothing, by design)" in capsys.readouterr().out
