@@ -598,7 +598,9 @@ class Store:
         keys a miss found absent), in one round trip when the backend can
         (Redis).  Returns whether the lock was taken, and what each add
         returned (None: not attempted, the caller adds them itself)."""
-        if self._lock_adding is not None and tokens and type(mutex) is _TwoLevelLock:
+        # (also without tokens: the lock is then taken under an owner token
+        # of ormcache's own, which a failed attempt can release later)
+        if self._lock_adding is not None and type(mutex) is _TwoLevelLock:
             if not mutex.local.acquire(False):
                 return False, None
             try:
@@ -1255,6 +1257,12 @@ def _local_lock(key: str) -> Any:
     return CacheRegion._LockWrapper()
 
 
+def _redis_lock(remote: Any) -> bool:
+    """``remote`` is dogpile's wrapper of a redis-py ``Lock``, unheld."""
+    lock: Any = getattr(remote, "mutex", None)
+    return type(lock).__name__ == "Lock" and type(lock).__module__ == "redis.lock" and lock.local.token is None
+
+
 #: seconds between two tries at a memcached lock another caller holds (as
 #: ``lock_sleep`` for Redis regions)
 LOCK_POLL = 0.01
@@ -1339,6 +1347,8 @@ class _TwoLevelLock:
         try:
             if wait and type(self.remote) is _memcached_lock():
                 taken = self._poll()
+            elif wait and self.store._lock_adding is not None and _redis_lock(self.remote):
+                taken = self._poll_redis()
             else:
                 taken = self.remote.acquire(wait)
             if taken:
@@ -1364,6 +1374,25 @@ class _TwoLevelLock:
                 return False
             time.sleep(LOCK_POLL)
         return True
+
+    def _poll_redis(self) -> bool:
+        """Wait for redis-py's lock as its ``acquire`` does (every
+        ``lock_sleep``, at most ``lock_blocking_timeout``), each try under
+        an owner token of ormcache's own: a try whose reply timed out after
+        the server took the lock is released once the server answers,
+        rather than left for every waiter until it expires."""
+        lock = self.remote.mutex
+        adding = self.store._lock_adding
+        lose = self.store.lose_release
+        limit = lock.blocking_timeout
+        deadline = time.monotonic() + limit if limit is not None else float("inf")
+        while True:
+            taken, _ = adding(self.remote, {}, lose)
+            if taken:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(lock.sleep)
 
     def release(self) -> None:
         try:

@@ -595,20 +595,65 @@ def test_a_lock_taken_by_a_reply_that_timed_out_is_released(redis_url: str, tmp_
     try:
         name(1)
         assert reader is not None and len(reader._free) == 1
-        reader._free[0] = _TimesOutOnce(reader._free[0])
-        key, dep = "ormcache-test-timeout-" + new_token(), "ormcache-test-timeout-dep-" + new_token()
-        mutex = store.mutex(key)
-        assert type(mutex) is _TwoLevelLock
-        with pytest.raises(redis.TimeoutError):
-            store.acquire_adding(mutex, {dep: "v1"})
-        lock_name = mutex.remote.mutex.name
-        deadline = time.monotonic() + 10
-        while client.get(lock_name) is not None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert client.get(lock_name) is None and not store._lost_releases
+        dep = "ormcache-test-timeout-dep-" + new_token()
+        for tokens in ({dep: "v1"}, {}):  # (without tokens too: under ormcache's owner token)
+            reader._free[0] = _TimesOutOnce(reader._free[0])
+            mutex = store.mutex("ormcache-test-timeout-" + new_token())
+            assert type(mutex) is _TwoLevelLock
+            with pytest.raises(redis.TimeoutError):
+                store.acquire_adding(mutex, tokens)
+            lock_name = mutex.remote.mutex.name
+            deadline = time.monotonic() + 10
+            while client.get(lock_name) is not None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert client.get(lock_name) is None and not store._lost_releases
         client.delete(dep)
     finally:
         cache.close()
+        engine.dispose()
+
+
+def test_a_waiter_takes_the_redis_lock_once_released(redis_url: str, tmp_path: Any) -> None:
+    """A caller waiting for another process's miss polls the lock every
+    ``lock_sleep`` under owner tokens of ormcache's own, and takes it once
+    the holder releases it."""
+    import threading
+    import time
+
+    from ormcache._store import _TwoLevelLock
+
+    engine, holder_cache, _ = _one_region(redis_url, tmp_path)
+    waiter_cache = type(holder_cache).from_settings(
+        {"namespace": holder_cache.settings.namespace, "regions": {"r": {"backend": "redis", "arguments": {"url": redis_url}}}}
+    )
+    held = holder_cache._stores["r"].mutex("cold-key")
+    store = waiter_cache._stores["r"]
+    waiting = store.mutex("cold-key")
+    assert type(held) is _TwoLevelLock and type(waiting) is _TwoLevelLock
+    got: list[bool] = []
+    tries: list[int] = []
+    adding = store._lock_adding
+
+    def counted(*args: Any) -> Any:
+        tries.append(1)
+        return adding(*args)
+
+    store._lock_adding = counted
+    try:
+        assert held.acquire(False)
+        waiter = threading.Thread(target=lambda: got.append(waiting.acquire(True)))
+        waiter.start()
+        time.sleep(0.1)
+        assert got == []  # still waiting
+        held.release()
+        waiter.join(10)
+        assert got == [True]
+        assert len(tries) >= 2  # polled with ormcache's owner tokens
+        waiting.release()
+        assert waiter_cache._stores["r"].region.backend.writer_client.get(waiting.remote.mutex.name) is None
+    finally:
+        holder_cache.close()
+        waiter_cache.close()
         engine.dispose()
 
 
