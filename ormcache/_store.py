@@ -101,6 +101,7 @@ class Store:
         "_lost_fallback",
         "_lost_releases",
         "_releases_lock",
+        "_token_writer",
         "_fresh_token",
         "failure_threshold",
         "retry_after",
@@ -160,6 +161,8 @@ class Store:
         self._one_redis = _single_redis(region)
         #: MGET without redis-py's client layer (see :class:`_RedisReader`)
         self._mget = _RedisReader.for_region(region)
+        #: writes version tokens with a longer timeout (see use_write_timeout)
+        self._token_writer: Any = None
         self._set_unlocking = _set_unlocker(region, self._mget)
         self._lock_adding = _lock_adder(region, self._mget)
         self._last_warning = 0.0
@@ -222,6 +225,18 @@ class Store:
 
         backend = self.region.backend
         self.subscriber = Subscriber(lambda: backend.writer_client, channel)
+
+    def use_write_timeout(self, seconds: float) -> None:
+        """Write version tokens (invalidations) with connections of their
+        own that wait up to ``seconds`` for the server, while it is taken
+        to be up: a read that times out is a miss, but an invalidation
+        that times out leaves other processes serving the entries it was
+        to invalidate until it is written again.  (libmemcached, besides,
+        refuses every command of a client for ``retry_timeout`` after one
+        of its commands timed out: its reads would take its invalidations
+        down with them.)  Plain Redis and pylibmc regions; the others
+        write through their client."""
+        self._token_writer = _token_writer(self.region, seconds, self._mget)
 
     def use_l1(self, max_entries: int | None, max_bytes: int | None = None) -> None:
         """Keep up to ``max_entries`` entries (and about ``max_bytes`` bytes
@@ -329,7 +344,19 @@ class Store:
         published = False
         if self._serialized:
             payload = {k: v.encode("ascii") for k, v in mapping.items()}
-            if channel is not None and self._one_redis:
+            writer = self._token_writer
+            done = None
+            if writer is not None and not self._open_until:
+                # (while the circuit is open, the client's short timeout)
+                from ._pubsub import message
+
+                done = writer(payload, channel, message(dict(mapping)) if channel is not None else None)
+            if done is not None:
+                # written (and announced, or the announcement's error)
+                published = channel is not None
+                if isinstance(done, Exception):
+                    self._cannot_publish(done)
+            elif channel is not None and self._one_redis:
                 # the tokens and their announcement in one round trip
                 from ._pubsub import message
 
@@ -347,7 +374,9 @@ class Store:
             else:
                 region.backend.set_serialized_multi(payload)
         else:
-            region.backend.set_multi(mapping)
+            writer = self._token_writer
+            if writer is None or self._open_until or writer(mapping, None, None) is None:
+                region.backend.set_multi(mapping)
         if self.subscriber is not None:
             # this process's own writes count at once, not when their
             # message comes back
@@ -1111,6 +1140,90 @@ def _seconds(ttl: Any) -> Any:
     if isinstance(ttl, datetime.timedelta):
         return int(ttl.total_seconds())
     return ttl
+
+
+class _TokenWriter:
+    """Writes version tokens on connections of its own that wait up to
+    ``seconds`` (see :meth:`Store.use_write_timeout`): a pool of its own
+    for a plain Redis region, a pylibmc client per thread for a memcached
+    one.  Called with the tokens, and the channel and message that
+    announce them (Redis); returns True once written (or the announcement's
+    error), None when no connection is free (write them as usual), and
+    raises when the backend fails."""
+
+    def __init__(self, region: CacheRegion, seconds: float, reader: _RedisReader | None) -> None:
+        backend = region.backend
+        self._backend = backend
+        self._pool: Any = None
+        self._redis: _RedisReader | None = None
+        self._local = threading.local()
+        self._behaviors: dict[str, Any] | None = None
+        if reader is not None:
+            pool = reader._pool()
+            if pool is None:
+                raise RuntimeError("the Redis connection pool is gone")
+            kwargs = {**pool.connection_kwargs, "socket_timeout": seconds, "socket_connect_timeout": seconds}
+            self._pool = type(pool)(connection_class=pool.connection_class, max_connections=4, **kwargs)
+            self._redis = _RedisReader(self._pool, 4)
+            with _readers_lock:
+                _readers.add(self._redis)
+        else:
+            ms = max(1, round(seconds * 1000))
+            self._behaviors = {
+                **backend.behaviors,
+                "connect_timeout": ms,
+                "_poll_timeout": ms,
+                "receive_timeout": ms * 1000,
+                "send_timeout": ms * 1000,
+            }
+
+    @classmethod
+    def for_region(cls, region: CacheRegion, seconds: float, reader: _RedisReader | None) -> _TokenWriter | None:
+        backend = region.backend
+        if reader is not None:
+            return cls(region, seconds, reader)
+        if (
+            type(backend).__module__ == "dogpile.cache.backends.memcached"
+            and type(backend).__name__ == "PylibmcBackend"
+        ):
+            return cls(region, seconds, None)
+        return None
+
+    def __call__(self, payload: Mapping[str, Any], channel: str | None, message: Any) -> Any:
+        if self._redis is not None:
+            commands = _set_commands(self._backend.redis_expiration_time, payload)
+            if channel is not None:
+                commands.append(("PUBLISH", channel, message))
+            # (sent again after a reconnect: the same tokens, and a second
+            # announcement of them, which changes nothing)
+            replies = self._redis.pipeline(commands)
+            if replies is None:
+                return None
+            if channel is None:
+                _raise_first(replies)
+                return True
+            _raise_first(replies[:-1])
+            return replies[-1] if isinstance(replies[-1], Exception) else True
+        client = getattr(self._local, "client", None)
+        if client is None or self._local.pid != os.getpid():
+            import pylibmc
+
+            backend = self._backend
+            client = pylibmc.Client(backend.url, binary=backend.binary, behaviors=self._behaviors)
+            self._local.client, self._local.pid = client, os.getpid()
+        failed = client.set_multi(dict(payload), **self._backend.set_arguments)
+        if failed:
+            raise RuntimeError(f"memcached stored {len(failed)} of {len(payload)} version tokens")
+        return True
+
+    def close(self) -> None:
+        if self._redis is not None:
+            self._redis.close()
+            self._pool.disconnect()
+
+
+def _token_writer(region: CacheRegion, seconds: float, reader: _RedisReader | None) -> _TokenWriter | None:
+    return _TokenWriter.for_region(region, seconds, reader)
 
 
 def _set_commands(ttl: Any, mapping: Mapping[str, bytes]) -> list[tuple[Any, ...]]:

@@ -159,6 +159,8 @@ class OrmCache:
         for name, store in self._stores.items():
             spec = settings.regions[name]
             store.stale_while_revalidate = spec.stale_while_revalidate
+            if spec.backend_timeout is not None:
+                store.use_write_timeout(max(spec.backend_timeout, WRITE_TIMEOUT))
             backend = store.region.backend
             speaks_redis = not store.in_process and (
                 hasattr(type(backend), "writer_client") or hasattr(backend, "writer_client")
@@ -345,6 +347,8 @@ class OrmCache:
                 store.subscriber = None
             if store._mget is not None:
                 store._mget.close()
+            if store._token_writer is not None:
+                store._token_writer.close()
 
     # -- the read path ---------------------------------------------------
 
@@ -1232,6 +1236,11 @@ def _sync_target(target: Any) -> Any:
         )
     return target
 
+
+#: seconds an invalidation waits for a server taken to be up, at least (a
+#: read that times out is a miss; an invalidation that times out is served
+#: stale by other processes until it is written again)
+WRITE_TIMEOUT = 0.25
 
 #: backends that keep Python objects in the process: nothing to sign
 _UNSERIALIZED = frozenset({"dogpile.cache.memory", "dogpile.cache.null"})

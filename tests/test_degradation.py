@@ -575,3 +575,76 @@ def test_a_child_forked_during_a_replay_does_not_hang() -> None:
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
         cache.close()
+
+
+@contextmanager
+def _private_server(kind: str) -> Iterator[tuple[Any, str]]:
+    """A private redis-server or memcached on a free port (its process
+    and its address), stopped afterwards."""
+    import shutil
+    import subprocess
+    import time
+
+    from servers import unavailable
+
+    port = closed_port()
+    if kind == "redis":
+        argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    else:
+        argv = ["memcached", "-p", str(port), "-l", "127.0.0.1", "-U", "0", "-u", "root"]
+    if shutil.which(argv[0]) is None:
+        unavailable(f"{argv[0]} not found (make services installs it)")
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        yield proc, f"127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("kind", ["redis", "memcached"])
+def test_an_invalidation_waits_out_a_pause_that_a_read_does_not(kind: str) -> None:
+    """With the default 3 ms ``backend_timeout``, a server that pauses for
+    50 ms (a loaded host) turns a read into a miss, but an invalidation
+    waits for it (up to 0.25 s, on connections of its own): had it failed,
+    other processes would serve the entries it invalidates until it is
+    written again.  On memcached, a read that timed out does not take the
+    invalidation down with it either (libmemcached refuses every command
+    of that client for a second)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    with _private_server(kind) as (proc, address):
+        url = f"redis://{address}/0" if kind == "redis" else [address]
+        cache = OrmCache.from_settings(
+            {
+                "namespace": "wt" + uuid.uuid4().hex[:8],
+                "regions": {"r": {"backend": "redis" if kind == "redis" else "memcached",
+                                  "arguments": {"url": url}, "backend_timeout": 0.003}},
+            }
+        )
+        store = cache._stores["r"]
+        try:
+            assert store._token_writer is not None
+            cache.invalidate(Template)  # connects
+            for _ in range(3):
+                os.kill(proc.pid, signal.SIGSTOP)
+                threading.Timer(0.05, os.kill, (proc.pid, signal.SIGCONT)).start()
+                if kind == "memcached":
+                    store.get_many(["ormcache-test-read"])  # times out: a miss
+                cache.invalidate(Template)  # waits, and is written
+                time.sleep(0.06)
+            assert not store._lost and not store._lost_all
+        finally:
+            cache.close()
