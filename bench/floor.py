@@ -69,7 +69,10 @@ def _redis_sides(sides: dict[str, Callable[[int], object]]) -> Any:
     for key in keys[1:]:
         client.set(key, b"0123456789abcdef0123", ex=bk.SERVER_TTL)
     pool = client.connection_pool
-    conn = pool.get_connection()
+    from ormcache._store import _needs_command_name
+
+    # (redis-py before 5.3 wants a command name)
+    conn = pool.get_connection("MGET") if _needs_command_name(pool) else pool.get_connection()
 
     def client_mget(tid: int) -> object:
         return client.mget(keys)
