@@ -106,6 +106,7 @@ class Store:
         "failure_threshold",
         "retry_after",
         "max_retry_after",
+        "max_lost_retry_after",
         "max_lost",
         "_local_locks",
         "_replaying",
@@ -127,6 +128,8 @@ class Store:
         #: seconds the circuit stays open, doubling up to ``max_retry_after``
         self.retry_after = 1.0
         self.max_retry_after = 30.0
+        #: lost invalidations are retried at least this often (seconds)
+        self.max_lost_retry_after = 1.0
         #: beyond this many lost version keys, everything is invalidated instead
         self.max_lost = 10_000
         self._failures = 0
@@ -503,6 +506,11 @@ class Store:
 
     def _retry_loop(self) -> None:
         delay = max(self.retry_after, 0.05)
+        # lost invalidations are retried at least every max_lost_retry_after
+        # seconds (the circuit's probe backs off further): until one is
+        # written, other processes that reach the backend serve what it
+        # invalidates
+        limit = max(self.retry_after, self.max_lost_retry_after)
         try:
             # (keys in flight in another thread's replay come back on failure)
             while self._lost or self._lost_all or self._lost_releases or self._replaying.locked():
@@ -511,7 +519,7 @@ class Store:
                     self._replay_lost()
                 except Exception as err:
                     self.failed("write", err)
-                    delay = min(delay * 2, self.max_retry_after)
+                    delay = min(delay * 2, limit)
                 else:
                     self._failures = 0
                     self._open_until = 0.0

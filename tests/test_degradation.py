@@ -655,3 +655,34 @@ def test_an_invalidation_waits_out_a_pause_that_a_read_does_not(kind: str) -> No
             assert not store._lost and not store._lost_all
         finally:
             cache.close()
+
+
+def test_lost_invalidations_are_retried_at_least_every_second(env: Any, monkeypatch: Any) -> None:
+    """While a backend refuses them, lost invalidations are retried every
+    ``max_lost_retry_after`` seconds at most (1 s), not backing off to 30 s
+    as the circuit's probe does: other processes that reach the backend
+    serve what they invalidate until they are written."""
+    import threading
+    import time
+
+    _, _, cache, switch = env
+    store = cache._stores["default"]
+    store.retry_after = 0.05
+    sleeps: list[float] = []
+    real_sleep = time.sleep
+    me = threading.get_ident()
+
+    def recording_sleep(seconds: float) -> None:
+        if threading.get_ident() != me:  # (the circuit's probe)
+            real_sleep(min(seconds, 0.01))
+            return
+        sleeps.append(seconds)
+        if len(sleeps) >= 12:
+            switch.down = False
+
+    monkeypatch.setattr(time, "sleep", recording_sleep)
+    switch.down = True
+    store._lost = {"some-version-key"}
+    store._retry_loop()  # (in this thread: returns once they are written)
+    assert not store._lost and len(sleeps) >= 12
+    assert max(sleeps) <= store.max_lost_retry_after == 1.0
