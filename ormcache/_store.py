@@ -1165,6 +1165,9 @@ class _TokenWriter:
         self._pool: Any = None
         self._redis: _RedisReader | None = None
         self._local = threading.local()
+        #: (pid, pylibmc client) of every thread (close() disconnects them)
+        self._clients: list[tuple[int, Any]] = []
+        self._lock = threading.Lock()
         self._behaviors: dict[str, Any] | None = None
         if reader is not None:
             pool = reader._pool()
@@ -1216,18 +1219,38 @@ class _TokenWriter:
         if client is None or self._local.pid != os.getpid():
             import pylibmc
 
+            if client is not None:
+                # a forked child: freeing the parent's client would send
+                # "quit" on the socket the parent still uses
+                _inherited.append(client)
             backend = self._backend
             client = pylibmc.Client(backend.url, binary=backend.binary, behaviors=self._behaviors)
             self._local.client, self._local.pid = client, os.getpid()
+            with self._lock:
+                self._clients.append((os.getpid(), client))
         failed = client.set_multi(dict(payload), **self._backend.set_arguments)
         if failed:
             raise RuntimeError(f"memcached stored {len(failed)} of {len(payload)} version tokens")
         return True
 
     def close(self) -> None:
+        """Give the connections back (they reconnect when used again)."""
         if self._redis is not None:
             self._redis.close()
             self._pool.disconnect()
+        pid = os.getpid()
+        with self._lock:
+            # (a forked child's: never the parent's, whose sockets it shares)
+            clients = [c for owner, c in self._clients if owner == pid]
+        for client in clients:
+            try:
+                client.disconnect_all()
+            except Exception:
+                pass
+
+
+#: pylibmc clients a forked child inherited: kept, never freed (see __call__)
+_inherited: list[Any] = []
 
 
 def _token_writer(region: CacheRegion, seconds: float, reader: _RedisReader | None) -> _TokenWriter | None:
@@ -1424,9 +1447,9 @@ def _lock_timeout(remote: Any) -> float | None:
 
 #: pylibmc errors raised before a command is sent (the server is marked
 #: failed, or cannot be reached): a delete that raised one never ran
-_NEVER_SENT = frozenset(
-    {"ServerDown", "ServerDead", "ConnectionError", "HostLookupError", "SocketCreateError", "ConnectionBindError"}
-)
+_NEVER_SENT = frozenset({"ServerDown", "ServerDead", "HostLookupError", "SocketCreateError", "ConnectionBindError"})
+# (not ConnectionError: libmemcached raises it too when the server closed
+# the connection after it received the command)
 
 
 def _never_sent(err: Exception) -> bool:
@@ -1511,8 +1534,8 @@ class _TwoLevelLock:
             taken, _ = adding(self.remote, {}, lose)
             if taken:
                 return True
-            if time.monotonic() >= deadline:
-                return False
+            if time.monotonic() + lock.sleep > deadline:
+                return False  # (as redis-py: no sleep past the limit)
             time.sleep(lock.sleep)
 
     def release(self) -> None:

@@ -159,7 +159,7 @@ class OrmCache:
         for name, store in self._stores.items():
             spec = settings.regions[name]
             store.stale_while_revalidate = spec.stale_while_revalidate
-            if spec.backend_timeout is not None:
+            if spec.backend_timeout is not None and not _own_timeouts(spec):
                 store.use_write_timeout(max(spec.backend_timeout, WRITE_TIMEOUT))
             backend = store.region.backend
             speaks_redis = not store.in_process and (
@@ -1183,6 +1183,17 @@ class OrmCache:
                 failed.append(err)
         if failed:
             raise failed[0]
+
+
+def _own_timeouts(spec: RegionSettings) -> bool:
+    """The region's arguments set its timeouts themselves (they win over
+    ``backend_timeout``, for invalidations too)."""
+    arguments = spec.arguments
+    if {"socket_timeout", "connection_pool"} & set(arguments):
+        return True
+    if "socket_timeout" in (arguments.get("connection_kwargs") or {}):
+        return True
+    return bool({"_poll_timeout", "receive_timeout", "send_timeout"} & set(arguments.get("behaviors") or {}))
 
 
 def _shared(store: Store) -> bool:

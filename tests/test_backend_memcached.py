@@ -314,11 +314,81 @@ def test_a_memcached_lock_is_released_again_only_if_its_delete_never_ran(memcach
         assert len(store._lost_releases) == 1
         assert store.flush_lost() and client.deleted == 1 and store._lost_releases == []
 
+        lock = held()  # the server closed the connection: the delete may have run
+        client.error = pylibmc.ConnectionError("error 3 from memcached_delete: CONNECTION FAILURE")
+        with pytest.raises(pylibmc.ConnectionError):
+            lock.release()
+        assert store._lost_releases == []
+
         lock = held(taken_ago=29.95)  # expires 50 ms from now
         client.error = pylibmc.ServerDown("error 47 from memcached_delete: SERVER HAS FAILED AND IS DISABLED")
         with pytest.raises(pylibmc.ServerDown):
             lock.release()
         time.sleep(0.1)
         assert store.flush_lost() and client.deleted == 1  # not sent: it expired
+    finally:
+        cache.close()
+
+
+def test_a_forked_child_leaves_the_parents_invalidations_alone(memcached_url: str) -> None:
+    """Invalidations go on a pylibmc client per thread: a forked child
+    makes its own and keeps the inherited one (freeing it would send
+    "quit" on the socket the parent still uses: every invalidation of the
+    parent then failed for a second or more)."""
+    import os
+    import uuid
+
+    from ormcache import OrmCache
+    from ormcache.testing.fixtures import Template
+
+    cache = OrmCache.from_settings(
+        {
+            "namespace": "mf" + uuid.uuid4().hex[:8],
+            "regions": {"m": {"backend": "memcached", "arguments": {"url": [memcached_url]}}},
+        }
+    )
+    store = cache._stores["m"]
+    try:
+        assert store._token_writer is not None
+        cache.invalidate(Template)  # the parent's client, made
+        pid = os.fork()
+        if pid == 0:
+            try:
+                cache.invalidate(Template)
+                code = 0
+            except BaseException:
+                code = 1
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        for _ in range(50):
+            cache.invalidate(Template)  # raises BackendError if one is lost
+        assert store._failures == 0 and not store._lost
+    finally:
+        cache.close()
+
+
+def test_timeouts_set_in_the_arguments_win_for_invalidations_too(memcached_url: str, redis_url: str) -> None:
+    import uuid
+
+    from ormcache import OrmCache
+
+    cache = OrmCache.from_settings(
+        {
+            "namespace": "mo" + uuid.uuid4().hex[:8],
+            "regions": {
+                "plain": {"backend": "memcached", "arguments": {"url": [memcached_url]}},
+                "own": {"backend": "memcached",
+                        "arguments": {"url": [memcached_url], "behaviors": {"receive_timeout": 2_000_000}}},
+                "redis_own": {"backend": "redis", "arguments": {"url": redis_url, "socket_timeout": 2}},
+                "redis_plain": {"backend": "redis", "arguments": {"url": redis_url}},
+            },
+        }
+    )
+    try:
+        assert cache._stores["plain"]._token_writer is not None
+        assert cache._stores["redis_plain"]._token_writer is not None
+        assert cache._stores["own"]._token_writer is None  # the client's 2 s
+        assert cache._stores["redis_own"]._token_writer is None
     finally:
         cache.close()
