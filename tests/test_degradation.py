@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -120,7 +121,9 @@ def test_queries_and_writes_work_while_down(env: Any, caplog: Any) -> None:
             s.get(Template, 1).name = "written while down"
             s.commit()
     assert name_and_selects(engine, maker) == ("written while down", 1)
-    warnings = [r for r in caplog.records if r.name == "ormcache"]
+    # (this thread's: other tests' stores may still be retrying lost
+    # invalidations in threads of their own, and log from there)
+    warnings = [r for r in caplog.records if r.name == "ormcache" and r.thread == threading.get_ident()]
     assert len(warnings) == 1 and "using the database" in warnings[0].getMessage()
 
 
@@ -302,7 +305,7 @@ def test_log_records_carry_structured_fields(env: Any, caplog: Any) -> None:
     switch.down = True
     with caplog.at_level(logging.WARNING, logger="ormcache"):
         name_and_selects(engine, maker)
-    record = next(r for r in caplog.records if r.name == "ormcache")
+    record = next(r for r in caplog.records if r.name == "ormcache" and r.thread == threading.get_ident())
     fields = record.ormcache  # type: ignore[attr-defined]
     assert fields["region"] == "default" and fields["event"] == "backend_failed"
     assert fields["operation"] == "read" and fields["error"] == "ConnectionError"
@@ -410,7 +413,8 @@ def test_a_lock_that_expired_before_the_entry_was_written(redis_url: str, caplog
             mutex.release()
         assert client.get(mutex.remote.mutex.name) == b"someone else's"  # not ours to drop
         assert store.get_values([key]) == [("entry",)]
-        assert store._failures == 0 and not caplog.records
+        assert store._failures == 0
+        assert not [r for r in caplog.records if r.thread == threading.get_ident()]
 
 
 def test_a_redis_without_lua_releases_through_the_entry_write() -> None:
