@@ -60,6 +60,7 @@ def _after_fork_in_child() -> None:
     _readers_lock = threading.Lock()
     _retrying.clear()
     for store in list(_all_stores):
+        store._forked()
         store._replaying = threading.Lock()
         store._lost_releases = []  # the parent's locks: the parent releases them
         if store._lost or store._lost_all:
@@ -102,6 +103,7 @@ class Store:
         "_lost_releases",
         "_releases_lock",
         "_token_writer",
+        "_pid",
         "_fresh_token",
         "failure_threshold",
         "retry_after",
@@ -166,6 +168,8 @@ class Store:
         self._mget = _RedisReader.for_region(region)
         #: writes version tokens with a longer timeout (see use_write_timeout)
         self._token_writer: Any = None
+        #: the process the backend's clients belong to (see _forked)
+        self._pid = os.getpid()
         self._set_unlocking = _set_unlocker(region, self._mget)
         self._lock_adding = _lock_adder(region, self._mget)
         self._last_warning = 0.0
@@ -198,11 +202,27 @@ class Store:
         :meth:`_probe_loop`), so no query waits on a dead server."""
         return not self._open_until
 
+    def _forked(self) -> None:
+        """In a forked child (from the fork hook, or noticed by a changed
+        pid when the process was forked without Python's hooks): dogpile's
+        pylibmc clients, one per thread, are the parent's, on the parent's
+        sockets, and two processes reading on one socket get each other's
+        replies.  The child makes its own; the inherited ones are kept,
+        never freed (freeing one sends "quit" on the parent's socket)."""
+        self._pid = os.getpid()
+        backend = self.region.backend
+        if type(backend).__module__ == "dogpile.cache.backends.memcached":
+            clients = backend.__dict__.pop("_clients", None)  # dogpile's memoized pool
+            if clients is not None:
+                _inherited.append(clients)
+
     def get_many(self, keys: Sequence[str]) -> list[Any] | None:
         """An entry and its version tokens in one backend call: the entry's
         payload (``keys[0]``, a value dogpile's region wrote) then the
         tokens (``keys[1:]``, raw strings), ``NO_VALUE`` where absent;
         ``None`` when the backend failed or the circuit is open."""
+        if self._pid != os.getpid():
+            self._forked()
         if self._open_until and not self.available:
             return None
         try:
@@ -454,6 +474,12 @@ class Store:
         return True
 
     def set_many(self, mapping: Mapping[str, Any], versions: bool = True) -> bool:
+        """Write ``mapping`` (see :meth:`_set_many`); True when written."""
+        if self._pid != os.getpid():
+            self._forked()
+        return self._set_many(mapping, versions)
+
+    def _set_many(self, mapping: Mapping[str, Any], versions: bool = True) -> bool:
         """Write ``mapping``.  Version tokens (``versions``: invalidations)
         are tried even while the circuit is open, since other processes may
         reach the backend; those that cannot be written are remembered and

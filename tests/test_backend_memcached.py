@@ -392,3 +392,49 @@ def test_timeouts_set_in_the_arguments_win_for_invalidations_too(memcached_url: 
         assert cache._stores["redis_own"]._token_writer is None
     finally:
         cache.close()
+
+
+@pytest.mark.parametrize("fork", ["os.fork", "libc fork"])
+def test_parent_and_child_read_on_clients_of_their_own(memcached_url: str, fork: str) -> None:
+    """dogpile's pylibmc clients (one per thread) were the parent's in a
+    forked child, on the parent's sockets: reading at once, the two
+    processes got each other's replies (19,000 wrong values in 20,000
+    reads).  The child makes its own, whether the fork ran Python's hooks
+    or not (uWSGI's libc fork)."""
+    import ctypes
+    import os
+    import uuid
+
+    from ormcache import OrmCache
+
+    namespace = "mk" + uuid.uuid4().hex[:8]
+    cache = OrmCache.from_settings(
+        {"namespace": namespace, "regions": {"m": {"backend": "memcached", "arguments": {"url": [memcached_url]}}}}
+    )
+    store = cache._stores["m"]
+    keys = [f"{namespace}:k{i}" for i in range(50)]
+    try:
+        assert store.set_many({k: f"token-{k}" for k in keys})
+        assert store.get_many([f"{namespace}:no-entry", keys[0]]) is not None  # the parent's client, made
+        pid = ctypes.CDLL(None).fork() if fork == "libc fork" else os.fork()
+
+        def wrong() -> int:
+            count = 0
+            for n in range(3000):
+                key = keys[n % len(keys)]
+                values = store.get_many([f"{namespace}:no-entry", key])
+                if values is None or values[1] != f"token-{key}":
+                    count += 1
+            return count
+
+        if pid == 0:
+            code = 1
+            try:
+                code = 0 if wrong() == 0 else 1
+            finally:
+                os._exit(code)
+        parent_wrong = wrong()
+        _, status = os.waitpid(pid, 0)
+        assert parent_wrong == 0 and os.waitstatus_to_exitcode(status) == 0
+    finally:
+        cache.close()
