@@ -291,6 +291,11 @@ class OrmCache:
         """Key every result by the database schema's version (an alembic
         revision, say): after a migration, entries cached under the old
         schema are never read.  Returns ``self``."""
+        if version is not None and (not isinstance(version, str) or not version.strip()):
+            raise ConfigurationError(
+                f"use_schema_version() takes the schema's version as a non-empty string "
+                f"(an alembic revision, say) or None, not {version!r}"
+            )
         self.schema_version = version
         return self
 

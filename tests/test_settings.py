@@ -772,3 +772,17 @@ def test_publish_stats_only_where_another_process_can_read_them() -> None:
                 cache.publish_stats(region=name)
     finally:
         cache.close()
+
+
+def test_use_schema_version_takes_a_string_or_none() -> None:
+    from ormcache import OrmCache
+
+    cache = OrmCache.from_settings({"regions": {"r": {"backend": "memory"}}})
+    try:
+        for bad in (3, "", "  ", b"abc"):
+            with pytest.raises(ConfigurationError, match="use_schema_version"):
+                cache.use_schema_version(bad)  # type: ignore[arg-type]
+        assert cache.use_schema_version("ae1027a6acf").schema_version == "ae1027a6acf"
+        assert cache.use_schema_version(None).schema_version is None
+    finally:
+        cache.close()
