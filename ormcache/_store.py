@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from dogpile.cache.api import NO_VALUE
+from dogpile.cache.backends.memcached import MemcachedLock  # (no driver: that is imported on use)
 from dogpile.cache.region import CacheRegion
 from dogpile.util import NameRegistry
 
@@ -259,7 +260,7 @@ class Store:
         of its commands timed out: its reads would take its invalidations
         down with them.)  Plain Redis and pylibmc regions; the others
         write through their client."""
-        self._token_writer = _token_writer(self.region, seconds, self._mget)
+        self._token_writer = _TokenWriter.for_region(self.region, seconds, self._mget)
 
     def use_l1(self, max_entries: int | None, max_bytes: int | None = None) -> None:
         """Keep up to ``max_entries`` entries (and about ``max_bytes`` bytes
@@ -385,7 +386,7 @@ class Store:
 
                 backend = region.backend
                 pipe = backend.writer_client.pipeline(transaction=False)  # type: ignore[attr-defined]
-                _queue_sets(pipe, backend.redis_expiration_time, payload)  # type: ignore[attr-defined]
+                _queue(pipe, _set_commands(backend.redis_expiration_time, payload))  # type: ignore[attr-defined]
                 pipe.publish(channel, message(dict(mapping)))
                 *stored, announced = pipe.execute(raise_on_error=False)
                 for result in stored:
@@ -1157,15 +1158,10 @@ def _retries(retry: Any) -> int | None:
     return count if isinstance(count, int) else None
 
 
-def _queue_sets(pipe: Any, ttl: Any, mapping: Mapping[str, bytes]) -> None:
-    """Queue writes of ``mapping`` on a Redis pipeline as dogpile's Redis
-    backend writes them: each with its ``redis_expiration_time`` (``SET
-    EX``, as its ``SETEX``, which redis-py deprecates), else one ``MSET``."""
-    if ttl:
-        for key, value in mapping.items():
-            pipe.set(key, value, ex=ttl)
-    else:
-        pipe.mset(dict(mapping))
+def _queue(pipe: Any, commands: Sequence[tuple[Any, ...]]) -> None:
+    """Queue ``commands`` (see :func:`_set_commands`) on a redis-py pipeline."""
+    for command in commands:
+        pipe.execute_command(*command)
 
 
 def _seconds(ttl: Any) -> Any:
@@ -1279,12 +1275,10 @@ class _TokenWriter:
 _inherited: list[Any] = []
 
 
-def _token_writer(region: CacheRegion, seconds: float, reader: _RedisReader | None) -> _TokenWriter | None:
-    return _TokenWriter.for_region(region, seconds, reader)
-
-
 def _set_commands(ttl: Any, mapping: Mapping[str, bytes]) -> list[tuple[Any, ...]]:
-    """The commands of :func:`_queue_sets`, for :meth:`_RedisReader.pipeline`."""
+    """Writes of ``mapping`` as dogpile's Redis backend makes them: each with
+    its ``redis_expiration_time`` (``SET EX``, as its ``SETEX``, which
+    redis-py deprecates), else one ``MSET``."""
     if ttl:
         ttl = _seconds(ttl)
         return [("SET", key, value, "EX", ttl) for key, value in mapping.items()]
@@ -1337,7 +1331,7 @@ def _set_unlocker(region: CacheRegion, reader: _RedisReader | None = None) -> An
             replies = reader.pipeline(commands)
         if replies is None:
             pipe = backend.writer_client.pipeline(transaction=False)  # type: ignore[attr-defined]
-            _queue_sets(pipe, ttl, {key: payload})
+            _queue(pipe, _set_commands(ttl, {key: payload}))
             pipe.eval(Lock.LUA_RELEASE_SCRIPT, 1, lock.name, token)
             # (a connection error raises here: the lock is released as usual)
             replies = pipe.execute(raise_on_error=False)
@@ -1427,6 +1421,18 @@ def _local_lock(key: str) -> Any:
     return CacheRegion._LockWrapper()
 
 
+def _wait(take: Callable[[], bool], limit: float | None, pause: float) -> bool:
+    """``take()`` every ``pause`` seconds until it succeeds, or until
+    ``limit`` seconds have passed (None: no limit), as redis-py's ``Lock``
+    waits: never sleeping past the limit."""
+    deadline = time.monotonic() + limit if limit is not None else float("inf")
+    while not take():
+        if time.monotonic() + pause > deadline:
+            return False
+        time.sleep(pause)
+    return True
+
+
 def _redis_lock(remote: Any) -> bool:
     """``remote`` is dogpile's wrapper of a redis-py ``Lock``, unheld."""
     lock: Any = getattr(remote, "mutex", None)
@@ -1436,19 +1442,6 @@ def _redis_lock(remote: Any) -> bool:
 #: seconds between two tries at a memcached lock another caller holds (as
 #: ``lock_sleep`` for Redis regions)
 LOCK_POLL = 0.01
-
-_memcached_lock_class: Any = None
-
-
-def _memcached_lock() -> Any:
-    """dogpile's ``MemcachedLock`` class (imported on first use)."""
-    global _memcached_lock_class
-    if _memcached_lock_class is None:
-        from dogpile.cache.backends.memcached import MemcachedLock
-
-        _memcached_lock_class = MemcachedLock
-    return _memcached_lock_class
-
 
 def _release_again(remote: Any) -> tuple[Callable[[], Any], bool]:
     """What releases ``remote`` (a distributed lock, held) later, should its
@@ -1515,12 +1508,24 @@ class _TwoLevelLock:
         if not self.local.acquire(wait):
             return False
         try:
-            if wait and type(self.remote) is _memcached_lock():
-                taken = self._poll()
-            elif wait and self.store._lock_adding is not None and _redis_lock(self.remote):
-                taken = self._poll_redis()
+            remote = self.remote
+            if wait and type(remote) is MemcachedLock:
+                # dogpile's own wait sleeps 0.4 to 0.8 s before the second
+                # try and doubles that each time, up to hours: far longer
+                # than the query it waits for.  Every LOCK_POLL seconds,
+                # until the lock would have expired.
+                taken = _wait(lambda: remote.acquire(False), remote.timeout or None, LOCK_POLL)
+            elif wait and self.store._lock_adding is not None and _redis_lock(remote):
+                # as redis-py's acquire waits (every lock_sleep, at most
+                # lock_blocking_timeout), each try under an owner token of
+                # ormcache's own: a try whose reply timed out after the
+                # server took the lock is released once the server answers,
+                # rather than left for every waiter until it expires
+                adding, lose = self.store._lock_adding, self.store.lose_release
+                lock = remote.mutex
+                taken = _wait(lambda: adding(remote, {}, lose)[0], lock.blocking_timeout, lock.sleep)
             else:
-                taken = self.remote.acquire(wait)
+                taken = remote.acquire(wait)
             if taken:
                 self.taken_at = time.monotonic()
                 return True
@@ -1529,40 +1534,6 @@ class _TwoLevelLock:
             raise
         self.local.release()
         return False
-
-    def _poll(self) -> bool:
-        """Wait for dogpile's memcached lock, trying every
-        :data:`LOCK_POLL` seconds until it would have expired.  (Its own
-        wait sleeps 0.4 to 0.8 s before the second try and doubles that
-        each time, up to hours: a waiter would wait far longer than the
-        query it waits for.)"""
-        remote = self.remote
-        timeout = getattr(remote, "timeout", 0)
-        deadline = time.monotonic() + timeout if timeout else float("inf")
-        while not remote.acquire(False):
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(LOCK_POLL)
-        return True
-
-    def _poll_redis(self) -> bool:
-        """Wait for redis-py's lock as its ``acquire`` does (every
-        ``lock_sleep``, at most ``lock_blocking_timeout``), each try under
-        an owner token of ormcache's own: a try whose reply timed out after
-        the server took the lock is released once the server answers,
-        rather than left for every waiter until it expires."""
-        lock = self.remote.mutex
-        adding = self.store._lock_adding
-        lose = self.store.lose_release
-        limit = lock.blocking_timeout
-        deadline = time.monotonic() + limit if limit is not None else float("inf")
-        while True:
-            taken, _ = adding(self.remote, {}, lose)
-            if taken:
-                return True
-            if time.monotonic() + lock.sleep > deadline:
-                return False  # (as redis-py: no sleep past the limit)
-            time.sleep(lock.sleep)
 
     def release(self) -> None:
         try:
