@@ -307,3 +307,18 @@ def count_redis_commands(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
     return sent
+
+
+def sqlite_begin_recipe(engine: Any) -> None:
+    """SQLAlchemy's recipe for real SQLite transactions on ``engine``
+    (pysqlite or aiosqlite): the driver's own transaction handling off,
+    ``BEGIN`` emitted when SQLAlchemy begins one."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def no_driver_transactions(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN")

@@ -197,9 +197,8 @@ def test_aiosqlite_read_in_an_older_snapshot_is_not_stored(aiosqlite_url: str, m
     own transaction handling off, ``BEGIN`` emitted in the ``begin``
     event), a transaction that read before another connection's commit
     keeps its snapshot: what it reads then is served to it, never stored."""
-    from sqlalchemy import event
-
     from ormcache.testing import QueryCounter
+    from servers import sqlite_begin_recipe
 
     writer = create_engine(aiosqlite_url.replace("+aiosqlite", ""))
     with writer.connect() as conn:
@@ -208,14 +207,7 @@ def test_aiosqlite_read_in_an_older_snapshot_is_not_stored(aiosqlite_url: str, m
     async def scenario() -> None:
         engine = create_async_engine(aiosqlite_url)
 
-        @event.listens_for(engine.sync_engine, "connect")
-        def no_driver_transactions(dbapi_connection: Any, record: Any) -> None:
-            dbapi_connection.isolation_level = None
-
-        @event.listens_for(engine.sync_engine, "begin")
-        def begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN")
-
+        sqlite_begin_recipe(engine.sync_engine)
         maker = async_sessionmaker(engine)
         memory_cache.attach(maker)
         stmt = select(Template).where(Template.id == 1).options(FromCache())

@@ -375,21 +375,27 @@ def test_migrations_run_with_the_application_settings_invalidate(tmp_path: Path)
             engine.dispose()
 
 
-def test_migrations_say_so_when_their_invalidations_were_lost(tmp_path: Path) -> None:
-    """With the application's shared backend down, the migrations still
-    commit, but the run fails with the command that repairs the cache."""
+def _settings_of_a_redis_that_is_down(tmp_path: Path) -> Path:
+    """An application's settings file whose one region is a Redis that
+    refuses connections."""
     from servers import closed_port
 
-    port = closed_port()
-    data = tmp_path / "data"
-    empty_shards(data, 2)
     settings = tmp_path / "ormcache.toml"
     settings.write_text(
         "[ormcache]\n"
         "[ormcache.regions.templates]\n"
         'backend = "redis"\n'
-        f'arguments = {{ url = "redis://127.0.0.1:{port}/0" }}\n'
+        f'arguments = {{ url = "redis://127.0.0.1:{closed_port()}/0" }}\n'
     )
+    return settings
+
+
+def test_migrations_say_so_when_their_invalidations_were_lost(tmp_path: Path) -> None:
+    """With the application's shared backend down, the migrations still
+    commit, but the run fails with the command that repairs the cache."""
+    data = tmp_path / "data"
+    empty_shards(data, 2)
+    settings = _settings_of_a_redis_that_is_down(tmp_path)
     done = subprocess.run(
         [sys.executable, "-m", "alembic", "-c", str(REPO / "alembic.ini"),
          "-x", f"data_dir={data}", "-x", f"ormcache_settings={settings}", "upgrade", "head"],
@@ -408,17 +414,9 @@ def test_a_run_that_changes_nothing_says_so(tmp_path: Path) -> None:
     """``alembic current`` (or an upgrade already at head) with the
     application's settings writes nothing: it does not claim to have
     invalidated anything, even with the backend down."""
-    from servers import closed_port
-
     data = tmp_path / "data"
     empty_shards(data, 2)
-    settings = tmp_path / "ormcache.toml"
-    settings.write_text(
-        "[ormcache]\n"
-        "[ormcache.regions.templates]\n"
-        'backend = "redis"\n'
-        f'arguments = {{ url = "redis://127.0.0.1:{closed_port()}/0" }}\n'
-    )
+    settings = _settings_of_a_redis_that_is_down(tmp_path)
     alembic = [sys.executable, "-m", "alembic", "-c", str(REPO / "alembic.ini"), "-x", f"data_dir={data}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     upgrade = subprocess.run([*alembic, "upgrade", "head"], cwd=REPO, capture_output=True, text=True, env=env)

@@ -90,7 +90,8 @@ def test_sqlalchemys_begin_recipe_stores_first_reads_only(tmp_path: Path, memory
     the first read of a transaction is stored; a read in a transaction
     whose snapshot predates another connection's commit is served from
     that snapshot and never stored."""
-    from sqlalchemy import create_engine, event, select, update
+    from sqlalchemy import create_engine, select, update
+    from servers import sqlite_begin_recipe
     from sqlalchemy.orm import sessionmaker
 
     from ormcache import FromCache
@@ -105,14 +106,7 @@ def test_sqlalchemys_begin_recipe_stores_first_reads_only(tmp_path: Path, memory
         c.exec_driver_sql("PRAGMA journal_mode=WAL")  # a reader and a writer at once
     engine = create_engine(url)
 
-    @event.listens_for(engine, "connect")
-    def no_driver_transactions(dbapi_connection: Any, record: Any) -> None:
-        dbapi_connection.isolation_level = None
-
-    @event.listens_for(engine, "begin")
-    def begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN")
-
+    sqlite_begin_recipe(engine)
     maker = sessionmaker(engine)
     memory_cache.attach(maker)
     stmt = select(Template).where(Template.id == 1).options(FromCache())
