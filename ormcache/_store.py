@@ -187,6 +187,13 @@ class Store:
         _all_stores.add(self)
 
     @property
+    def shared(self) -> bool:
+        """Whether other processes can read what the backend holds (not
+        dogpile's memory nor null backend)."""
+        module = type(self.region.backend).__module__
+        return module not in ("dogpile.cache.backends.memory", "dogpile.cache.backends.null")
+
+    @property
     def supports_add(self) -> bool:
         return self._add is not None
 

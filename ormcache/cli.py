@@ -252,13 +252,12 @@ def _warm(args: argparse.Namespace) -> int:
 def _stats(args: argparse.Namespace) -> int:
     import json
 
-    from .core import _shared
     from .stats import collect
 
     cache = _load(args.settings)
     try:
         name = args.region or next(
-            (n for n, s in cache._stores.items() if _shared(s)), None
+            (n for n, s in cache._stores.items() if s.shared), None
         )
         if name is None:
             raise ConfigurationError("no shared region: statistics are per process here")

@@ -243,14 +243,14 @@ class OrmCache:
 
         if region is not None:
             store = self._store(region)
-            if not _shared(store):
+            if not store.shared:
                 raise ConfigurationError(
                     f"publish_stats(region={region!r}): its backend "
                     f"({type(store.region.backend).__name__}) is not shared: `ormcache stats` "
                     "in another process would never see what is published there"
                 )
         else:
-            found = next((s for s in self._stores.values() if _shared(s)), None)
+            found = next((s for s in self._stores.values() if s.shared), None)
             if found is None:
                 raise ConfigurationError(
                     "no shared region to publish statistics in; declare a Redis, "
@@ -1199,13 +1199,6 @@ def _own_timeouts(spec: RegionSettings) -> bool:
     if "socket_timeout" in (arguments.get("connection_kwargs") or {}):
         return True
     return bool({"_poll_timeout", "receive_timeout", "send_timeout"} & set(arguments.get("behaviors") or {}))
-
-
-def _shared(store: Store) -> bool:
-    """Whether other processes can read what ``store`` holds (not a memory
-    nor a null backend)."""
-    module = type(store.region.backend).__module__
-    return module not in ("dogpile.cache.backends.memory", "dogpile.cache.backends.null")
 
 
 def _byte_count(name: str, value: Any) -> int:
