@@ -679,6 +679,56 @@ def test_reads_borrow_a_quarter_of_the_pool_at_most(redis_url: str, tmp_path: An
         engine.dispose()
 
 
+def test_reads_stop_polling_for_replies_that_come_late(redis_url: str, monkeypatch: Any) -> None:
+    """A read on the reader's connections polls its socket for the reply
+    for up to ``REPLY_SPIN`` before it sleeps; replies that keep coming
+    later (here: a server paused by ``CLIENT PAUSE``) turn the polling off
+    for ``SPIN_PAUSE`` reads, and a reply that comes in time starts the
+    count again.  Every read gets its reply either way.  (A paused server
+    answers on its next timer tick, about 100 ms: 4 polls in a row here.)"""
+    import uuid
+
+    import redis
+
+    from ormcache import OrmCache, _store
+
+    region = {"backend": "redis", "backend_timeout": 2.0, "arguments": {"url": redis_url}}
+    cache = OrmCache.from_settings({"namespace": "sp" + uuid.uuid4().hex[:8], "regions": {"r": region}})
+    admin = redis.Redis.from_url(redis_url)
+    key = "ormcache-test-spin-" + uuid.uuid4().hex[:8]
+    admin.set(key, b"v", ex=60)
+    store = cache._stores["r"]
+    reader = store._mget
+    monkeypatch.setattr(_store, "SPIN_MISSES", 4)
+    assert isinstance(reader, _store._RedisReader)
+
+    def late_read() -> None:
+        admin.client_pause(5)  # milliseconds; every client's next command waits
+        assert store._fetch([key]) == [b"v"]
+
+    try:
+        assert store._fetch([key]) == [b"v"]
+        for _ in range(2):
+            late_read()
+        assert reader._spin_misses == 2 and reader._spin_pause == 0
+        monkeypatch.setattr(_store, "SPIN_MISSES", 100)  # (a busy machine: late too)
+        for _ in range(50):  # one in time is enough
+            assert store._fetch([key]) == [b"v"]
+            if reader._spin_misses == 0:
+                break
+        assert reader._spin_misses == 0 and reader._spin_pause == 0
+        monkeypatch.setattr(_store, "SPIN_MISSES", 4)
+        for _ in range(_store.SPIN_MISSES):
+            late_read()
+        assert reader._spin_misses == 0 and reader._spin_pause == _store.SPIN_PAUSE
+        assert store._fetch([key]) == [b"v"]
+        assert reader._spin_pause == _store.SPIN_PAUSE - 1
+    finally:
+        admin.delete(key)
+        admin.close()
+        cache.close()
+
+
 def test_one_reader_per_pool(redis_url: str, tmp_path: Any) -> None:
     """Caches over one pool (dogpile's ``connection_pool`` argument, or
     caches made and closed in turn) share its reader: together they never
