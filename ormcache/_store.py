@@ -954,8 +954,10 @@ class _RedisReader:
         "_closed_error",
         "_reply_error",
         "_pack",
+        "_spin_polls",
         "_spin_misses",
         "_spin_pause",
+        "_spin_backoff",
         "__weakref__",
     )
 
@@ -975,9 +977,12 @@ class _RedisReader:
         self._closed_error = ConnectionError
         self._reply_error = ResponseError
         self._pack = _packer()
-        #: polls that ran out in a row; reads left before polling again
+        #: polls in this window, and those that ran out; reads left before
+        #: polling again (-1: never)
+        self._spin_polls = 0
         self._spin_misses = 0
         self._spin_pause = 0 if _poll is not None else -1
+        self._spin_backoff = SPIN_PAUSE
 
     @classmethod
     def for_region(cls, region: CacheRegion) -> _RedisReader | None:
@@ -1125,13 +1130,14 @@ class _RedisReader:
         ``recv``.  On these virtual machines a process that sleeps for a
         reply from a local server wakes up 40-80 us after it came (its CPU
         halts while idle, and halting costs an exit to the hypervisor): a
-        Redis hit took 290 us sleeping and 200-220 us polling.  The poll
+        Redis hit took 290 us sleeping and 200-230 us polling.  The poll
         costs at most that much CPU a read, and stops where it does not
-        pay: after :data:`SPIN_MISSES` polls in a row that ran out (a
-        remote or busy server), the next :data:`SPIN_PAUSE` reads sleep
-        at once."""
+        pay: when more than half the replies of a window of
+        :data:`SPIN_WINDOW` polls came later (a remote server, or one that
+        shares a busy machine), the next :data:`SPIN_PAUSE` reads sleep at
+        once, twice as many after each such window in a row."""
         if self._spin_pause:
-            if self._spin_pause > 0:  # (-1: no poll() on this platform)
+            if self._spin_pause > 0:  # (-1: no poll() here)
                 self._spin_pause -= 1
             return
         sock = getattr(conn, "_sock", None)
@@ -1147,11 +1153,15 @@ class _RedisReader:
         while not poller.poll(0):
             if time.perf_counter() > deadline:
                 self._spin_misses += 1
-                if self._spin_misses >= SPIN_MISSES:
-                    self._spin_misses = 0
-                    self._spin_pause = SPIN_PAUSE
-                return
-        self._spin_misses = 0
+                break
+        self._spin_polls += 1
+        if self._spin_polls >= SPIN_WINDOW:
+            if self._spin_misses * 2 > self._spin_polls:
+                self._spin_pause = self._spin_backoff
+                self._spin_backoff = min(self._spin_backoff * 2, SPIN_PAUSE_MAX)
+            else:
+                self._spin_backoff = SPIN_PAUSE
+            self._spin_polls = self._spin_misses = 0
 
     @staticmethod
     def _after(conn: Any) -> None:
@@ -1182,10 +1192,13 @@ class _RedisReader:
 #: seconds a read on a kept Redis connection polls its socket for the reply
 #: before it sleeps in the kernel (:meth:`_RedisReader._wait`)
 REPLY_SPIN = 0.0001
-#: polls that run out in a row before a reader stops polling, and for how
-#: many reads it then stops
-SPIN_MISSES = 16
-SPIN_PAUSE = 4096
+#: a reader that polled for :data:`SPIN_WINDOW` replies and saw more than
+#: half of them come later stops polling for the next :data:`SPIN_PAUSE`
+#: reads, twice as many after each such window in a row, up to
+#: :data:`SPIN_PAUSE_MAX`
+SPIN_WINDOW = 64
+SPIN_PAUSE = 256
+SPIN_PAUSE_MAX = 65536
 _poll = getattr(select, "poll", None)  # (not on Windows)
 
 

@@ -681,11 +681,11 @@ def test_reads_borrow_a_quarter_of_the_pool_at_most(redis_url: str, tmp_path: An
 
 def test_reads_stop_polling_for_replies_that_come_late(redis_url: str, monkeypatch: Any) -> None:
     """A read on the reader's connections polls its socket for the reply
-    for up to ``REPLY_SPIN`` before it sleeps; replies that keep coming
-    later (here: a server paused by ``CLIENT PAUSE``) turn the polling off
-    for ``SPIN_PAUSE`` reads, and a reply that comes in time starts the
-    count again.  Every read gets its reply either way.  (A paused server
-    answers on its next timer tick, about 100 ms: 4 polls in a row here.)"""
+    for up to ``REPLY_SPIN`` before it sleeps; when more than half the
+    replies of a window of ``SPIN_WINDOW`` polls come later (here: a
+    server paused by ``CLIENT PAUSE``), the next ``SPIN_PAUSE`` reads do
+    not poll, twice as many after another such window, and as few again
+    after a window that paid.  Every read gets its reply either way."""
     import uuid
 
     import redis
@@ -699,30 +699,38 @@ def test_reads_stop_polling_for_replies_that_come_late(redis_url: str, monkeypat
     admin.set(key, b"v", ex=60)
     store = cache._stores["r"]
     reader = store._mget
-    monkeypatch.setattr(_store, "SPIN_MISSES", 4)
     assert isinstance(reader, _store._RedisReader)
+    # in time: within 30 ms; late: a server paused for 60 ms
+    monkeypatch.setattr(_store, "REPLY_SPIN", 0.03)
+    monkeypatch.setattr(_store, "SPIN_WINDOW", 4)
+    monkeypatch.setattr(_store, "SPIN_PAUSE", 2)
 
-    def late_read() -> None:
-        admin.client_pause(5)  # milliseconds; every client's next command waits
+    def read(late: bool = False) -> None:
+        if late:
+            admin.client_pause(60)  # milliseconds: every client's next command waits
         assert store._fetch([key]) == [b"v"]
 
     try:
-        assert store._fetch([key]) == [b"v"]
-        for _ in range(2):
-            late_read()
-        assert reader._spin_misses == 2 and reader._spin_pause == 0
-        monkeypatch.setattr(_store, "SPIN_MISSES", 100)  # (a busy machine: late too)
-        for _ in range(50):  # one in time is enough
-            assert store._fetch([key]) == [b"v"]
-            if reader._spin_misses == 0:
-                break
-        assert reader._spin_misses == 0 and reader._spin_pause == 0
-        monkeypatch.setattr(_store, "SPIN_MISSES", 4)
-        for _ in range(_store.SPIN_MISSES):
-            late_read()
-        assert reader._spin_misses == 0 and reader._spin_pause == _store.SPIN_PAUSE
-        assert store._fetch([key]) == [b"v"]
-        assert reader._spin_pause == _store.SPIN_PAUSE - 1
+        for late in (False, True, True):
+            read(late)
+        assert (reader._spin_polls, reader._spin_misses) == (3, 2)
+        read()  # half the window late: polling goes on, a new window starts
+        assert (reader._spin_polls, reader._spin_misses, reader._spin_pause) == (0, 0, 0)
+        for late in (True, True, True, False):
+            read(late)
+        assert (reader._spin_pause, reader._spin_polls, reader._spin_misses) == (2, 0, 0)
+        read()
+        assert reader._spin_pause == 1 and reader._spin_polls == 0
+        read()
+        for late in (True, True, True, True):  # polling again: late again
+            read(late)
+        assert reader._spin_pause == 4
+        for _ in range(4):
+            read()
+        assert reader._spin_pause == 0
+        for late in (False, False, False, False):  # a window that paid
+            read(late)
+        assert reader._spin_backoff == _store.SPIN_PAUSE
     finally:
         admin.delete(key)
         admin.close()
