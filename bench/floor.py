@@ -13,8 +13,10 @@ on the benchmark's data:
   keyed on the statement's structure has to pay on every hit;
 * with Redis answering (``--no-redis`` leaves it out), the read a Redis hit
   makes (``MGET`` of six keys, one of them a 2 KB entry) through
-  redis-py's ``Redis.mget``, and the same ``MGET`` sent on a connection of
-  the pool, as ormcache's Redis regions send it: the client layer's cost.
+  redis-py's ``Redis.mget``, the same ``MGET`` sent on a connection of
+  the pool (the client layer's cost), and sent by ormcache's own reader,
+  as its Redis regions send it (packed by hiredis, polling the socket for
+  the reply before sleeping).
 
 It prints microseconds per call and each as a ratio of the uncached query,
 so that the hit targets of ``hit.one_row`` can be read against what is
@@ -81,8 +83,16 @@ def _redis_sides(sides: dict[str, Callable[[int], object]]) -> Any:
         conn.send_command("MGET", *keys)
         return conn.read_response()
 
+    from ormcache._store import _RedisReader
+
+    reader = _RedisReader(pool, 1)
+
+    def reader_mget(tid: int) -> object:
+        return reader(keys)
+
     sides["Redis.mget (6 keys, 2 KB)"] = client_mget
     sides["the same MGET on a pool connection"] = connection_mget
+    sides["the same MGET by ormcache's reader"] = reader_mget
     return client
 
 
