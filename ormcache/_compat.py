@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
+from sqlalchemy.ext.horizontal_shard import set_shard_id
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.cache_key import CacheKey
 from sqlalchemy.sql.elements import BindParameter
@@ -158,8 +159,6 @@ def fan_out(orm_context: Any) -> tuple[Any, ...] | None:
     """The shard ids horizontal_shard's router will run a SELECT on, or
     None when something routes it to one shard.  Mirrors the checks of
     ``sqlalchemy.ext.horizontal_shard.execute_and_instances``."""
-    from sqlalchemy.ext.horizontal_shard import set_shard_id
-
     for opt in orm_context._non_compile_orm_options:
         if isinstance(opt, set_shard_id):
             return None

@@ -576,7 +576,7 @@ class OrmCache:
     def _shard_group(self, session: Session, shard_ids: tuple[Any, ...]) -> _ShardGroup | None:
         binds = _compat.shard_binds(session)
         try:
-            engines = tuple([binds[sid] for sid in shard_ids])
+            engines = tuple(map(binds.__getitem__, shard_ids))
         except KeyError:
             return None
         memo_key = (shard_ids, engines)
