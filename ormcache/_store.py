@@ -29,6 +29,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import _socket
 from dogpile.cache.api import NO_VALUE
 from dogpile.cache.backends.memcached import MemcachedLock  # (no driver: that is imported on use)
 from dogpile.cache.region import CacheRegion
@@ -958,6 +959,7 @@ class _RedisReader:
         "_spin_misses",
         "_spin_pause",
         "_spin_backoff",
+        "_can_poll",
         "__weakref__",
     )
 
@@ -976,13 +978,16 @@ class _RedisReader:
         self._command_name = _needs_command_name(pool)
         self._closed_error = ConnectionError
         self._reply_error = ResponseError
-        self._pack = _packer()
+        self._pack = _packer(pool.connection_kwargs)
         #: polls in this window, and those that ran out; reads left before
-        #: polling again (-1: never)
+        #: polling again, and how many after the next window that does not pay
         self._spin_polls = 0
         self._spin_misses = 0
-        self._spin_pause = 0 if _poll is not None else -1
+        self._spin_pause = 0
         self._spin_backoff = SPIN_PAUSE
+        #: poll() exists here and the pool's sockets are the OS's own (not
+        #: fakeredis', nor gevent's, whose hub a busy loop would hold up)
+        self._can_poll = _poll is not None
 
     @classmethod
     def for_region(cls, region: CacheRegion) -> _RedisReader | None:
@@ -1091,11 +1096,17 @@ class _RedisReader:
             raise
 
     def _mget(self, conn: Any, keys: Sequence[str]) -> list[Any]:
+        packed = None
+        if self._pack is not None:
+            try:
+                if "".join(keys).isascii():  # (a key_mangler may make others)
+                    packed = [self._pack(("MGET", *keys))]
+            except TypeError:
+                pass  # not str: the connection's own encoder packs it
         try:
             # connects if needed; a socket error closes the connection
-            pack = self._pack
-            if pack is not None:
-                conn.send_packed_command([pack(("MGET", *keys))])
+            if packed is not None:
+                conn.send_packed_command(packed)
             else:
                 conn.send_command("MGET", *keys)
             self._wait(conn)
@@ -1130,25 +1141,28 @@ class _RedisReader:
         ``recv``.  On these virtual machines a process that sleeps for a
         reply from a local server wakes up 40-80 us after it came (its CPU
         halts while idle, and halting costs an exit to the hypervisor): a
-        Redis hit took 290 us sleeping and 200-230 us polling.  The poll
+        Redis hit took 290-305 us sleeping and 225-250 us polling.  The poll
         costs at most that much CPU a read, and stops where it does not
         pay: when more than half the replies of a window of
         :data:`SPIN_WINDOW` polls came later (a remote server, or one that
         shares a busy machine), the next :data:`SPIN_PAUSE` reads sleep at
         once, twice as many after each such window in a row."""
-        if self._spin_pause:
-            if self._spin_pause > 0:  # (-1: no poll() here)
-                self._spin_pause -= 1
+        pause = self._spin_pause
+        if pause or not self._can_poll:
+            if pause > 0:
+                self._spin_pause = pause - 1
             return
         sock = getattr(conn, "_sock", None)
         if sock is None:
             return
+        if not isinstance(sock, _socket.socket):
+            self._can_poll = False
+            return
         poller = _poll()  # type: ignore[misc]
         try:
             poller.register(sock, select.POLLIN)
-        except (TypeError, ValueError, AttributeError):
-            self._spin_pause = -1  # no file descriptor (fakeredis): never
-            return
+        except ValueError:
+            return  # closed meanwhile (fileno() -1): read_response says so
         deadline = time.perf_counter() + REPLY_SPIN
         while not poller.poll(0):
             if time.perf_counter() > deadline:
@@ -1202,9 +1216,21 @@ SPIN_PAUSE_MAX = 65536
 _poll = getattr(select, "poll", None)  # (not on Windows)
 
 
-def _packer() -> Callable[[Sequence[Any]], Any] | None:
-    """hiredis' ``pack_command``: redis-py's packer around it costs about
-    5 us a command in checks that ormcache's ASCII keys never need."""
+def _packer(connection_kwargs: Mapping[str, Any]) -> Callable[[Sequence[Any]], Any] | None:
+    """hiredis' ``pack_command``, for connections that would pack an ASCII
+    ``str`` key as it does (an encoding that keeps ASCII as it is, no
+    packer of the client's own): redis-py's packer around it costs about
+    5 us a command.  None when hiredis is missing or does not apply."""
+    import codecs
+
+    if connection_kwargs.get("command_packer") is not None:
+        return None
+    try:
+        encoding = codecs.lookup(connection_kwargs.get("encoding") or "utf-8").name
+    except LookupError:
+        return None
+    if encoding not in ("utf-8", "ascii", "iso8859-1", "cp1252"):
+        return None
     try:
         import hiredis
     except ImportError:

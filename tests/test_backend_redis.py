@@ -737,6 +737,80 @@ def test_reads_stop_polling_for_replies_that_come_late(redis_url: str, monkeypat
         cache.close()
 
 
+def test_reader_packs_keys_as_the_connection_would(redis_url: str) -> None:
+    """The reader packs ``MGET`` itself (hiredis) only where redis-py would
+    send the same bytes: a ``key_mangler`` that makes non-ASCII keys, on a
+    client whose ``encoding`` is latin-1, reads the keys its writes wrote."""
+    import uuid
+
+    from dogpile.cache import make_region
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from ormcache._store import Store, _RedisReader
+
+    prefix = "\u00e9" + uuid.uuid4().hex[:8] + ":"
+    region = make_region(key_mangler=lambda key: prefix + key).configure(
+        "dogpile.cache.redis",
+        arguments={
+            "url": redis_url,
+            "connection_kwargs": {"encoding": "latin-1", "retry": Retry(NoBackoff(), 0)},
+        },
+    )
+    store = Store("r", region)
+    assert isinstance(store._mget, _RedisReader) and store._mget._pack is not None
+    client = region.backend.writer_client
+    try:
+        store._write_tokens({"tok": "t1"})
+        assert client.get(prefix + "tok") == b"t1"
+        assert store._read_tokens(["tok"]) == ["t1"]
+    finally:
+        client.delete(prefix + "tok")
+
+
+def test_reader_polls_only_sockets_of_the_os(redis_url: str) -> None:
+    """fakeredis' sockets make up their file descriptor numbers: the
+    reader never polls them (it could wait on another socket of the
+    process); a connection closed between the send and the poll is only
+    not polled that once."""
+    import select
+
+    import fakeredis
+    import redis
+
+    from ormcache import _store
+
+    pool = redis.ConnectionPool(connection_class=fakeredis.FakeRedisConnection, server=fakeredis.FakeServer())
+    redis.Redis(connection_pool=pool).set("k", b"v")
+    fake = _store._RedisReader(pool, 4)
+    assert fake(["k"]) == [b"v"]
+    assert fake._can_poll is False and fake._spin_polls == 0
+
+    real_pool = redis.ConnectionPool.from_url(redis_url)
+    reader = _store._RedisReader(real_pool, 4)
+    try:
+        assert reader(["ormcache-test-absent"]) == [None]
+        assert reader._can_poll is True and reader._spin_polls == 1
+        conn = reader._free[-1]
+        real = select.poll
+
+        def poll_after_close() -> Any:
+            conn.disconnect()  # as another thread's pool.disconnect() would
+            return real()
+
+        _store._poll, saved = poll_after_close, _store._poll
+        try:
+            with pytest.raises(redis.ConnectionError):
+                reader(["ormcache-test-absent"])
+        finally:
+            _store._poll = saved
+        assert reader(["ormcache-test-absent"]) == [None]  # reconnected
+        assert reader._can_poll is True and reader._spin_pause == 0 and reader._spin_polls == 2
+    finally:
+        reader.close()
+        real_pool.disconnect()
+
+
 def test_one_reader_per_pool(redis_url: str, tmp_path: Any) -> None:
     """Caches over one pool (dogpile's ``connection_pool`` argument, or
     caches made and closed in turn) share its reader: together they never
