@@ -701,6 +701,8 @@ class Store:
             return None
         if type(mutex) is CacheRegion._LockWrapper:  # (isinstance: an ABC that takes any lock)
             return mutex
+        if type(mutex) is MemcachedLock:
+            mutex = _OwnedMemcachedLock(mutex, self.lose_release)
         # a distributed lock: threads of this process queue on a local lock
         # first, so that only one of them polls the backend
         return _TwoLevelLock(self._local_locks.get(key), mutex, self)
@@ -1564,8 +1566,11 @@ def _release_again(remote: Any) -> tuple[Callable[[], Any], bool]:
     """What releases ``remote`` (a distributed lock, held) later, should its
     release fail now, and whether it releases the lock only if it is still
     this holder's.  redis-py's ``Lock`` forgets its token as it starts
-    releasing, so its release is kept with the token; dogpile's memcached
-    lock has no owner (its release deletes the key, whoever holds it)."""
+    releasing, so its release is kept with the token; so is an
+    :class:`_OwnedMemcachedLock`'s.  Other locks have no owner (dogpile's
+    own memcached lock: its release deletes the key, whoever holds it)."""
+    if type(remote) is _OwnedMemcachedLock and remote.token is not None:
+        return remote.release_if_held(remote.token), True
     lock = getattr(remote, "mutex", None)  # dogpile's wrapper of redis-py's Lock
     token = getattr(getattr(lock, "local", None), "token", None)
     do_release = getattr(lock, "do_release", None)
@@ -1607,6 +1612,58 @@ def _backend_failure(err: Exception) -> bool:
     return type(err).__name__ not in _LOCK_GONE and not _no_lua(err)
 
 
+class _OwnedMemcachedLock(MemcachedLock):
+    """dogpile's memcached lock, taken under an owner token: the lock's
+    key holds a token of this holder's rather than 1.  A release is the
+    same one ``delete``; but one sent again later, after a release or a
+    try at the lock whose reply timed out (the server may have run it, or
+    not), first reads the key and deletes it only if it still holds this
+    holder's token.  (Reading then deleting is not atomic: the lock could
+    change hands in between only by expiring meanwhile, and nothing is sent
+    again once it would have expired.)  Without it, a lock left held by a
+    lost reply made every caller of that key wait for it to expire
+    (``lock_timeout``, 30 s by default)."""
+
+    def __init__(self, lock: MemcachedLock, lose: Callable[[Callable[[], Any], float | None], None]) -> None:
+        self.client_fn = lock.client_fn
+        self.key = lock.key
+        self.timeout = lock.timeout
+        self._mutex = lock._mutex
+        #: this holder's token while it holds the lock
+        self.token: str | None = None
+        self._lose = lose
+
+    def acquire(self, wait: bool = True) -> bool:
+        if wait:  # (not asked by ormcache: _TwoLevelLock makes its own tries)
+            return _wait(lambda: self.acquire(False), self.timeout or None, LOCK_POLL)
+        token = _lock_owner().decode()
+        try:
+            taken = self.client_fn().add(self.key, token, self.timeout)
+        except Exception as err:
+            if not _never_sent(err):  # it may have run: release it if it did
+                deadline = time.monotonic() + self.timeout if self.timeout else None
+                self._lose(self.release_if_held(token), deadline)
+            raise
+        if taken:
+            self.token = token
+        return bool(taken)
+
+    def release(self) -> None:
+        self.token = None
+        self.client_fn().delete(self.key)
+
+    def release_if_held(self, token: str) -> Callable[[], None]:
+        """What deletes the lock if it still holds ``token``."""
+        client_fn, key = self.client_fn, self.key
+
+        def release() -> None:
+            client = client_fn()
+            if client.get(key) == token:
+                client.delete(key)
+
+        return release
+
+
 class _TwoLevelLock:
     """An in-process lock, then a backend's distributed lock."""
 
@@ -1626,7 +1683,7 @@ class _TwoLevelLock:
             return False
         try:
             remote = self.remote
-            if wait and type(remote) is MemcachedLock:
+            if wait and type(remote) is _OwnedMemcachedLock:
                 # dogpile's own wait sleeps 0.4 to 0.8 s before the second
                 # try and doubles that each time, up to hours: far longer
                 # than the query it waits for.  Every LOCK_POLL seconds,

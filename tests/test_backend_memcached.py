@@ -253,37 +253,51 @@ def test_a_waiter_polls_a_memcached_lock_briefly(memcached_url: str, monkeypatch
         waiter_cache.close()
 
 
-class _Client:
-    """A pylibmc client stand-in whose next delete raises ``error``."""
+class _Faulty:
+    """A pylibmc client whose next ``add``, ``delete`` or ``get`` raises
+    ``error``, after running it on the server (``ran``) or without."""
 
-    def __init__(self) -> None:
-        self.error: Exception | None = None
-        self.deleted = 0
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.fault: tuple[str, Exception, bool] | None = None
+        self.calls: list[str] = []
 
-    def add(self, key: str, value: Any, time: int = 0) -> bool:
-        return True
-
-    def delete(self, key: str) -> None:
-        if self.error is not None:
-            error, self.error = self.error, None
+    def _call(self, name: str, *args: Any) -> Any:
+        self.calls.append(name)
+        fault, self.fault = self.fault, None
+        if fault is not None and fault[0] == name:
+            _, error, ran = fault
+            if ran:
+                getattr(self.client, name)(*args)
             raise error
-        self.deleted += 1
+        self.fault = fault
+        return getattr(self.client, name)(*args)
+
+    def add(self, key: str, value: Any, time: int = 0) -> Any:
+        return self._call("add", key, value, time)
+
+    def delete(self, key: str) -> Any:
+        return self._call("delete", key)
+
+    def get(self, key: str) -> Any:
+        return self._call("get", key)
 
 
-def test_a_memcached_lock_is_released_again_only_if_its_delete_never_ran(memcached_url: str) -> None:
-    """dogpile's memcached lock has no owner: a delete sent again could
-    remove another caller's lock.  It is sent again only after an error
-    raised before sending (the server marked failed), never after a
-    timeout (the server may have run it, and someone taken the lock since),
-    and not once the lock would have expired."""
+def test_a_memcached_lock_left_by_a_lost_reply_is_released_if_still_its_holders(memcached_url: str) -> None:
+    """Regions take dogpile's memcached lock under an owner token.  A
+    release, or a try at the lock, whose reply was lost (a timeout: the
+    server may have run it) is sent again once the server answers, and
+    deletes the lock only if it still holds that token; a try that never
+    reached the server (marked failed) leaves nothing to release; nothing
+    is sent once the lock would have expired.  A release that
+    works is one ``delete``, as dogpile's."""
     import time
     import uuid
 
     import pylibmc
-    from dogpile.cache.backends.memcached import MemcachedLock
 
     from ormcache import OrmCache
-    from ormcache._store import _TwoLevelLock
+    from ormcache._store import _OwnedMemcachedLock, _TwoLevelLock
 
     cache = OrmCache.from_settings(
         {
@@ -292,41 +306,79 @@ def test_a_memcached_lock_is_released_again_only_if_its_delete_never_ran(memcach
         }
     )
     store = cache._stores["m"]
-    client = _Client()
+    server = pylibmc.Client([memcached_url])
+    timeout = pylibmc.Error("error 31 from memcached_delete: A TIMEOUT OCCURRED")
+    down = pylibmc.ServerDown("error 47 from memcached_add: SERVER HAS FAILED AND IS DISABLED")
 
-    def held(taken_ago: float = 0.0) -> _TwoLevelLock:
-        lock = _TwoLevelLock(store._local_locks.get("k"), MemcachedLock(lambda: client, "k", timeout=30), store)
-        assert lock.acquire(False)
-        lock.taken_at -= taken_ago
-        return lock
+    def lock(key: str) -> tuple[_TwoLevelLock, _Faulty]:
+        mutex = store.mutex(key)
+        assert type(mutex) is _TwoLevelLock and type(mutex.remote) is _OwnedMemcachedLock
+        client = _Faulty(mutex.remote.client_fn())
+        mutex.remote.client_fn = lambda: client
+        return mutex, client
 
+    key = "k" + uuid.uuid4().hex[:8]
+    name = "_lock" + key
     try:
-        lock = held()
-        client.error = pylibmc.Error("error 31 from memcached_delete: A TIMEOUT OCCURRED")
+        held, client = lock(key)
+        assert held.acquire(False)
+        assert server.get(name) == held.remote.token
+        held.release()
+        assert client.calls == ["add", "delete"] and server.get(name) is None
+
+        # a release whose delete timed out before it ran: sent again
+        held, client = lock(key)
+        assert held.acquire(False)
+        client.fault = ("delete", timeout, False)
         with pytest.raises(pylibmc.Error):
-            lock.release()
+            held.release()
+        assert server.get(name) is not None and len(store._lost_releases) == 1
+        assert store.flush_lost() and store._lost_releases == []
+        assert server.get(name) is None
+
+        # ... after it ran, and someone took the lock since: left to them
+        held, client = lock(key)
+        assert held.acquire(False)
+        client.fault = ("delete", timeout, True)
+        with pytest.raises(pylibmc.Error):
+            held.release()
+        other, _ = lock(key)
+        assert other.acquire(False)
+        assert store.flush_lost() and server.get(name) == other.remote.token
+        other.release()
+
+        # a try whose add timed out after the server ran it: nobody holds
+        # the lock the server took; released, and the next try takes it
+        trying, client = lock(key)
+        client.fault = ("add", timeout, True)
+        with pytest.raises(pylibmc.Error):
+            trying.acquire(False)
+        assert server.get(name) is not None and len(store._lost_releases) == 1
+        assert store.flush_lost() and server.get(name) is None
+        again, _ = lock(key)
+        assert again.acquire(False)
+        again.release()
+
+        # a try that never reached the server: nothing to release
+        trying, client = lock(key)
+        client.fault = ("add", down, False)
+        with pytest.raises(pylibmc.ServerDown):
+            trying.acquire(False)
         assert store._lost_releases == []
 
-        lock = held()
-        client.error = pylibmc.ServerDown("error 47 from memcached_delete: SERVER HAS FAILED AND IS DISABLED")
-        with pytest.raises(pylibmc.ServerDown):
-            lock.release()
-        assert len(store._lost_releases) == 1
-        assert store.flush_lost() and client.deleted == 1 and store._lost_releases == []
-
-        lock = held()  # the server closed the connection: the delete may have run
-        client.error = pylibmc.ConnectionError("error 3 from memcached_delete: CONNECTION FAILURE")
-        with pytest.raises(pylibmc.ConnectionError):
-            lock.release()
-        assert store._lost_releases == []
-
-        lock = held(taken_ago=29.95)  # expires 50 ms from now
-        client.error = pylibmc.ServerDown("error 47 from memcached_delete: SERVER HAS FAILED AND IS DISABLED")
-        with pytest.raises(pylibmc.ServerDown):
-            lock.release()
+        # a lock about to expire: not sent again
+        held, client = lock(key)
+        assert held.acquire(False)
+        held.taken_at -= 29.95  # lock_timeout 30: expires 50 ms from now
+        client.fault = ("delete", timeout, False)
+        with pytest.raises(pylibmc.Error):
+            held.release()
         time.sleep(0.1)
-        assert store.flush_lost() and client.deleted == 1  # not sent: it expired
+        calls = len(client.calls)
+        assert store.flush_lost() and len(client.calls) == calls
+        server.delete(name)
     finally:
+        server.delete(name)
         cache.close()
 
 
