@@ -1628,7 +1628,6 @@ class _OwnedMemcachedLock(MemcachedLock):
         self.client_fn = lock.client_fn
         self.key = lock.key
         self.timeout = lock.timeout
-        self._mutex = lock._mutex
         #: this holder's token while it holds the lock
         self.token: str | None = None
         self._lose = lose
