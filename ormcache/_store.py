@@ -1144,11 +1144,11 @@ class _RedisReader:
         reply from a local server wakes up 40-80 us after it came (its CPU
         halts while idle, and halting costs an exit to the hypervisor): a
         Redis hit took 290-305 us sleeping and 225-250 us polling.  The poll
-        costs at most that much CPU a read, and stops where it does not
+        costs at most that much CPU a command, and stops where it does not
         pay: when more than half the replies of a window of
         :data:`SPIN_WINDOW` polls came later (a remote server, or one that
-        shares a busy machine), the next :data:`SPIN_PAUSE` reads sleep at
-        once, twice as many after each such window in a row."""
+        shares a busy machine), the next :data:`SPIN_PAUSE` commands sleep
+        at once, twice as many after each such window in a row."""
         pause = self._spin_pause
         if pause or not self._can_poll:
             if pause > 0:
@@ -1205,12 +1205,12 @@ class _RedisReader:
                 pool.release(conn)
 
 
-#: seconds a read on a kept Redis connection polls its socket for the reply
-#: before it sleeps in the kernel (:meth:`_RedisReader._wait`)
+#: seconds a command on a kept Redis connection polls its socket for the
+#: reply before it sleeps in the kernel (:meth:`_RedisReader._wait`)
 REPLY_SPIN = 0.0001
 #: a reader that polled for :data:`SPIN_WINDOW` replies and saw more than
 #: half of them come later stops polling for the next :data:`SPIN_PAUSE`
-#: reads, twice as many after each such window in a row, up to
+#: commands, twice as many after each such window in a row, up to
 #: :data:`SPIN_PAUSE_MAX`
 SPIN_WINDOW = 64
 SPIN_PAUSE = 256
