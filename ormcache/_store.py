@@ -65,6 +65,7 @@ def _after_fork_in_child() -> None:
     for store in list(_all_stores):
         store._forked()
         store._replaying = threading.Lock()
+        store._releases_lock = threading.Lock()
         store._lost_releases = []  # the parent's locks: the parent releases them
         if store._lost or store._lost_all:
             store._start_retrying()
@@ -1570,7 +1571,7 @@ def _release_again(remote: Any) -> tuple[Callable[[], Any], bool]:
     :class:`_OwnedMemcachedLock`'s.  Other locks have no owner (dogpile's
     own memcached lock: its release deletes the key, whoever holds it)."""
     if type(remote) is _OwnedMemcachedLock and remote.token is not None:
-        return remote.release_if_held(remote.token), True
+        return remote.release_if_held(remote.token, remote.expires), True
     lock = getattr(remote, "mutex", None)  # dogpile's wrapper of redis-py's Lock
     token = getattr(getattr(lock, "local", None), "token", None)
     do_release = getattr(lock, "do_release", None)
@@ -1620,9 +1621,13 @@ class _OwnedMemcachedLock(MemcachedLock):
     not), first reads the key and deletes it only if it still holds this
     holder's token.  (Reading then deleting is not atomic: the lock could
     change hands in between only by expiring meanwhile, and nothing is sent
-    again once it would have expired.)  Without it, a lock left held by a
-    lost reply made every caller of that key wait for it to expire
-    (``lock_timeout``, 30 s by default)."""
+    again, nor deleted after the read, from a second before it could expire:
+    memcached's clock ticks once a second, and the lock's time counts from
+    before the try was sent.)  Without it, a lock left held by a lost reply
+    made every caller of that key wait for it to expire (``lock_timeout``,
+    30 s by default).  pylibmc raises on a failed command; the other
+    memcached drivers dogpile supports mostly return a default instead,
+    and nothing is then sent again."""
 
     def __init__(self, lock: MemcachedLock, lose: Callable[[Callable[[], Any], float | None], None]) -> None:
         self.client_fn = lock.client_fn
@@ -1630,34 +1635,40 @@ class _OwnedMemcachedLock(MemcachedLock):
         self.timeout = lock.timeout
         #: this holder's token while it holds the lock
         self.token: str | None = None
+        #: ``time.monotonic()`` after which it may have expired (None: never)
+        self.expires: float | None = None
         self._lose = lose
 
     def acquire(self, wait: bool = True) -> bool:
         if wait:  # (not asked by ormcache: _TwoLevelLock makes its own tries)
             return _wait(lambda: self.acquire(False), self.timeout or None, LOCK_POLL)
         token = _lock_owner().decode()
+        expires = time.monotonic() + self.timeout - 1.0 if self.timeout else None
         try:
             taken = self.client_fn().add(self.key, token, self.timeout)
         except Exception as err:
             if not _never_sent(err):  # it may have run: release it if it did
-                deadline = time.monotonic() + self.timeout if self.timeout else None
-                self._lose(self.release_if_held(token), deadline)
+                self._lose(self.release_if_held(token, expires), expires)
             raise
         if taken:
-            self.token = token
+            self.token, self.expires = token, expires
         return bool(taken)
 
     def release(self) -> None:
         self.token = None
         self.client_fn().delete(self.key)
 
-    def release_if_held(self, token: str) -> Callable[[], None]:
-        """What deletes the lock if it still holds ``token``."""
+    def release_if_held(self, token: str, expires: float | None) -> Callable[[], None]:
+        """What deletes the lock if it still holds ``token`` and cannot
+        have expired (``expires``, ``time.monotonic()``)."""
         client_fn, key = self.client_fn, self.key
 
         def release() -> None:
             client = client_fn()
-            if client.get(key) == token:
+            value = client.get(key)
+            if isinstance(value, bytes):  # (a driver or serde of bytes)
+                value = value.decode("ascii", "replace")
+            if value == token and (expires is None or time.monotonic() < expires):
                 client.delete(key)
 
         return release
@@ -1720,8 +1731,11 @@ class _TwoLevelLock:
                     # reply): a lock without an owner may be someone
                     # else's by then
                     if _backend_failure(err) and (owned or _never_sent(err)):
-                        timeout = _lock_timeout(self.remote)
-                        expires = self.taken_at + timeout if timeout else None
+                        if type(self.remote) is _OwnedMemcachedLock:
+                            expires = self.remote.expires
+                        else:
+                            timeout = _lock_timeout(self.remote)
+                            expires = self.taken_at + timeout if timeout else None
                         self.store.lose_release(again, expires)
                     self.remote_failed(err)
         finally:

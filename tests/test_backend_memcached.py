@@ -369,16 +369,57 @@ def test_a_memcached_lock_left_by_a_lost_reply_is_released_if_still_its_holders(
         # a lock about to expire: not sent again
         held, client = lock(key)
         assert held.acquire(False)
-        held.taken_at -= 29.95  # lock_timeout 30: expires 50 ms from now
+        assert held.remote.expires is not None
+        assert 28.0 < held.remote.expires - time.monotonic() <= 29.0  # (1 s ticks)
+        held.remote.expires = time.monotonic() + 0.05
         client.fault = ("delete", timeout, False)
         with pytest.raises(pylibmc.Error):
             held.release()
         time.sleep(0.1)
         calls = len(client.calls)
         assert store.flush_lost() and len(client.calls) == calls
+        # nor deleted when it may have expired after the read
+        token = server.get(name)
+        held.remote.release_if_held(token, time.monotonic() - 0.001)()
+        assert server.get(name) == token
         server.delete(name)
     finally:
         server.delete(name)
+        cache.close()
+
+
+def test_a_child_forked_while_a_lock_release_was_being_recorded_can_record_its_own(memcached_url: str) -> None:
+    """The lock guarding a store's lost lock releases is made anew in a
+    forked child: held by a thread of the parent at the fork, it would
+    never be released in the child, whose first lost release would then
+    wait forever."""
+    import os
+    import signal
+    import uuid
+
+    from ormcache import OrmCache
+
+    cache = OrmCache.from_settings(
+        {
+            "namespace": "mf" + uuid.uuid4().hex[:8],
+            "regions": {"m": {"backend": "memcached", "arguments": {"url": [memcached_url]}}},
+        }
+    )
+    store = cache._stores["m"]
+    try:
+        with store._releases_lock:  # as another thread of the parent would hold it
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                code = 1
+                try:
+                    signal.alarm(5)
+                    store.lose_release(lambda: None, None)
+                    code = 0 if len(store._lost_releases) == 1 else 2
+                finally:
+                    os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
         cache.close()
 
 
