@@ -1145,8 +1145,11 @@ class _RedisReader:
         reply from a local server wakes up 40-80 us after it came (its CPU
         halts while idle, and halting costs an exit to the hypervisor): a
         Redis hit took 290-305 us sleeping and 225-250 us polling.  The poll
-        costs at most that much CPU a command, and stops where it does not
-        pay: when more than half the replies of a window of
+        costs at most that much CPU a command, and gives the CPU away
+        between two polls (``sched_yield``: other threads and processes
+        that want it run first; in a process of many threads a poll that
+        kept the GIL cost 12% of the hits a second), and stops where it
+        does not pay: when more than half the replies of a window of
         :data:`SPIN_WINDOW` polls came later (a remote server, or one that
         shares a busy machine), the next :data:`SPIN_PAUSE` commands sleep
         at once, twice as many after each such window in a row."""
@@ -1168,6 +1171,7 @@ class _RedisReader:
             return  # closed meanwhile (fileno() -1): read_response says so
         deadline = time.perf_counter() + REPLY_SPIN
         while not poller.poll(0):
+            _yield()
             if time.perf_counter() > deadline:
                 self._spin_misses += 1
                 break
@@ -1217,6 +1221,7 @@ SPIN_WINDOW = 64
 SPIN_PAUSE = 256
 SPIN_PAUSE_MAX = 65536
 _poll = getattr(select, "poll", None)  # (not on Windows)
+_yield: Callable[[], Any] = getattr(os, "sched_yield", None) or (lambda: None)
 
 
 def _packer(connection_kwargs: Mapping[str, Any]) -> Callable[[Sequence[Any]], Any] | None:
