@@ -36,6 +36,7 @@ from dogpile.cache.region import CacheRegion
 from dogpile.util import NameRegistry
 
 from . import _compat
+from .settings import DEFAULT_REPLY_POLL
 
 log = logging.getLogger("ormcache")
 
@@ -271,6 +272,13 @@ class Store:
         down with them.)  Plain Redis and pylibmc regions; the others
         write through their client."""
         self._token_writer = _TokenWriter.for_region(self.region, seconds, self._mget)
+
+    def poll_for(self, seconds: float) -> None:
+        """Poll for Redis replies for at most ``seconds`` (0: never), on
+        the connections reads keep and on the token writer's."""
+        for reader in (self._mget, getattr(self._token_writer, "_redis", None)):
+            if reader is not None:
+                reader.poll_for(seconds)
 
     def use_l1(self, max_entries: int | None, max_bytes: int | None = None) -> None:
         """Keep up to ``max_entries`` entries (and about ``max_bytes`` bytes
@@ -963,6 +971,8 @@ class _RedisReader:
         "_spin_pause",
         "_spin_backoff",
         "_can_poll",
+        "spin",
+        "_spin_set",
         "__weakref__",
     )
 
@@ -991,6 +1001,15 @@ class _RedisReader:
         #: poll() exists here and the pool's sockets are the OS's own (not
         #: fakeredis', nor gevent's, whose hub a busy loop would hold up)
         self._can_poll = _poll is not None
+        #: seconds to poll for a reply (the region setting ``reply_poll``)
+        self.spin = REPLY_SPIN
+        self._spin_set = False
+
+    def poll_for(self, seconds: float) -> None:
+        """Poll for a reply for at most ``seconds`` (0: never): the least
+        that any region reading through this reader asked for."""
+        self.spin = seconds if not self._spin_set else min(self.spin, seconds)
+        self._spin_set = True
 
     @classmethod
     def for_region(cls, region: CacheRegion) -> _RedisReader | None:
@@ -1139,8 +1158,8 @@ class _RedisReader:
         return replies
 
     def _wait(self, conn: Any) -> None:
-        """Poll the socket until the reply arrives, for up to
-        :data:`REPLY_SPIN` seconds, before ``read_response`` sleeps in
+        """Poll the socket until the reply arrives, for up to :attr:`spin`
+        seconds (:data:`REPLY_SPIN` by default), before ``read_response`` sleeps in
         ``recv``.  On these virtual machines a process that sleeps for a
         reply from a local server wakes up 40-80 us after it came (its CPU
         halts while idle, and halting costs an exit to the hypervisor): a
@@ -1154,7 +1173,7 @@ class _RedisReader:
         shares a busy machine), the next :data:`SPIN_PAUSE` commands sleep
         at once, twice as many after each such window in a row."""
         pause = self._spin_pause
-        if pause or not self._can_poll:
+        if pause or not self._can_poll or not self.spin:
             if pause > 0:
                 self._spin_pause = pause - 1
             return
@@ -1169,7 +1188,7 @@ class _RedisReader:
             poller.register(sock, select.POLLIN)
         except ValueError:
             return  # closed meanwhile (fileno() -1): read_response says so
-        deadline = time.perf_counter() + REPLY_SPIN
+        deadline = time.perf_counter() + self.spin
         while not poller.poll(0):
             _yield()
             if time.perf_counter() > deadline:
@@ -1211,8 +1230,9 @@ class _RedisReader:
 
 
 #: seconds a command on a kept Redis connection polls its socket for the
-#: reply before it sleeps in the kernel (:meth:`_RedisReader._wait`)
-REPLY_SPIN = 0.0001
+#: reply before it sleeps in the kernel (:meth:`_RedisReader._wait`), unless
+#: the region's ``reply_poll`` says otherwise
+REPLY_SPIN = DEFAULT_REPLY_POLL
 #: a reader that polled for :data:`SPIN_WINDOW` replies and saw more than
 #: half of them come later stops polling for the next :data:`SPIN_PAUSE`
 #: commands, twice as many after each such window in a row, up to

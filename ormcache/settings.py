@@ -117,6 +117,7 @@ _REGION_KEYS = (
     "backend_timeout",
     "expiration_time",
     "l1",
+    "reply_poll",
     "stale_while_revalidate",
 )
 #: seconds a query waits for a network backend before it answers from the
@@ -124,6 +125,11 @@ _REGION_KEYS = (
 #: redis-py adds about 1 ms to a socket timeout (reconnecting, cleaning up),
 #: and opening the circuit some more (python -m bench.degraded)
 DEFAULT_BACKEND_TIMEOUT = 0.003
+#: seconds a command on a ``redis`` region's kept connections polls its
+#: socket for the reply before it sleeps in the kernel (see guide.md)
+DEFAULT_REPLY_POLL = 0.0001
+#: the most ``reply_poll`` may be: polling longer than this is spinning
+_MAX_REPLY_POLL = 0.01
 _SEQUENCES = (list, tuple, set, frozenset)  # copied; subclasses are not
 _NAMESPACE = re.compile(r"[!-~]{1,32}")  # printable ASCII, no whitespace
 # "$${" (a literal "${"), "${NAME}", or a malformed "${"
@@ -165,9 +171,14 @@ class RegionSettings:
     """Seconds to wait for a Redis or memcached server before giving up on
     it (socket and connect timeouts; arguments that set them win);
     ``None`` (``false`` in settings): the driver's own defaults."""
+    reply_poll: float = field(default=DEFAULT_REPLY_POLL, kw_only=True)
+    """``redis`` regions: seconds a command polls its socket for the reply
+    before it sleeps in the kernel; 0 (``false`` in settings): never poll.
+    Regions on one connection pool poll for the least any of them sets."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "arguments", MappingProxyType(_copy(self.arguments)))
+        object.__setattr__(self, "reply_poll", _reply_poll(self.name, self.reply_poll))
 
 
 @dataclass(frozen=True)
@@ -251,7 +262,7 @@ def settings_from_config(
     """Validate settings given as a flat, prefixed INI-style dictionary.
 
     Keys are ``<prefix><region>.backend``, ``<prefix><region>.expiration_time``,
-    ``<prefix><region>.backend_timeout``,
+    ``<prefix><region>.backend_timeout``, ``<prefix><region>.reply_poll``,
     ``<prefix><region>.stale_while_revalidate``, ``<prefix><region>.l1.<name>``
     and ``<prefix><region>.arguments.<name>``, plus ``<prefix>cache_all``,
     ``<prefix>namespace``, ``<prefix>signing_key`` and
@@ -287,7 +298,13 @@ def settings_from_config(
             continue
         region, _, setting = rest.partition(".")
         spec = regions.setdefault(region, {}) if region else {}
-        if region and setting in ("backend", "expiration_time", "backend_timeout", "stale_while_revalidate"):
+        if region and setting in (
+            "backend",
+            "expiration_time",
+            "backend_timeout",
+            "reply_poll",
+            "stale_while_revalidate",
+        ):
             spec[setting] = value
         elif region and setting.startswith("arguments.") and setting != "arguments.":
             spec.setdefault("arguments", {})[setting[len("arguments.") :]] = value
@@ -298,6 +315,7 @@ def settings_from_config(
                 f"unknown setting; use {prefix}<region>.backend, "
                 f"{prefix}<region>.expiration_time, "
                 f"{prefix}<region>.backend_timeout, "
+                f"{prefix}<region>.reply_poll, "
                 f"{prefix}<region>.stale_while_revalidate, "
                 f"{prefix}<region>.l1.<name>, "
                 f"{prefix}<region>.arguments.<name>, {prefix}cache_all, "
@@ -545,6 +563,16 @@ def _region_settings(name: str, spec: Any) -> RegionSettings:
             region=name,
             key="backend_timeout",
         )
+    reply_poll = DEFAULT_REPLY_POLL
+    if "reply_poll" in spec:
+        reply_poll = _reply_poll(name, _interpolate(spec["reply_poll"], name, "reply_poll"))
+        if backend != "dogpile.cache.redis" and reply_poll != DEFAULT_REPLY_POLL:
+            raise ConfigurationError(
+                "applies to redis regions (their reads on kept connections); "
+                f"{backend!r} does not poll",
+                region=name,
+                key="reply_poll",
+            )
     return RegionSettings(
         name=name,
         backend=backend,
@@ -564,6 +592,7 @@ def _region_settings(name: str, spec: Any) -> RegionSettings:
             if "backend_timeout" in spec
             else _default_timeout(name),
         ),
+        reply_poll=reply_poll,
     )
 
 
@@ -610,6 +639,29 @@ def _timeout(region: str, value: Any) -> float | None:
         f"{DEFAULT_BACKEND_TIMEOUT}), or false for the driver's own timeouts",
         region=region,
         key="backend_timeout",
+    )
+
+
+def _reply_poll(region: str, value: Any) -> float:
+    if value is False or (isinstance(value, str) and value.lower() in ("false", "off", "none")):
+        return 0.0
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and 0 <= value <= _MAX_REPLY_POLL
+    ):
+        return float(value)
+    raise ConfigurationError(
+        f"{value!r} is not a polling time; use seconds from 0 to {_MAX_REPLY_POLL} "
+        f"(default {DEFAULT_REPLY_POLL}), or false not to poll",
+        region=region,
+        key="reply_poll",
     )
 
 

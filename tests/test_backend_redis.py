@@ -701,7 +701,7 @@ def test_reads_stop_polling_for_replies_that_come_late(redis_url: str, monkeypat
     reader = store._mget
     assert isinstance(reader, _store._RedisReader)
     # in time: within 30 ms; late: a server paused for 60 ms
-    monkeypatch.setattr(_store, "REPLY_SPIN", 0.03)
+    reader.spin = 0.03
     monkeypatch.setattr(_store, "SPIN_WINDOW", 4)
     monkeypatch.setattr(_store, "SPIN_PAUSE", 2)
 
@@ -735,6 +735,51 @@ def test_reads_stop_polling_for_replies_that_come_late(redis_url: str, monkeypat
         admin.delete(key)
         admin.close()
         cache.close()
+
+
+def test_reply_poll_setting(redis_url: str) -> None:
+    """``reply_poll`` sets how long a redis region's commands poll for their
+    reply: ``false`` never polls (reads still get their replies), and
+    regions on one pool poll for the least any of them sets."""
+    import uuid
+
+    import redis
+
+    from ormcache import OrmCache
+
+    def cache_with(**region: Any) -> Any:
+        spec = {"backend": "redis", "arguments": {"url": redis_url}, **region}
+        return OrmCache.from_settings({"namespace": "rp" + uuid.uuid4().hex[:8], "regions": {"r": spec}})
+
+    off = cache_with(reply_poll=False)
+    try:
+        reader = off._stores["r"]._mget
+        assert reader.spin == 0
+        for _ in range(3):
+            assert off._stores["r"]._fetch(["ormcache-test-absent"]) == [None]
+        assert reader._spin_polls == 0
+    finally:
+        off.close()
+
+    on = cache_with(reply_poll="0.0005")
+    try:
+        reader = on._stores["r"]._mget
+        assert reader.spin == 0.0005
+        assert on._stores["r"]._fetch(["ormcache-test-absent"]) == [None]
+        assert reader._spin_polls == 1
+        assert on._stores["r"]._token_writer._redis.spin == 0.0005
+    finally:
+        on.close()
+
+    pool = redis.ConnectionPool.from_url(redis_url)
+    shared = [cache_with(reply_poll=p, arguments={"connection_pool": pool}) for p in (0.0002, 0.00005, 0.001)]
+    try:
+        assert shared[0]._stores["r"]._mget is shared[2]._stores["r"]._mget
+        assert shared[0]._stores["r"]._mget.spin == 0.00005
+    finally:
+        for cache in shared:
+            cache.close()
+        pool.disconnect()
 
 
 def test_reader_packs_keys_as_the_connection_would(redis_url: str) -> None:

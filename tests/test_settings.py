@@ -242,6 +242,36 @@ class TestErrors:
         assert spec.backend_timeout == seconds
         assert load_settings(regions(r={"backend": "redis"})).region("r").backend_timeout == 0.003
 
+    @pytest.mark.parametrize("value", [-0.0001, 0.5, "soon", True, [0.1], float("nan")])
+    def test_bad_reply_poll(self, value: Any) -> None:
+        with pytest.raises(ConfigurationError) as info:
+            load_settings(regions(r={"backend": "redis", "reply_poll": value}))
+        assert (info.value.region, info.value.key) == ("r", "reply_poll")
+        assert "from 0 to 0.01" in str(info.value)
+
+    @pytest.mark.parametrize(
+        ("value", "seconds"),
+        [(False, 0.0), ("false", 0.0), (0, 0.0), (0.0005, 0.0005), ("0.002", 0.002)],
+    )
+    def test_good_reply_poll(self, value: Any, seconds: float) -> None:
+        spec = load_settings(regions(r={"backend": "redis", "reply_poll": value})).region("r")
+        assert spec.reply_poll == seconds
+        assert load_settings(regions(r={"backend": "redis"})).region("r").reply_poll == 0.0001
+        flat = settings_from_config({"ormcache.r.backend": "redis", "ormcache.r.reply_poll": str(value)})
+        assert flat.region("r").reply_poll == seconds
+
+    @pytest.mark.parametrize("backend", ["memory", "memcached", "redis_cluster", "redis_sentinel"])
+    def test_reply_poll_on_a_region_that_does_not_poll(self, backend: str) -> None:
+        with pytest.raises(ConfigurationError) as info:
+            load_settings(regions(r={"backend": backend, "reply_poll": 0.001}))
+        assert (info.value.region, info.value.key) == ("r", "reply_poll")
+        assert "applies to redis regions" in str(info.value)
+
+    def test_reply_poll_of_region_settings_made_directly(self) -> None:
+        with pytest.raises(ConfigurationError) as info:
+            RegionSettings("r", "dogpile.cache.redis", None, {}, reply_poll=-1)
+        assert (info.value.region, info.value.key) == ("r", "reply_poll")
+
     def test_backend_timeout_from_the_environment(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("ORMCACHE_BACKEND_TIMEOUT", "0.1")
         assert load_settings(regions(r={"backend": "redis"})).region("r").backend_timeout == 0.1
