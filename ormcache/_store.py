@@ -278,7 +278,7 @@ class Store:
         the connections reads keep and on the token writer's."""
         for reader in (self._mget, getattr(self._token_writer, "_redis", None)):
             if reader is not None:
-                reader.poll_for(seconds)
+                reader.spin = seconds
 
     def use_l1(self, max_entries: int | None, max_bytes: int | None = None) -> None:
         """Keep up to ``max_entries`` entries (and about ``max_bytes`` bytes
@@ -972,7 +972,6 @@ class _RedisReader:
         "_spin_backoff",
         "_can_poll",
         "spin",
-        "_spin_set",
         "__weakref__",
     )
 
@@ -1001,15 +1000,9 @@ class _RedisReader:
         #: poll() exists here and the pool's sockets are the OS's own (not
         #: fakeredis', nor gevent's, whose hub a busy loop would hold up)
         self._can_poll = _poll is not None
-        #: seconds to poll for a reply (the region setting ``reply_poll``)
+        #: seconds to poll for a reply (the region setting ``reply_poll``:
+        #: regions on one pool share a reader, and the last set wins)
         self.spin = REPLY_SPIN
-        self._spin_set = False
-
-    def poll_for(self, seconds: float) -> None:
-        """Poll for a reply for at most ``seconds`` (0: never): the least
-        that any region reading through this reader asked for."""
-        self.spin = seconds if not self._spin_set else min(self.spin, seconds)
-        self._spin_set = True
 
     @classmethod
     def for_region(cls, region: CacheRegion) -> _RedisReader | None:

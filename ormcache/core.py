@@ -161,7 +161,8 @@ class OrmCache:
             store.stale_while_revalidate = spec.stale_while_revalidate
             if spec.backend_timeout is not None and not _own_timeouts(spec):
                 store.use_write_timeout(max(spec.backend_timeout, WRITE_TIMEOUT))
-            store.poll_for(spec.reply_poll)
+            if spec.reply_poll is not None:
+                store.poll_for(spec.reply_poll)
             backend = store.region.backend
             speaks_redis = not store.in_process and (
                 hasattr(type(backend), "writer_client") or hasattr(backend, "writer_client")

@@ -171,14 +171,16 @@ class RegionSettings:
     """Seconds to wait for a Redis or memcached server before giving up on
     it (socket and connect timeouts; arguments that set them win);
     ``None`` (``false`` in settings): the driver's own defaults."""
-    reply_poll: float = field(default=DEFAULT_REPLY_POLL, kw_only=True)
+    reply_poll: float | None = field(default=None, kw_only=True)
     """``redis`` regions: seconds a command polls its socket for the reply
-    before it sleeps in the kernel; 0 (``false`` in settings): never poll.
-    Regions on one connection pool poll for the least any of them sets."""
+    before it sleeps in the kernel; 0 (``false`` in settings): never poll;
+    ``None``: the default, :data:`DEFAULT_REPLY_POLL`.  Regions on one
+    connection pool share its reads' connections: the last set wins."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "arguments", MappingProxyType(_copy(self.arguments)))
-        object.__setattr__(self, "reply_poll", _reply_poll(self.name, self.reply_poll))
+        if self.reply_poll is not None:
+            object.__setattr__(self, "reply_poll", _reply_poll(self.name, self.reply_poll))
 
 
 @dataclass(frozen=True)
@@ -563,10 +565,10 @@ def _region_settings(name: str, spec: Any) -> RegionSettings:
             region=name,
             key="backend_timeout",
         )
-    reply_poll = DEFAULT_REPLY_POLL
-    if "reply_poll" in spec:
+    reply_poll = None
+    if spec.get("reply_poll") is not None:
         reply_poll = _reply_poll(name, _interpolate(spec["reply_poll"], name, "reply_poll"))
-        if backend != "dogpile.cache.redis" and reply_poll != DEFAULT_REPLY_POLL:
+        if backend != "dogpile.cache.redis" and reply_poll > 0:
             raise ConfigurationError(
                 "applies to redis regions (their reads on kept connections); "
                 f"{backend!r} does not poll",
@@ -642,8 +644,9 @@ def _timeout(region: str, value: Any) -> float | None:
     )
 
 
-def _reply_poll(region: str, value: Any) -> float:
-    if value is False or (isinstance(value, str) and value.lower() in ("false", "off", "none")):
+def _reply_poll(region: str, given: Any) -> float:
+    value = given
+    if value is False or (isinstance(value, str) and value.lower() in ("false", "off")):
         return 0.0
     if isinstance(value, str):
         try:
@@ -658,7 +661,7 @@ def _reply_poll(region: str, value: Any) -> float:
     ):
         return float(value)
     raise ConfigurationError(
-        f"{value!r} is not a polling time; use seconds from 0 to {_MAX_REPLY_POLL} "
+        f"{given!r} is not a polling time; use seconds from 0 to {_MAX_REPLY_POLL} "
         f"(default {DEFAULT_REPLY_POLL}), or false not to poll",
         region=region,
         key="reply_poll",

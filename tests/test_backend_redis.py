@@ -739,8 +739,9 @@ def test_reads_stop_polling_for_replies_that_come_late(redis_url: str, monkeypat
 
 def test_reply_poll_setting(redis_url: str) -> None:
     """``reply_poll`` sets how long a redis region's commands poll for their
-    reply: ``false`` never polls (reads still get their replies), and
-    regions on one pool poll for the least any of them sets."""
+    reply: ``false`` never polls (reads still get their replies); regions
+    on one pool share its reads' connections, and the last set wins (a
+    region that does not set it changes nothing)."""
     import uuid
 
     import redis
@@ -773,9 +774,10 @@ def test_reply_poll_setting(redis_url: str) -> None:
 
     pool = redis.ConnectionPool.from_url(redis_url)
     shared = [cache_with(reply_poll=p, arguments={"connection_pool": pool}) for p in (0.0002, 0.00005, 0.001)]
+    shared.append(cache_with(arguments={"connection_pool": pool}))
     try:
-        assert shared[0]._stores["r"]._mget is shared[2]._stores["r"]._mget
-        assert shared[0]._stores["r"]._mget.spin == 0.00005
+        assert shared[0]._stores["r"]._mget is shared[3]._stores["r"]._mget
+        assert shared[0]._stores["r"]._mget.spin == 0.001
     finally:
         for cache in shared:
             cache.close()

@@ -242,30 +242,36 @@ class TestErrors:
         assert spec.backend_timeout == seconds
         assert load_settings(regions(r={"backend": "redis"})).region("r").backend_timeout == 0.003
 
-    @pytest.mark.parametrize("value", [-0.0001, 0.5, "soon", True, [0.1], float("nan")])
+    @pytest.mark.parametrize("value", [-0.0001, 0.5, "0.0100001", "soon", "none", True, [0.1], float("nan")])
     def test_bad_reply_poll(self, value: Any) -> None:
         with pytest.raises(ConfigurationError) as info:
             load_settings(regions(r={"backend": "redis", "reply_poll": value}))
         assert (info.value.region, info.value.key) == ("r", "reply_poll")
+        assert f"{value!r} is not a polling time" in str(info.value)
         assert "from 0 to 0.01" in str(info.value)
 
     @pytest.mark.parametrize(
         ("value", "seconds"),
-        [(False, 0.0), ("false", 0.0), (0, 0.0), (0.0005, 0.0005), ("0.002", 0.002)],
+        [(False, 0.0), ("false", 0.0), ("off", 0.0), (0, 0.0), (0.0005, 0.0005), ("0.002", 0.002), (0.01, 0.01)],
     )
     def test_good_reply_poll(self, value: Any, seconds: float) -> None:
         spec = load_settings(regions(r={"backend": "redis", "reply_poll": value})).region("r")
         assert spec.reply_poll == seconds
-        assert load_settings(regions(r={"backend": "redis"})).region("r").reply_poll == 0.0001
+        # not set: None, the default (0.0001 s)
+        assert load_settings(regions(r={"backend": "redis"})).region("r").reply_poll is None
+        assert load_settings(regions(r={"backend": "redis", "reply_poll": None})).region("r").reply_poll is None
         flat = settings_from_config({"ormcache.r.backend": "redis", "ormcache.r.reply_poll": str(value)})
         assert flat.region("r").reply_poll == seconds
 
     @pytest.mark.parametrize("backend", ["memory", "memcached", "redis_cluster", "redis_sentinel"])
     def test_reply_poll_on_a_region_that_does_not_poll(self, backend: str) -> None:
-        with pytest.raises(ConfigurationError) as info:
-            load_settings(regions(r={"backend": backend, "reply_poll": 0.001}))
-        assert (info.value.region, info.value.key) == ("r", "reply_poll")
-        assert "applies to redis regions" in str(info.value)
+        for value in (0.001, 0.0001, "1e-4"):  # (the default written out too)
+            with pytest.raises(ConfigurationError) as info:
+                load_settings(regions(r={"backend": backend, "reply_poll": value}))
+            assert (info.value.region, info.value.key) == ("r", "reply_poll")
+            assert "applies to redis regions" in str(info.value)
+        for off in (False, 0, "off"):  # not polling: true of every backend
+            assert load_settings(regions(r={"backend": backend, "reply_poll": off})).region("r").reply_poll == 0
 
     def test_reply_poll_of_region_settings_made_directly(self) -> None:
         with pytest.raises(ConfigurationError) as info:
