@@ -619,23 +619,27 @@ def _default_timeout(region: str) -> float | None:
         ) from None
 
 
-def _timeout(region: str, value: Any) -> float | None:
-    if value is None or value is False:
-        return None
+def _number(value: Any) -> float | None:
+    """A finite number of seconds given as a number or a numeric string
+    (not a bool), else None."""
     if isinstance(value, str):
-        if value.lower() in ("false", "none", "off"):
-            return None
         try:
             value = float(value)
         except ValueError:
-            pass
-    if (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    ):
+            return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
+    return None
+
+
+def _timeout(region: str, value: Any) -> float | None:
+    if value is None or value is False:
+        return None
+    if isinstance(value, str) and value.lower() in ("false", "none", "off"):
+        return None
+    seconds = _number(value)
+    if seconds is not None and seconds > 0:
+        return seconds
     raise ConfigurationError(
         f"{value!r} is not a timeout; use a number of seconds > 0 (default "
         f"{DEFAULT_BACKEND_TIMEOUT}), or false for the driver's own timeouts",
@@ -644,24 +648,14 @@ def _timeout(region: str, value: Any) -> float | None:
     )
 
 
-def _reply_poll(region: str, given: Any) -> float:
-    value = given
+def _reply_poll(region: str, value: Any) -> float:
     if value is False or (isinstance(value, str) and value.lower() in ("false", "off")):
         return 0.0
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and 0 <= value <= _MAX_REPLY_POLL
-    ):
-        return float(value)
+    seconds = _number(value)
+    if seconds is not None and 0 <= seconds <= _MAX_REPLY_POLL:
+        return seconds
     raise ConfigurationError(
-        f"{given!r} is not a polling time; use seconds from 0 to {_MAX_REPLY_POLL} "
+        f"{value!r} is not a polling time; use seconds from 0 to {_MAX_REPLY_POLL} "
         f"(default {DEFAULT_REPLY_POLL}), or false not to poll",
         region=region,
         key="reply_poll",
