@@ -826,6 +826,15 @@ class L1:
                 _, (_, dropped) = self._data.popitem(last=False)
                 self.bytes -= dropped
 
+    def replace(self, key: str, old: Any, new: Any) -> None:
+        """Hold ``new`` for ``key`` in place of ``old`` (the same entry,
+        decoded), counted at ``old``'s size; nothing if ``key`` holds
+        something else by now."""
+        with self._lock:
+            item = self._data.get(key)
+            if item is not None and item[0] is old:
+                self._data[key] = (new, item[1])
+
     def pop(self, key: str, default: Any = None) -> Any:
         with self._lock:
             item = self._data.pop(key, None)

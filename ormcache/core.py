@@ -508,7 +508,7 @@ class OrmCache:
         if values is None:
             stats.count(option.region, shape.label, "errors")
             return None if fanout is None else orm_context.invoke_statement()
-        served = self._serve(orm_context, store, option, shape, dialect, values, fanout=fanout)
+        served = self._serve(orm_context, store, option, shape, dialect, values, fanout=fanout, key=key)
         if served is not None:
             stats.count(option.region, shape.label, "hits")
             stats.time(option.region, "hits", time.perf_counter() - started)
@@ -776,9 +776,11 @@ class OrmCache:
         values: list[Any],
         allow_expired: bool = False,
         fanout: _Fanout | None = None,
+        key: str | None = None,
     ) -> Any:
         """The result of a valid entry (or merely expired, with
-        ``allow_expired``), or None."""
+        ``allow_expired``), or None.  ``key``: the entry's, to keep its
+        rows decoded in the region's L1 when they are plain values."""
         entry = values[0]
         if entry is NO_VALUE or not self._valid(
             store, option, entry, values[1:], time.time(), allow_expired
@@ -794,6 +796,11 @@ class OrmCache:
                 if rows is None:
                     return None  # written by a process with zstandard: a miss
             rows = pickle.loads(rows)
+            if key is not None and store.l1 is not None and _plain(rows):
+                # later hits of this process's copy skip decoding: plain
+                # values can be shared, as a memory region shares them
+                decoded = (*entry[:_ROWS], tuple(rows), _AS_IS, *entry[_ENCODING + 1 :])
+                store.l1.replace(key, entry, decoded)
         if fanout is not None:
             return self._serve_shards(orm_context, fanout, shape, dialect, entry, rows)
         if not allow_expired:

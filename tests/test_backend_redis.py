@@ -784,6 +784,50 @@ def test_reply_poll_setting(redis_url: str) -> None:
         pool.disconnect()
 
 
+def test_l1_keeps_plain_rows_decoded(redis_url: str, tmp_path: Any) -> None:
+    """An entry of a Redis region is pickled; its copy in the region's L1
+    is decoded by the first hit that reads it there and kept decoded when
+    its rows are plain values (later hits skip unpickling), at the size it
+    was counted at.  Every hit still builds new objects from it."""
+    import uuid
+
+    from sqlalchemy import create_engine, select
+    from sqlalchemy.orm import sessionmaker
+
+    from ormcache import FromCache, OrmCache
+    from ormcache.core import _AS_IS, _ENCODING, _PICKLED
+    from ormcache.testing.fixtures import Base, Template, seed
+
+    engine = create_engine(f"sqlite:///{tmp_path}/l1d.db")
+    Base.metadata.create_all(engine)
+    seed(engine)
+    region = {"backend": "redis", "l1": {"max_entries": 100, "max_bytes": 10**6}, "arguments": {"url": redis_url}}
+    cache = OrmCache.from_settings({"namespace": "ld" + uuid.uuid4().hex[:8], "regions": {"r": region}})
+    maker = sessionmaker(engine)
+    cache.attach(maker)
+    l1 = cache._stores["r"].l1
+    stmt = select(Template).where(Template.id == 1).options(FromCache("r"))
+
+    def read() -> Template:
+        with maker() as s:
+            return s.scalars(stmt).one()
+
+    try:
+        first = read()  # a miss: stored, in Redis and the L1
+        [(entry, size)] = l1._data.values()
+        assert entry[_ENCODING] == _PICKLED
+        bytes_before = l1.bytes
+        second = read()  # a hit from the L1: decoded, and kept so
+        [(entry, size_after)] = l1._data.values()
+        assert entry[_ENCODING] == _AS_IS and size_after == size and l1.bytes == bytes_before
+        third = read()
+        assert first.name == second.name == third.name
+        assert second.body == third.body and second.body is not third.body
+    finally:
+        cache.close()
+        engine.dispose()
+
+
 def test_reader_packs_keys_as_the_connection_would(redis_url: str) -> None:
     """The reader packs ``MGET`` itself (hiredis) only where redis-py would
     send the same bytes: a ``key_mangler`` that makes non-ASCII keys, on a
