@@ -785,7 +785,8 @@ class Store:
 
 class L1:
     """A least-recently-used map bounded by entries and by bytes (the size
-    of an entry is the size of its encoded rows)."""
+    of an entry is the size of its encoded rows, or an estimate of its
+    decoded rows' once :meth:`replace` kept them decoded)."""
 
     def __init__(self, max_entries: int, max_bytes: int | None = None) -> None:
         from collections import OrderedDict
@@ -820,20 +821,25 @@ class L1:
                 self.bytes -= old[1]
             self._data[key] = (value, size)
             self.bytes += size
-            while len(self._data) > self.max_entries or (
-                self.max_bytes is not None and self.bytes > self.max_bytes and len(self._data) > 1
-            ):
-                _, (_, dropped) = self._data.popitem(last=False)
-                self.bytes -= dropped
+            self._evict()
 
-    def replace(self, key: str, old: Any, new: Any) -> None:
+    def _evict(self) -> None:
+        while len(self._data) > self.max_entries or (
+            self.max_bytes is not None and self.bytes > self.max_bytes and len(self._data) > 1
+        ):
+            _, (_, dropped) = self._data.popitem(last=False)
+            self.bytes -= dropped
+
+    def replace(self, key: str, old: Any, new: Any, size: int) -> None:
         """Hold ``new`` for ``key`` in place of ``old`` (the same entry,
-        decoded), counted at ``old``'s size; nothing if ``key`` holds
+        decoded), counted at ``size`` bytes; nothing if ``key`` holds
         something else by now."""
         with self._lock:
             item = self._data.get(key)
             if item is not None and item[0] is old:
-                self._data[key] = (new, item[1])
+                self._data[key] = (new, size)
+                self.bytes += size - item[1]
+                self._evict()
 
     def pop(self, key: str, default: Any = None) -> Any:
         with self._lock:

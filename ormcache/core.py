@@ -795,12 +795,13 @@ class OrmCache:
                 rows = _zstd_decompress(rows)
                 if rows is None:
                     return None  # written by a process with zstandard: a miss
+            pickled = len(rows)
             rows = pickle.loads(rows)
             if key is not None and store.l1 is not None and _plain(rows):
                 # later hits of this process's copy skip decoding: plain
                 # values can be shared, as a memory region shares them
                 decoded = (*entry[:_ROWS], tuple(rows), _AS_IS, *entry[_ENCODING + 1 :])
-                store.l1.replace(key, entry, decoded)
+                store.l1.replace(key, entry, decoded, _decoded_size(pickled, rows))
         if fanout is not None:
             return self._serve_shards(orm_context, fanout, shape, dialect, entry, rows)
         if not allow_expired:
@@ -1412,6 +1413,14 @@ def _zstd_decompress(data: bytes) -> bytes | None:
     if not module:
         return None
     return module.ZstdDecompressor().decompress(data)  # type: ignore[no-any-return]
+
+
+def _decoded_size(pickled: int, rows: list[Any]) -> int:
+    """About the bytes ``rows`` (plain values, ``pickled`` bytes pickled)
+    take as Python objects: the pickled bytes, plus an object header a
+    value and a tuple a row."""
+    width = len(rows[0]) if rows else 0
+    return pickled + len(rows) * (56 + 8 * width + 48 * width) + 64
 
 
 def _plain(rows: list[Any]) -> bool:

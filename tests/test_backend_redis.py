@@ -787,8 +787,9 @@ def test_reply_poll_setting(redis_url: str) -> None:
 def test_l1_keeps_plain_rows_decoded(redis_url: str, tmp_path: Any) -> None:
     """An entry of a Redis region is pickled; its copy in the region's L1
     is decoded by the first hit that reads it there and kept decoded when
-    its rows are plain values (later hits skip unpickling), at the size it
-    was counted at.  Every hit still builds new objects from it."""
+    its rows are plain values (later hits skip unpickling), counted at an
+    estimate of the objects' size.  Every hit still builds new objects
+    from it."""
     import uuid
 
     from sqlalchemy import create_engine, select
@@ -819,13 +820,31 @@ def test_l1_keeps_plain_rows_decoded(redis_url: str, tmp_path: Any) -> None:
         bytes_before = l1.bytes
         second = read()  # a hit from the L1: decoded, and kept so
         [(entry, size_after)] = l1._data.values()
-        assert entry[_ENCODING] == _AS_IS and size_after == size and l1.bytes == bytes_before
+        assert entry[_ENCODING] == _AS_IS
+        assert size_after > size and l1.bytes == bytes_before - size + size_after  # (objects take more)
         third = read()
         assert first.name == second.name == third.name
         assert second.body == third.body and second.body is not third.body
     finally:
         cache.close()
         engine.dispose()
+
+
+def test_l1_counts_decoded_copies_against_max_bytes() -> None:
+    """A copy kept decoded is counted at its new size, and ``max_bytes``
+    evicts the least recently used copies to make room for it."""
+    from ormcache._store import L1
+
+    l1 = L1(10, max_bytes=1000)
+    old_a, old_b = (0, (), None, b"x" * 300, 1), (0, (), None, b"y" * 300, 1)
+    l1["a"], l1["b"] = old_a, old_b
+    assert l1.bytes == 2 * (300 + 64)
+    assert l1.get("a") is old_a  # a hit: "a" is the most recently used
+    decoded = (0, (), None, (("x" * 300,),), 0)
+    l1.replace("a", old_a, decoded, 800)
+    assert l1.get("b") is None and l1.get("a") is decoded and l1.bytes == 800
+    l1.replace("a", old_a, (), 10)  # "a" holds another copy by now: nothing
+    assert l1.get("a") is decoded and l1.bytes == 800
 
 
 def test_reader_packs_keys_as_the_connection_would(redis_url: str) -> None:
