@@ -1673,7 +1673,11 @@ class _OwnedMemcachedLock(MemcachedLock):
         self._lose = lose
 
     def acquire(self, wait: bool = True) -> bool:
-        if wait:  # (not asked by ormcache: _TwoLevelLock makes its own tries)
+        if wait:
+            # dogpile's own wait sleeps 0.4 to 0.8 s before the second try
+            # and doubles that each time, up to hours: far longer than the
+            # query it waits for.  Every LOCK_POLL seconds, until the lock
+            # would have expired.
             return _wait(lambda: self.acquire(False), self.timeout or None, LOCK_POLL)
         token = _lock_owner().decode()
         expires = time.monotonic() + self.timeout - 1.0 if self.timeout else None
@@ -1726,13 +1730,7 @@ class _TwoLevelLock:
             return False
         try:
             remote = self.remote
-            if wait and type(remote) is _OwnedMemcachedLock:
-                # dogpile's own wait sleeps 0.4 to 0.8 s before the second
-                # try and doubles that each time, up to hours: far longer
-                # than the query it waits for.  Every LOCK_POLL seconds,
-                # until the lock would have expired.
-                taken = _wait(lambda: remote.acquire(False), remote.timeout or None, LOCK_POLL)
-            elif wait and self.store._lock_adding is not None and _redis_lock(remote):
+            if wait and self.store._lock_adding is not None and _redis_lock(remote):
                 # as redis-py's acquire waits (every lock_sleep, at most
                 # lock_blocking_timeout), each try under an owner token of
                 # ormcache's own: a try whose reply timed out after the
