@@ -12,8 +12,9 @@ statement in pysqlite's statement cache (up to 128 by default).  The
 ctypes with the connection's ``sqlite3 *`` handle, which CPython keeps as
 the first field after the object header of ``pysqlite_Connection``
 (3.11 to 3.14).  The handle is checked against what the module itself
-reports before it is trusted; when anything does not fit, :func:`busy`
-answers None and ormcache does not fill from that connection.
+reports before it is trusted (once per connection type: the layout is the
+type's); when anything does not fit, :func:`busy` answers None and
+ormcache does not fill from that connection.
 """
 
 from __future__ import annotations
@@ -77,17 +78,29 @@ def _library() -> Any:
     return _lib
 
 
+#: connection types whose ``sqlite3 *`` was found where :data:`_HEAD` says
+_checked_types: set[type] = set()
+
+
 def _handle(conn: sqlite3.Connection, lib: Any) -> int | None:
+    """The connection's ``sqlite3 *`` (None when closed, or when it cannot
+    be trusted).  The field is checked against what the module reports
+    the first time for each connection type (the layout is the type's);
+    after that, reading it (NULL once the connection is closed) is enough."""
     if sys.implementation.name != "cpython" or type(conn).__module__ != "sqlite3":
         if not isinstance(conn, sqlite3.Connection):
             return None
     db = ctypes.c_void_p.from_address(id(conn) + _HEAD).value
     if not db:
         return None
+    kind = type(conn)
+    if kind in _checked_types:
+        return int(db)
     if lib.sqlite3_total_changes(db) != conn.total_changes:
         return None
     if bool(lib.sqlite3_get_autocommit(db)) == conn.in_transaction:
         return None
+    _checked_types.add(kind)
     return int(db)
 
 

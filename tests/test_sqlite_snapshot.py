@@ -69,6 +69,41 @@ def test_not_a_pysqlite_connection() -> None:
     assert _sqlite.busy(object()) is None
 
 
+def test_the_handle_is_checked_once_per_connection_type(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setattr(_sqlite, "_checked_types", set())
+    reads: list[int] = []
+
+    class Counting(sqlite3.Connection):
+        @property
+        def total_changes(self) -> int:
+            reads.append(1)
+            return super().total_changes
+
+    class Lying(sqlite3.Connection):
+        @property
+        def total_changes(self) -> int:
+            return super().total_changes + 1  # does not match the handle's
+
+    first = sqlite3.connect(tmp_path / "a.db", factory=Counting)
+    assert _sqlite.busy(first) is False
+    assert reads == [1]
+    second = sqlite3.connect(tmp_path / "b.db", factory=Counting)
+    assert _sqlite.busy(second) is False
+    assert _sqlite.busy(first) is False
+    assert reads == [1]  # the type's layout was checked with the first
+    first.close()
+    assert _sqlite.busy(first) is None  # closed: no handle, nothing called
+    assert _sqlite.busy(second) is False
+
+    # a type whose handle does not check out is never trusted
+    lying = sqlite3.connect(tmp_path / "c.db", factory=Lying)
+    assert _sqlite.busy(lying) is None
+    assert _sqlite.busy(lying) is None
+    assert Lying not in _sqlite._checked_types
+    second.close()
+    lying.close()
+
+
 def test_a_transaction_that_has_only_begun_holds_no_snapshot(conn: sqlite3.Connection) -> None:
     """``BEGIN`` (deferred) takes no snapshot until the first read: a read
     then sees every commit, and may be stored; after it, the transaction
