@@ -28,6 +28,7 @@ __all__ = [
     "query_statement",
     "run_after_routing",
     "serialized_payload",
+    "session_connection",
     "session_connections",
     "shard_binds",
     "statement_options",
@@ -178,6 +179,17 @@ def fan_out(orm_context: Any) -> tuple[Any, ...] | None:
 def shard_binds(session: Any) -> Mapping[Any, Any]:
     """A ``ShardedSession``'s shard id -> engine mapping."""
     return session._ShardedSession__shards  # type: ignore[no-any-return]
+
+
+def session_connection(session: Session, bind: Any) -> Connection | None:
+    """The connection the session's transaction holds for ``bind`` (an
+    Engine, or the Connection the session is bound to), if it holds one,
+    without starting a transaction or checking one out of the pool."""
+    trans = session.get_transaction()
+    if trans is None:
+        return None
+    entry = trans._connections.get(bind)
+    return None if entry is None else entry[0]  # type: ignore[no-any-return]
 
 
 def session_connections(session: Session) -> Iterator[Connection]:

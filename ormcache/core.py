@@ -409,7 +409,12 @@ class OrmCache:
         shape = self._shapes.shape(cache_key, statement, dialect)
         schema_map = exec_options.get("schema_translate_map")
         if schema_map is None:
-            schema_map = bind.get_execution_options().get("schema_translate_map")
+            # the connection's own options, when the session holds one
+            # (``session.connection(execution_options=...)``), else the bind's
+            conn = _compat.session_connection(session, bind)
+            schema_map = (bind if conn is None else conn).get_execution_options().get(
+                "schema_translate_map"
+            )
         tables = shape.table_names(schema_map, dialect.default_schema_name)
         if cache_all and (
             shape.volatile or not tables or not self._uncached.isdisjoint(tables)
@@ -543,6 +548,8 @@ class OrmCache:
         exec_options = orm_context.execution_options
         if exec_options.get("schema_translate_map") is not None:
             return None
+        if session.get_transaction() is not None and self._translating(session, shard_ids):
+            return None  # a shard's connection translates: cache per shard
         if orm_context.load_options._autoflush:
             _compat.autoflush(session)
         statement = orm_context.statement
@@ -574,6 +581,17 @@ class OrmCache:
         return self._lookup(
             orm_context, store, option, shape, dialect, key, deps, group.db, fill, fanout
         )
+
+    @staticmethod
+    def _translating(session: Session, shard_ids: tuple[Any, ...]) -> bool:
+        """Whether the session holds a connection to one of the shards
+        with a ``schema_translate_map`` of its own."""
+        binds = _compat.shard_binds(session)
+        for sid in shard_ids:
+            conn = _compat.session_connection(session, binds.get(sid))
+            if conn is not None and conn.get_execution_options().get("schema_translate_map"):
+                return True
+        return False
 
     def _shard_group(self, session: Session, shard_ids: tuple[Any, ...]) -> _ShardGroup | None:
         binds = _compat.shard_binds(session)

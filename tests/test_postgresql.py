@@ -111,6 +111,57 @@ class TestPostgresqlRedis(BackendTests):
         names, selects = self.cached_names(stmt)
         assert names == ["committed meanwhile"] and selects == 1
 
+    @pytest.mark.parametrize("where", ["connection", "engine", "execute"])
+    def test_schema_translate_map_keeps_tenants_apart(self, where: str) -> None:
+        """One schema per tenant, chosen by ``schema_translate_map`` on the
+        session's connection (``session.connection(execution_options=)``),
+        on the engine, or at execute time: each tenant reads its own rows,
+        and its committed write invalidates its readers."""
+        from sqlalchemy import update
+        from sqlalchemy.orm import Session
+
+        from ormcache.testing.fixtures import Store
+
+        tenants = ("ormcache_tenant_a", "ormcache_tenant_b")
+        with self.engine.begin() as conn:
+            for schema in tenants:
+                conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                conn.execute(text(f"CREATE SCHEMA {schema}"))
+        for schema in tenants:
+            translated = self.engine.execution_options(schema_translate_map={None: schema})
+            Base.metadata.create_all(translated)
+            with Session(translated) as s:
+                s.add(Store(id=1, name=f"store of {schema}"))
+                s.commit()
+
+        def session(schema: str) -> Any:
+            maps = {"schema_translate_map": {None: schema}}
+            s = Session(self.engine.execution_options(**maps) if where == "engine" else self.engine)
+            self.cache.attach(s)
+            if where == "connection":
+                s.connection(execution_options=maps)
+            return s, (maps if where == "execute" else {})
+
+        stmt = select(Store.name).where(Store.id == 1).options(FromCache())
+        try:
+            for _ in range(2):  # a miss, then a hit
+                for schema in tenants:
+                    s, opts = session(schema)
+                    with s:
+                        assert s.execute(stmt, execution_options=opts).scalar() == f"store of {schema}"
+            s, opts = session(tenants[0])
+            with s:
+                s.execute(update(Store).where(Store.id == 1).values(name="renamed"), execution_options=opts)
+                s.commit()
+            for schema, name in zip(tenants, ("renamed", f"store of {tenants[1]}")):
+                s, opts = session(schema)
+                with s:
+                    assert s.execute(stmt, execution_options=opts).scalar() == name
+        finally:
+            with self.engine.begin() as conn:
+                for schema in tenants:
+                    conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+
     def test_data_modifying_ctes_invalidate(self) -> None:
         """PostgreSQL runs DML inside WITH: a SELECT whose CTE updates a
         table writes it, and an INSERT writes its CTE's table as well."""

@@ -270,3 +270,38 @@ def test_multi_shard_when_the_cache_is_down(tmp_path: Any) -> None:
                 assert snapshot(s.scalars(stmt).all()) == expected
     finally:
         e.close()
+
+
+def test_schema_translate_map_on_a_shards_connection(env: Env, tmp_path: Any) -> None:
+    """A session whose connection to one shard translates the schema
+    (``session.connection(bind_arguments=..., execution_options=...)``)
+    reads that schema's rows there, not an entry merged across shards
+    without the translation."""
+    from sqlalchemy import event
+
+    for name, engine in env.engines.items():
+        path = tmp_path / f"{name}-tenant.db"
+
+        @event.listens_for(engine, "connect")
+        def attach(dbapi_conn: Any, record: Any, path: Any = path) -> None:
+            dbapi_conn.execute(f"ATTACH DATABASE '{path}' AS tenant")
+
+        engine.dispose()
+        tenant = engine.execution_options(schema_translate_map={None: "tenant"})
+        Base.metadata.create_all(tenant)
+        seed(tenant, stores=1, per_store=3, prefix=f"{name}-tenant-")
+    stmt = select(Template).where(Template.id <= 2).order_by(Template.id)
+    maps = {"schema_translate_map": {None: "tenant"}}
+
+    def read(maker: Any, translated: bool) -> list[tuple[Any, ...]]:
+        with maker() as s:
+            if translated:
+                s.connection(bind_arguments={"shard_id": "s1"}, execution_options=maps)
+            options = [FromCache()] if maker is env.cached else []
+            return sorted(snapshot(s.scalars(stmt.options(*options)).all()), key=repr)
+
+    expected = read(env.plain, True)
+    assert ("s1-tenant-1" in repr(expected)) and ("s0-1" in repr(expected))
+    for _ in range(2):
+        assert read(env.cached, False) == read(env.plain, False)  # fills, then hits
+        assert read(env.cached, True) == expected
