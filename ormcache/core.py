@@ -417,12 +417,15 @@ class OrmCache:
             )
         tables = shape.table_names(schema_map, dialect.default_schema_name)
         if cache_all and (
-            shape.volatile or not tables or not self._uncached.isdisjoint(tables)
+            shape.volatile
+            or shape.opaque
+            or not tables
+            or not self._uncached.isdisjoint(tables)
         ):
             return None
         shard = bind_arguments.get("shard_id", exec_options.get("identity_token"))
 
-        fill = self._may_fill(session, (db,), tables)
+        fill = self._may_fill(session, (db,), () if shape.opaque else tables)
         if fill is None:
             self._stats.count(option.region, shape.label, "bypassed")
             return None
@@ -439,7 +442,7 @@ class OrmCache:
             others = tuple([t for t in tables if t not in entity])
             deps = self._keys.entity_deps(option.region, db, entity, others, pk)
         else:
-            deps = self._keys.deps(option.region, db, tables)
+            deps = self._keys.deps(option.region, db, tables, shape.opaque)
         return self._lookup(orm_context, store, option, shape, dialect, key, deps, db, fill)
 
     def _may_fill(self, session: Session, dbs: Iterable[str], tables: tuple[str, ...]) -> bool | None:
@@ -559,7 +562,7 @@ class OrmCache:
         dialect = group.dialect
         shape = self._shapes.shape(cache_key, statement, dialect)
         tables = shape.table_names(None, dialect.default_schema_name)
-        if not tables or (
+        if not tables or shape.opaque or (
             cache_all and (shape.volatile or not self._uncached.isdisjoint(tables))
         ):
             return None
@@ -1079,7 +1082,7 @@ class OrmCache:
             secondary = getattr(prop, "secondary", None)
             if secondary is not None and getattr(secondary, "name", None):
                 tables.add(table_name(secondary.name, getattr(secondary, "schema", None)))
-            self._bump(self._keys.model(t) for t in tables)
+            self._bump([*(self._keys.model(t) for t in tables), self._keys.models_unknown()])
             return
         if isinstance(target, Executable):
             unexpected = sorted(set(kw) - {"params", "session", "bind", "shard"})
@@ -1100,10 +1103,11 @@ class OrmCache:
             raise TypeError(f"invalidate() of a model takes only shard, not {sorted(kw)}")
         tables = _mapper_tables(mapper)
         if shard is None:
-            self._bump(self._keys.model(t) for t in tables)
+            self._bump([*(self._keys.model(t) for t in tables), self._keys.models_unknown()])
             return
         db = self._shard_database(shard)
-        keys = [self._keys.table(db, t) for t in tables]
+        # (db_any: results on the shard whose tables are not all known)
+        keys = [self._keys.db_any(db), *(self._keys.table(db, t) for t in tables)]
         keys += [self._keys.bulk(db, t) for t in tables]
         # results merged from several shards depend on these instead
         keys += [self._keys.any_table(t) for t in tables]
@@ -1195,7 +1199,7 @@ class OrmCache:
         for writers that know tables rather than models."""
         if not isinstance(name, str) or not name.strip():
             raise ConfigurationError(f"invalidate_table() takes a table name, not {name!r}")
-        self._bump([self._keys.model(table_name(name.strip(), None))])
+        self._bump([self._keys.model(table_name(name.strip(), None)), self._keys.models_unknown()])
 
     def invalidate_region(self, name: str) -> None:
         """Drop everything region ``name`` holds, in every process that

@@ -135,6 +135,12 @@ class VersionKeys:
         # (over-invalidating same-named tables of other schemas is safe)
         return f"{self.ns}:v:g:{_short(table.rpartition('.')[2])}"
 
+    def models_unknown(self) -> str:
+        """Moved by every explicit invalidation of a model or table
+        (``invalidate(Model)``, ``invalidate_table()``): results whose
+        tables are not all known depend on it."""
+        return f"{self.ns}:v:G"
+
     def db_unknown(self, db: str) -> str:
         return f"{self.ns}:v:d:{_db(db)}:*"
 
@@ -228,18 +234,21 @@ class VersionKeys:
             self._memo.clear()
         self._memo[memo_key] = keys
 
-    def deps(self, region: str, db: str, tables: tuple[str, ...]) -> list[str]:
-        """The version keys a result of ``tables`` on ``db`` depends on."""
-        memo_key = (region, db, tables)
+    def deps(self, region: str, db: str, tables: tuple[str, ...], opaque: bool = False) -> list[str]:
+        """The version keys a result of ``tables`` on ``db`` depends on;
+        ``opaque``: it may read other tables too (textual SQL), and so
+        depends on every write to ``db`` and every explicit invalidation
+        of a model, as a result whose tables are not known at all."""
+        memo_key = (region, db, tables, opaque)
         keys: list[str] | None = self._memo.get(memo_key)
         if keys is None:
             keys = [self.region(region), self.db_unknown(db)]
-            if tables:
-                for t in tables:
-                    keys.append(self.model(t))
-                    keys.append(self.table(db, t))
-            else:
+            for t in tables:
+                keys.append(self.model(t))
+                keys.append(self.table(db, t))
+            if opaque or not tables:
                 keys.append(self.db_any(db))
+                keys.append(self.models_unknown())
             self._remember(memo_key, keys)
         return keys
 
@@ -731,6 +740,8 @@ def _statement_tables(sql: str, default_schema: str | None) -> set[str]:
         re.match(r"\s*\*?\s*,", rest) or re.search(r"\bcascade\b", rest, re.IGNORECASE)
     ):
         return {UNKNOWN}  # several tables, or those referencing it too
+    if verb.startswith("delete") and re.match(r"\s*(\.\s*)?\*?\s*,", rest):
+        return {UNKNOWN}  # MySQL's DELETE FROM a, b USING ...: several tables
     if verb.startswith("update") and not _UPDATE_ALIAS.match(rest):
         return {UNKNOWN}
     parts = [_unquote(p) for p in re.findall(_IDENT, m.group("name"))]

@@ -208,6 +208,10 @@ class StatementShape:
     #: random(), ...), or embeds textual SQL that may: never cached in
     #: cache-everything mode
     volatile: bool = False
+    #: embeds textual SQL that may read tables besides ``tables`` (a
+    #: subquery in ``text()``): such a result depends on every write to its
+    #: database, as one whose tables are not known at all
+    opaque: bool = False
 
     def __post_init__(self) -> None:
         self.sql_digest = digest(self.sql)
@@ -272,13 +276,16 @@ def _describe(statement: Any, dialect: Dialect, cache_key: Any = None) -> Statem
     )
     from ._loading import eligible_mapper
 
+    volatile, opaque = _text_traits(core)
     shape = StatementShape(
         sql=str(compiled),
         tables=tuple(tables),
         mapper=eligible_mapper(statement),
-        volatile=_volatile(core),
+        volatile=volatile,
+        opaque=opaque,
     )
-    _describe_get(statement, shape, cache_key)
+    if not opaque:
+        _describe_get(statement, shape, cache_key)
     try:
         entity = statement.column_descriptions[0].get("entity")
     except (AttributeError, IndexError):
@@ -305,15 +312,30 @@ _VOLATILE_TEXT = re.compile(
 )
 
 
-def _volatile(core: Any) -> bool:
+#: textual SQL that may read tables SQLAlchemy does not see: a subquery
+#: (``id IN (SELECT user_id FROM banned)``, ``TABLE banned``)
+_READS_TABLES = re.compile(r"\b(select|table)\b", re.IGNORECASE)
+
+
+def _text_traits(core: Any) -> tuple[bool, bool]:
+    """Whether the statement is volatile (see :attr:`StatementShape.volatile`)
+    and whether textual SQL in it (``text()``, ``literal_column()``) may
+    read tables that its known tables do not include (``opaque``)."""
+    volatile = opaque = False
     for element in visitors.iterate(core):
         if isinstance(element, FunctionElement):
             if str(getattr(element, "name", "")).lower() in VOLATILE_FUNCTIONS:
-                return True
-        elif isinstance(element, TextClause):
-            if _VOLATILE_TEXT.search(element.text):
-                return True
-    return False
+                volatile = True
+            continue
+        if isinstance(element, TextClause):
+            text = element.text
+        elif isinstance(element, ColumnClause) and element.is_literal:
+            text = str(element.name)
+        else:
+            continue
+        volatile = volatile or _VOLATILE_TEXT.search(text) is not None
+        opaque = opaque or _READS_TABLES.search(text) is not None
+    return volatile, opaque
 
 
 def _describe_get(statement: Any, shape: StatementShape, cache_key: Any = None) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import create_engine, func, literal_column, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from ormcache import OrmCache
@@ -73,6 +73,14 @@ def test_writes_still_invalidate(env: Any) -> None:
         pytest.param(
             select(Template).where(Template.id == 1).where(text("julianday('now') > 0")),
             id="text-function",
+        ),
+        pytest.param(
+            select(Template).where(text("store_id IN (SELECT id FROM stores WHERE id = 1)")),
+            id="text-subquery",
+        ),
+        pytest.param(
+            select(Template.id, literal_column("(SELECT count(*) FROM stores)")).where(Template.id == 1),
+            id="literal-subquery",
         ),
         pytest.param(select(Tag).where(Tag.id == 1), id="uncached-table"),
         pytest.param(

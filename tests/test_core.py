@@ -622,3 +622,73 @@ def test_backend_error_carries_the_drivers_error(tmp_path: Any) -> None:
         assert info.value.__cause__ is not None
     finally:
         cache.close()
+
+
+@pytest.mark.parametrize("how", ["text", "literal_column"])
+def test_textual_subquery_depends_on_every_write(env: Any, how: str) -> None:
+    """A ``text()`` or ``literal_column()`` fragment holding a subquery reads
+    a table SQLAlchemy does not see: a write to that table invalidates it
+    all the same (as any write to the database does)."""
+    from sqlalchemy import literal_column, text
+
+    from ormcache.testing.fixtures import Store
+
+    engine, maker, _ = env
+    if how == "text":
+        stmt = select(Template.id).where(text("store_id IN (SELECT id FROM stores WHERE name = 'store1')"))
+    else:
+        named = literal_column("(SELECT name FROM stores WHERE stores.id = templates.store_id)")
+        stmt = select(Template.id, named).where(Template.id == 1)
+    stmt = stmt.order_by(Template.id).options(FromCache())
+
+    def read() -> tuple[list[Any], int]:
+        with QueryCounter(engine) as counter, maker() as s:
+            rows = [tuple(r) for r in s.execute(stmt)]
+        return rows, counter.selects
+
+    first, _ = read()
+    assert read() == (first, 0)
+    with maker() as s:
+        s.get(Store, 1).name = "renamed"
+        s.commit()
+    after, selects = read()
+    assert selects == 1 and after != first
+    assert read() == (after, 0)
+
+
+@pytest.mark.parametrize("how", ["model", "instance", "table", "relationship"])
+def test_explicit_invalidation_reaches_results_of_unknown_tables(env: Any, how: str) -> None:
+    """A result whose tables ormcache cannot know (a textual FROM) may
+    read any model's table: ``invalidate(Model)`` and ``invalidate_table()``,
+    the remedy for writes made outside SQLAlchemy, drop it too."""
+    from sqlalchemy import func, text
+
+    from ormcache.testing.fixtures import Store
+
+    engine, maker, cache = env
+    stmt = select(func.count()).select_from(text("templates")).options(FromCache())
+
+    def count() -> tuple[int, int]:
+        with QueryCounter(engine) as counter, maker() as s:
+            n = s.execute(stmt).scalar_one()
+        return n, counter.selects
+
+    assert count() == (100, 1)
+    assert count() == (100, 0)
+    raw = engine.raw_connection()  # a writer ormcache does not see
+    try:
+        raw.cursor().execute("DELETE FROM templates WHERE id = 100")
+        raw.commit()
+    finally:
+        raw.close()
+    assert count() == (100, 0)
+    if how == "model":
+        cache.invalidate(Template)
+    elif how == "instance":
+        with maker() as s:
+            cache.invalidate(s.get(Template, 1))
+    elif how == "table":
+        cache.invalidate_table("templates")
+    else:
+        cache.invalidate(Store.templates)
+    assert count() == (99, 1)

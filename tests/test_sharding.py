@@ -305,3 +305,27 @@ def test_schema_translate_map_on_a_shards_connection(env: Env, tmp_path: Any) ->
     for _ in range(2):
         assert read(env.cached, False) == read(env.plain, False)  # fills, then hits
         assert read(env.cached, True) == expected
+
+
+def test_invalidate_model_on_a_shard_reaches_results_of_unknown_tables(env: Env) -> None:
+    from sqlalchemy import func, text
+
+    stmt = select(func.count()).select_from(text("templates")).options(FromCache(), set_shard_id("s1"))
+
+    def count() -> int:
+        with env.cached() as s:
+            return int(s.execute(stmt).scalar_one())
+
+    assert count() == 3
+    raw = env.engines["s1"].raw_connection()  # a writer ormcache does not see
+    try:
+        raw.cursor().execute("DELETE FROM templates WHERE id = 3")
+        raw.commit()
+    finally:
+        raw.close()
+    env.selects()
+    assert count() == 3 and env.selects()["s1"] == 0
+    env.cache.invalidate(Template, shard="s0")
+    assert count() == 3 and env.selects()["s1"] == 0  # another shard's
+    env.cache.invalidate(Template, shard="s1")
+    assert count() == 2
