@@ -478,6 +478,7 @@ def _arm(conn: Connection) -> None:
     if conn in _armed:
         return
     _armed.add(conn)
+    _follow_commits(conn.dialect)
     event.listen(conn, "after_cursor_execute", _after_cursor_execute)
     event.listen(conn, "commit", _on_commit)
     event.listen(conn, "rollback", _on_rollback)
@@ -599,10 +600,49 @@ def _settle(info: dict[str, Any]) -> None:
             done.setdefault(db, set()).update(tables)
 
 
+#: the connections whose commit is under way in this thread (several, with
+#: asyncio tasks), with their info, by id
+_committing = threading.local()
+
+
+def _commits() -> dict[int, tuple[Any, dict[str, Any]]]:
+    commits: dict[int, tuple[Any, dict[str, Any]]] | None = getattr(_committing, "by_id", None)
+    if commits is None:
+        commits = _committing.by_id = {}
+    return commits
+
+
+def _follow_commits(dialect: Any) -> None:
+    """Announce a commit as soon as the DBAPI commit returns.  SQLAlchemy's
+    ``commit`` event comes before it (fresh tokens then would let readers
+    store what the transaction had not committed yet), and Core has no
+    event after it: the dialect's ``do_commit`` is wrapped, once per
+    dialect.  Without it, fresh tokens would wait for the connection's next
+    begin or check-in, which a Core connection kept open after ``commit()``
+    may not reach for a long time, while its pending tokens may expire or
+    be evicted."""
+    if dialect.__dict__.get("_ormcache_do_commit") is not None:
+        return
+    do_commit = dialect.do_commit
+
+    def announcing_commit(dbapi_connection: Any) -> None:
+        committing = _commits().pop(id(dbapi_connection), None)
+        do_commit(dbapi_connection)  # (failed: the rollback announces)
+        if committing is not None and committing[0] is dbapi_connection:
+            _announce(committing[1])
+
+    dialect._ormcache_do_commit = do_commit
+    dialect.do_commit = announcing_commit
+
+
 def _on_commit(conn: Connection) -> None:
-    # before the DBAPI commit: fresh tokens wait for the next begin or checkin
+    # before the DBAPI commit: fresh tokens follow it (_follow_commits), or
+    # the next begin or checkin
     if _dirty:
         info = conn.info
+        if _WRITTEN in info:
+            fairy = conn.connection
+            _commits()[id(fairy)] = (fairy, info)
         pended = info.get(_PENDED)
         if pended is not None and time.monotonic() - pended > PENDING_TTL / 2:
             # the pending tokens may have expired while the transaction

@@ -200,6 +200,35 @@ def test_autocommit_writes_are_announced_at_once(env: Any) -> None:
         assert selects() == 0
 
 
+def test_a_commit_is_announced_when_it_returns(env: Any) -> None:
+    """A Core connection kept open after ``commit()``: fresh tokens follow
+    the commit at once, not the connection's next begin or check-in.  Had
+    its pending tokens been evicted meanwhile, a reader could have stored
+    the rows from before the commit under tokens of its own; those must
+    not be served after the commit."""
+    from sqlalchemy import update
+
+    engine, maker, cache = env
+    stmt = select(Template.name).where(Template.id == 1).options(FromCache())
+
+    def read() -> tuple[str, int]:
+        with QueryCounter(engine) as c, maker() as s:
+            name = s.execute(stmt).scalar_one()
+        return name, c.selects
+
+    assert read()[0] == "t1"
+    backend = cache.region("default").backend._cache  # type: ignore[attr-defined]
+    with engine.connect() as conn:
+        conn.execute(update(Template).where(Template.id == 1).values(name="committed"))
+        for key in [k for k in backend if ":v:" in k]:
+            del backend[key]  # the pending tokens are evicted
+        assert read() == ("t1", 1)  # stored: its tokens are its own now
+        conn.commit()
+        # still holding the connection, idle
+        assert read() == ("committed", 1)
+        assert read() == ("committed", 0)
+
+
 def test_a_write_never_committed_nor_rolled_back_settles_at_checkin(env: Any) -> None:
     """A connection that wrote and is dropped without commit or rollback
     goes back to the pool, whose reset rolls it back: the tables it wrote
