@@ -194,6 +194,8 @@ class OrmCache:
         self._databases: dict[str, Any] = {}
         self._groups: dict[Any, _ShardGroup | None] = {}
         self._attached: list[Any] = []
+        #: close() was called: attach() refuses (writes are no longer followed)
+        self._closed = False
         self._shard_dbs: dict[Any, str] = {}
         self._stats = Stats()
         self._compress_threshold = COMPRESS_THRESHOLD
@@ -328,6 +330,11 @@ class OrmCache:
         subclass, a ``sessionmaker``, a ``scoped_session`` or one
         ``Session``, or their asyncio counterparts (``async_sessionmaker``,
         ``async_scoped_session``, an ``AsyncSession``).  Returns ``self``."""
+        if self._closed:
+            raise ConfigurationError(
+                "this OrmCache was closed: it no longer follows writes, so it "
+                "cannot cache reads again; make a new OrmCache"
+            )
         target = _sync_target(target)
         if not event.contains(target, "do_orm_execute", self._do_orm_execute):
             event.listen(target, "do_orm_execute", self._do_orm_execute)
@@ -344,7 +351,9 @@ class OrmCache:
     def close(self) -> None:
         """Detach from every session factory, stop following writes, and
         give the connections Redis regions keep for reads back to their
-        pools.  The regions and their backends stay usable."""
+        pools.  The regions and their backends stay usable; :meth:`attach`
+        refuses from now on (writes are no longer followed)."""
+        self._closed = True
         for target in list(self._attached):
             self.detach(target)
         invalidation.unregister(self)
@@ -376,11 +385,16 @@ class OrmCache:
             cache_all = True
         elif not orm_context.is_select:
             return None
+        exec_options = orm_context.execution_options
+        if (CAPTURE in exec_options or REPLAY in exec_options) and _answering(exec_options):
+            # the execution that answers a miss or a replay of this listener
+            # (attached twice: to a sessionmaker and to its Session class)
+            # or of another OrmCache's: that one caches it
+            return None
         store = self._store(option.region)
         session = orm_context.session
         bind_arguments = orm_context.bind_arguments
         statement = orm_context.statement
-        exec_options = orm_context.execution_options
         if (
             exec_options.get("stream_results")
             or exec_options.get("yield_per")
@@ -1220,6 +1234,17 @@ class OrmCache:
                 failed.append(err)
         if failed:
             raise failed[0]
+
+
+def _answering(options: Mapping[str, Any]) -> bool:
+    """Whether an execution with these options is one an ormcache listener
+    invoked to answer its miss (a capture) or to replay its entry, and
+    has not run yet (a subquery eager load inherits them once they have)."""
+    for name in (CAPTURE, REPLAY):
+        pending = options.get(name)
+        if pending is not None and not pending.used:
+            return True
+    return False
 
 
 def _own_timeouts(spec: RegionSettings) -> bool:

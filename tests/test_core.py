@@ -721,3 +721,89 @@ def test_explicit_invalidation_reaches_results_of_unknown_tables(env: Any, how: 
     else:
         cache.invalidate(Store.templates)
     assert count() == (99, 1)
+
+
+def _within(seconds: float, fn: Any) -> Any:
+    """``fn()``, run in a thread: fails the test rather than hang it."""
+    import threading
+
+    out: list[Any] = []
+    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert out, f"still running after {seconds} s"
+    return out[0]
+
+
+@pytest.mark.parametrize("second", ["session-class", "session"])
+def test_attached_twice_to_one_session(env: Any, second: str) -> None:
+    """Attached to a sessionmaker and to its Session class (or to a session
+    it made): the listener runs again inside the execution that answers
+    its own miss, which must not wait for the lock it holds."""
+    from sqlalchemy.orm import Session
+
+    engine, _, cache = env
+
+    class AppSession(Session):
+        pass
+
+    maker = sessionmaker(engine, class_=AppSession)
+    cache.attach(maker)
+    if second == "session-class":
+        cache.attach(AppSession)
+    stmt = select(Template.name).where(Template.id == 1).options(FromCache())
+
+    def read() -> tuple[str, int]:
+        with QueryCounter(engine) as c, maker() as s:
+            if second == "session":
+                cache.attach(s)
+            name = s.execute(stmt).scalar_one()
+        return name, c.selects
+
+    assert _within(10, read) == ("t1", 1)
+    assert _within(10, read) == ("t1", 0)
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_two_caches_on_one_session_factory(tmp_path: Any, request: Any, backend: str) -> None:
+    """Two OrmCache instances attached to one sessionmaker (the same
+    settings, so one Redis region): the first listener caches the
+    statement; the second sees the execution that answers its miss and
+    leaves it alone rather than wait for the first one's lock."""
+    engine = create_engine(f"sqlite:///{tmp_path}/db.sqlite")
+    Base.metadata.create_all(engine)
+    seed(engine, stores=1, per_store=3)
+    arguments = {"url": request.getfixturevalue("redis_url")} if backend == "redis" else {}
+    settings = {
+        "namespace": "two" + uuid.uuid4().hex[:8],
+        "regions": {"default": {"backend": backend, "arguments": arguments}},
+    }
+    caches = [OrmCache.from_settings(settings), OrmCache.from_settings(settings)]
+    maker = sessionmaker(engine)
+    for cache in caches:
+        cache.attach(maker)
+    stmt = select(Template.name).where(Template.id == 1).options(FromCache())
+
+    def read() -> tuple[str, int]:
+        with QueryCounter(engine) as c, maker() as s:
+            name = s.execute(stmt).scalar_one()
+        return name, c.selects
+
+    try:
+        assert _within(10, read) == ("t1", 1)
+        assert _within(10, read) == ("t1", 0)
+    finally:
+        for cache in caches:
+            cache.close()
+        engine.dispose()
+
+
+def test_attach_after_close_is_refused(env: Any) -> None:
+    """A closed cache no longer follows writes: caching reads through it
+    again would serve stale rows."""
+    from ormcache import ConfigurationError
+
+    engine, maker, cache = env
+    cache.close()
+    with pytest.raises(ConfigurationError, match="closed"):
+        cache.attach(sessionmaker(engine))
