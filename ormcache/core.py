@@ -196,7 +196,8 @@ class OrmCache:
         self._attached: list[Any] = []
         #: close() was called: attach() refuses (writes are no longer followed)
         self._closed = False
-        self._shard_dbs: dict[Any, str] = {}
+        #: (shard id, database id) pairs this process has read from
+        self._shard_dbs: dict[tuple[Any, str], None] = {}
         self._stats = Stats()
         self._compress_threshold = COMPRESS_THRESHOLD
         self._max_entry_bytes = MAX_ENTRY_BYTES
@@ -449,7 +450,7 @@ class OrmCache:
         key, pk = keyed
         self._databases.setdefault(db, dialect)
         if shard is not None and "shard_id" in bind_arguments:
-            self._shard_dbs.setdefault(shard, db)
+            self._shard_dbs.setdefault((shard, db))
 
         if pk is not None:
             entity = shape.table_names(schema_map, dialect.default_schema_name, "get_tables")
@@ -627,7 +628,7 @@ class OrmCache:
                 dbs = tuple(database_id(e) for e in engines)
                 for sid, engine, db in zip(shard_ids, engines, dbs):
                     self._databases.setdefault(db, engine.dialect)
-                    self._shard_dbs.setdefault(sid, db)
+                    self._shard_dbs.setdefault((sid, db))
                 merged_db = "shards:" + digest("\n".join(dbs))
                 group = _ShardGroup(dbs, merged_db, engines[0].dialect, digest(repr(shard_ids)))
             if len(self._groups) > 1000:
@@ -1119,29 +1120,33 @@ class OrmCache:
         if shard is None:
             self._bump([*(self._keys.model(t) for t in tables), self._keys.models_unknown()])
             return
-        db = self._shard_database(shard)
-        # (db_any: results on the shard whose tables are not all known)
-        keys = [self._keys.db_any(db), *(self._keys.table(db, t) for t in tables)]
-        keys += [self._keys.bulk(db, t) for t in tables]
+        keys = []
+        for db in self._shard_databases(shard):
+            # (db_any: results on the shard whose tables are not all known)
+            keys += [self._keys.db_any(db), *(self._keys.table(db, t) for t in tables)]
+            keys += [self._keys.bulk(db, t) for t in tables]
         # results merged from several shards depend on these instead
         keys += [self._keys.any_table(t) for t in tables]
         keys += [self._keys.any_bulk(t) for t in tables]
         self._bump(keys)
 
-    def _shard_database(self, shard: Any) -> str:
-        """The database id of a shard of an attached ``ShardedSession``."""
-        known: dict[Any, Any] = {}
+    def _shard_databases(self, shard: Any) -> list[str]:
+        """The database ids of a shard of the attached ``ShardedSession``
+        factories (several when factories name different databases by the
+        same shard id)."""
+        known: dict[Any, list[Any]] = {}
         for target in self._attached:
             shards = getattr(target, "kw", {}).get("shards") or getattr(
                 getattr(target, "session_factory", None), "kw", {}
             ).get("shards")
-            if shards:
-                known.update(shards)
-        bind = known.get(shard)
-        if bind is not None:
-            return database_id(bind)
-        if shard in self._shard_dbs:
-            return self._shard_dbs[shard]
+            for sid, bind in (shards or {}).items():
+                known.setdefault(sid, []).append(bind)
+        binds = known.get(shard)
+        if binds:
+            return list(dict.fromkeys(database_id(bind) for bind in binds))
+        seen = [db for sid, db in list(self._shard_dbs) if sid == shard]
+        if seen:
+            return seen
         listing = ", ".join(repr(k) for k in sorted(known, key=str)) or "none"
         raise ConfigurationError(
             f"unknown shard {shard!r}: attach the ShardedSession's sessionmaker "
@@ -1188,24 +1193,44 @@ class OrmCache:
                 )
         if session is not None:
             bind = session.get_bind(clause=statement)
-        targets: list[tuple[str, Any]]
+        # (database, shard part of the key, dialect) of each entry to drop
+        targets: list[tuple[str, Any, Any]]
         if bind is not None:
-            targets = [(database_id(bind), bind.dialect)]
+            targets = [(database_id(bind), shard, bind.dialect)]
         else:
-            targets = list(self._databases.items())
+            targets = [(db, shard, dialect) for db, dialect in self._databases.items()]
             if not targets:
                 raise ConfigurationError(
                     "invalidate(statement): this process has cached from no database yet, "
                     "so it cannot tell which one the statement's entry belongs to; pass "
                     "session= or bind="
                 )
-        for db, dialect in targets:
+        targets += self._shard_targets(None if bind is None else targets[0][0], shard)
+        for db, part, dialect in dict.fromkeys(targets):
             shape = self._shapes.shape(cache_key, statement, dialect)
             values = None if option.cache_key is not None else parameter_values(cache_key, params)
             pk = self._entity_pk(shape, values, params)
-            key = self._result_key(option, db, shard, None, shape, values, pk)
+            key = self._result_key(option, db, part, None, shape, values, pk)
             if not store.delete(key):
                 raise BackendError(store.name, "delete an entry") from store.last_error
+
+    def _shard_targets(self, db: str | None, shard: Any) -> list[tuple[str, Any, Any]]:
+        """The entries of a statement that a ``ShardedSession`` ran on
+        several shards, as (database, shard part of the key, dialect): the
+        merged entry of each group of shards this process cached from, and
+        the per-shard entries it is refilled from, limited to those of
+        database ``db`` and of ``shard`` when given."""
+        targets = []
+        for (shard_ids, _), group in list(self._groups.items()):
+            if group is None or (db is not None and db not in group.dbs):
+                continue
+            if shard is not None and shard not in shard_ids:
+                continue
+            targets.append((group.db, group.shards, group.dialect))
+            for sid, shard_db in zip(shard_ids, group.dbs):
+                if (shard is None or sid == shard) and (db is None or shard_db == db):
+                    targets.append((shard_db, sid, group.dialect))
+        return targets
 
     def invalidate_table(self, name: str) -> None:
         """Drop every result that read table ``name`` (schema-qualified as

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -329,3 +330,79 @@ def test_invalidate_model_on_a_shard_reaches_results_of_unknown_tables(env: Env)
     assert count() == 3 and env.selects()["s1"] == 0  # another shard's
     env.cache.invalidate(Template, shard="s1")
     assert count() == 2
+
+
+@pytest.mark.parametrize("how", ["no-arguments", "shard", "bind"])
+def test_invalidate_a_statement_run_on_several_shards(env: Env, how: str) -> None:
+    """``invalidate(stmt)`` drops the entry a statement run on several
+    shards is cached as (and the per-shard entries it is refilled from)."""
+    stmt = select(Template).where(Template.id <= 2).order_by(Template.id).options(FromCache())
+
+    def names() -> list[str]:
+        with env.cached() as s:
+            return sorted(t.name for t in s.scalars(stmt))
+
+    before = names()
+    assert "s1-1" in before
+    raw = env.engines["s1"].raw_connection()  # a writer ormcache does not see
+    try:
+        raw.cursor().execute("UPDATE templates SET name = 'outside' WHERE id = 1")
+        raw.commit()
+    finally:
+        raw.close()
+    assert names() == before
+    kw = {"shard": {"shard": "s1"}, "bind": {"bind": env.engines["s1"]}}.get(how, {})
+    env.cache.invalidate(stmt, **kw)
+    after = names()
+    assert "outside" in after and "s1-1" not in after
+
+
+def test_invalidate_a_shard_id_that_two_factories_share(tmp_path: Any) -> None:
+    """Two attached ShardedSession factories name different databases by
+    the same shard id: ``invalidate(Model, shard=...)`` reaches both."""
+    from ormcache.testing.fixtures import Template as T
+
+    cache = OrmCache.from_settings(
+        {"namespace": "sh" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}}
+    )
+    makers, engines = [], []
+    for app in ("one", "two"):
+        shards = {}
+        for sid in SHARDS:
+            engine = create_engine(f"sqlite:///{tmp_path}/{app}-{sid}.db")
+            Base.metadata.create_all(engine)
+            seed(engine, stores=1, per_store=1, prefix=f"{app}-{sid}-")
+            shards[sid] = engine
+            engines.append(engine)
+        maker = sessionmaker(
+            class_=ShardedSession,
+            shards=shards,
+            shard_chooser=lambda m, i, clause=None: "s0",
+            identity_chooser=lambda m, pk, **kw: list(SHARDS),
+            execute_chooser=lambda ctx: list(SHARDS),
+        )
+        cache.attach(maker)
+        makers.append(maker)
+    stmt = select(T).options(FromCache(), set_shard_id("s1"))
+
+    def names() -> list[list[str]]:
+        out = []
+        for maker in makers:
+            with maker() as s:
+                out.append([t.name for t in s.scalars(stmt)])
+        return out
+
+    try:
+        assert names() == [["one-s1-1"], ["two-s1-1"]]
+        for app in ("one", "two"):
+            raw = sqlite3.connect(tmp_path / f"{app}-s1.db")  # writers ormcache does not see
+            raw.execute(f"UPDATE templates SET name = '{app}-new'")
+            raw.commit()
+            raw.close()
+        assert names() == [["one-s1-1"], ["two-s1-1"]]
+        cache.invalidate(T, shard="s1")
+        assert names() == [["one-new"], ["two-new"]]
+    finally:
+        cache.close()
+        for engine in engines:
+            engine.dispose()
