@@ -95,6 +95,8 @@ class RelationshipCache(FromCache):
 
     :param attribute: the relationship, e.g. ``Store.templates``.
     :param region: name of a region declared in the settings.
+    :param cache_key: not accepted (``ArgumentError``): every parent's load
+      would share one entry.
 
     Chain several with :meth:`and_`.
     """
@@ -111,7 +113,13 @@ class RelationshipCache(FromCache):
         cache_key: str | None = None,
         expiration_time: float | timedelta | None = None,
     ) -> None:
-        super().__init__(region, cache_key=cache_key, expiration_time=expiration_time)
+        if cache_key is not None:
+            # one key for every parent's load: each would get the first one's rows
+            raise sa_exc.ArgumentError(
+                "RelationshipCache takes no cache_key: its lazy loads are keyed by "
+                "their parent's key values"
+            )
+        super().__init__(region, expiration_time=expiration_time)
         prop = getattr(attribute, "property", None)
         if not isinstance(prop, RelationshipProperty):
             raise sa_exc.ArgumentError(

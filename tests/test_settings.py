@@ -765,6 +765,8 @@ def test_api_arguments_are_checked() -> None:
             FromCache(expiration_time=value)
     with pytest.raises(ArgumentError, match="another RelationshipCache"):
         RelationshipCache(Store.templates).and_(FromCache())  # type: ignore[arg-type]
+    with pytest.raises(ArgumentError, match="RelationshipCache takes no cache_key"):
+        RelationshipCache(Store.templates, cache_key="templates")  # every store would share it
     both = RelationshipCache(Store.templates).and_(RelationshipCache(Template.store))
     assert len(both._relationships) == 2
 
