@@ -382,6 +382,8 @@ def make_region(
             region=spec.name,
             key="arguments",
         ) from err
+    if spec.backend == "dogpile.cache.pylibmc":
+        _check_memcached_servers(spec.name, getattr(region.backend, "url", None))
     if spec.backend.startswith(("dogpile.cache.", "ormcache.")) and not arguments.read_all:
         # dogpile's and ormcache's backends read their arguments when they
         # are built: a name none of them read is a typo ("hots") that would
@@ -396,6 +398,29 @@ def make_region(
                 key="arguments",
             )
     return region
+
+
+def _check_memcached_servers(region: str, servers: Any) -> None:
+    """pylibmc reads its server addresses when it first makes a client, at
+    the region's first use: a bad one ("127.0.0.1:11211x") would then only
+    show as a failing backend.  Read them now, as pylibmc will."""
+    try:
+        from pylibmc.client import translate_server_spec
+    except ImportError:  # (an older pylibmc: it will say so itself)
+        return
+    for server in servers or ():
+        try:
+            if not isinstance(server, str):
+                raise TypeError(f"not a string but {type(server).__name__}")
+            translate_server_spec(server)
+        except Exception as err:
+            raise ConfigurationError(
+                f"memcached server address {server!r} cannot be read ({err}); "
+                "write it as 'host', 'host:port', 'host:port:weight', '[ipv6]:port', "
+                "'udp:host:port' or a socket path",
+                region=region,
+                key="arguments.url",
+            ) from err
 
 
 class _ReadArguments(dict):  # type: ignore[type-arg]

@@ -629,6 +629,15 @@ class TestMakeRegion:
         with pytest.raises(pylibmc.Error):
             region.get("k")
 
+    @pytest.mark.parametrize("url", ["127.0.0.1:11211x", ["127.0.0.1", "cache:port"], 5, ["127.0.0.1", None]])
+    def test_memcached_addresses_are_read_when_configured(self, url: Any) -> None:
+        """pylibmc reads the addresses at the first use; a bad one is a
+        configuration error, not a backend that fails at every query."""
+        with pytest.raises(ConfigurationError, match=r"region 'r', setting 'arguments.url'.*cannot be read"):
+            make_region(load_settings(regions(r={"backend": "memcached", "arguments": {"url": url}})).region("r"))
+        for good in ("cache", "cache:11211", "cache:11211:2", "[::1]:11211", "udp:cache:11211", "/run/mc.sock"):
+            make_region(load_settings(regions(r={"backend": "memcached", "arguments": {"url": [good]}})).region("r"))
+
     def test_arguments_passed_as_a_fresh_copy(self) -> None:
         spec = load_settings(
             regions(r={"backend": "redis", "arguments": {"connection_kwargs": {}}})
