@@ -118,6 +118,10 @@ def _import_model(spec: str, what: str = "model", form: str = "module:Class") ->
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise ConfigurationError(f"{what} {spec!r}: cannot import {module_name!r}: {err}") from err
+    except Exception as err:  # the module itself failed while it was imported
+        raise ConfigurationError(
+            f"{what} {spec!r}: importing {module_name!r} raised {type(err).__name__}: {err}"
+        ) from err
     target: Any = module
     for part in attr.split("."):
         try:
@@ -242,11 +246,18 @@ def _warm(args: argparse.Namespace) -> int:
                 progress(done)
         stats = cache.stats()["regions"]
         filled = sum(r["fills"] for r in stats.values())
+        errors = {name: r["errors"] for name, r in stats.items() if r["errors"]}
         print(f"warmed {len(statements) - failed} of {len(statements)} statements; {filled} results stored")
+        for name, count in sorted(errors.items()):
+            print(
+                f"ormcache: region {name}: the backend failed {count} time(s); "
+                "those results were not stored",
+                file=sys.stderr,
+            )
     finally:
         cache.close()
         engine.dispose()
-    return EXIT_BACKEND if failed else EXIT_OK
+    return EXIT_BACKEND if failed or errors else EXIT_OK
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -261,6 +272,11 @@ def _stats(args: argparse.Namespace) -> int:
         )
         if name is None:
             raise ConfigurationError("no shared region: statistics are per process here")
+        if not cache._store(name).shared:
+            raise ConfigurationError(
+                f"region {name!r} is in-process: each process keeps its own statistics "
+                "(cache.stats() in the application); name a region on a shared backend"
+            )
         try:
             total = collect(cache, cache._store(name))
         except RuntimeError as err:

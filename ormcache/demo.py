@@ -283,7 +283,16 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     data_dir: Path = args.data_dir
     if data_dir.exists() and not data_dir.is_dir():
         raise UsageError(f"--data-dir {data_dir} is not a directory")
-    cache = OrmCache(settings)
+    try:
+        cache = OrmCache(settings)
+    except ConfigurationError as exc:  # what building the regions found (a bad port, ...)
+        source = args.settings if args.settings is not None else "--redis"
+        raise UsageError(f"{source}: {exc}") from None
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        cache.close()
+        raise UsageError(f"--data-dir {data_dir}: cannot create it: {exc.strerror or exc}") from None
     # store listings (17-48 KB pickled) are worth compressing in a shared
     # backend; ormcache's default threshold is higher (256 KiB)
     cache.compress_threshold = 16 * 1024

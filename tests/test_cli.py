@@ -108,6 +108,38 @@ def test_usage_errors(argv: list[str], message: str, capsys: Any, monkeypatch: A
     assert message in capsys.readouterr().err
 
 
+def test_a_model_module_that_fails_to_import(tmp_path: Path, capsys: Any, monkeypatch: Any) -> None:
+    (tmp_path / "breaks_on_import.py").write_text('raise RuntimeError("no database configured")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["invalidate", "breaks_on_import:Model", "--settings", "x.toml"]) == 2
+    err = capsys.readouterr().err
+    assert "importing 'breaks_on_import' raised RuntimeError: no database configured" in err
+    assert "Traceback" not in err
+
+
+def test_stats_of_an_in_process_region(tmp_path: Path, capsys: Any) -> None:
+    path = tmp_path / "local.toml"
+    path.write_text('[ormcache.regions.local]\nbackend = "memory"\n')
+    assert main(["stats", "--region", "local", "--settings", str(path)]) == 2
+    assert "region 'local' is in-process" in capsys.readouterr().err
+
+
+def test_warm_with_the_backend_down(tmp_path: Path, capsys: Any) -> None:
+    url = f"sqlite:///{tmp_path}/db.sqlite"
+    engine = create_engine(url)
+    Base.metadata.create_all(engine)
+    seed(engine)
+    engine.dispose()
+    path = tmp_path / "down.toml"
+    path.write_text(
+        '[ormcache.regions.default]\nbackend = "redis"\narguments = { url = "redis://127.0.0.1:1/0" }\n'
+    )
+    assert main(["warm", "warmup_queries:QUERIES", "--database-url", url, "--settings", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert "0 results stored" in captured.out
+    assert "region default: the backend failed" in captured.err
+
+
 def test_stats_published_by_an_application(settings_file: Path, tmp_path: Path, capsys: Any) -> None:
     from ormcache.stats import publish_once
 

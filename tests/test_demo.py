@@ -134,6 +134,38 @@ def test_bad_arguments_exit_2(
     assert not list(tmp_path.iterdir())  # nothing built
 
 
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("redis-port", "--redis: region 'templates', setting 'arguments'"),
+        ("misspelt-argument", "does not take the argument(s) 'hots'"),
+        ("data-dir", "cannot create it"),
+    ],
+)
+def test_what_building_the_cache_finds_exits_2(
+    how: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = tmp_path / "d"
+    argv = ["--quick", "--data-dir", str(data_dir)]
+    if how == "redis-port":
+        argv += ["--redis", "redis://127.0.0.1:notaport/0"]
+    elif how == "misspelt-argument":
+        settings = tmp_path / "s.toml"
+        settings.write_text(
+            '[ormcache.regions.templates]\nbackend = "redis"\n'
+            'arguments = {url = "redis://127.0.0.1:1/0", hots = "x"}\n'
+            '[ormcache.regions.analytics]\nbackend = "memory"\n'
+        )
+        argv += ["--settings", str(settings)]
+    else:
+        (tmp_path / "file").write_text("")
+        argv[2] = str(tmp_path / "file" / "d")  # under a file: cannot be made
+    status, _, err = run(capsys, *argv)
+    assert status == 2
+    assert message in err and "Traceback" not in err
+    assert not data_dir.exists()
+
+
 def test_settings_without_the_regions_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
