@@ -131,7 +131,11 @@ DEFAULT_REPLY_POLL = 0.0001
 #: the most ``reply_poll`` may be: polling longer than this is spinning
 _MAX_REPLY_POLL = 0.01
 _SEQUENCES = (list, tuple, set, frozenset)  # copied; subclasses are not
-_NAMESPACE = re.compile(r"[!-~]{1,32}")  # printable ASCII, no whitespace
+#: printable ASCII, no whitespace, no ":" (the separator of the keys it
+#: prefixes: namespace "app:s" would share keys and key patterns with
+#: namespace "app") nor the characters of Redis key patterns
+_NAMESPACE = re.compile(r"[!-~]{1,32}")
+_NAMESPACE_REFUSED = frozenset(':*?[]\\')
 # "$${" (a literal "${"), "${NAME}", or a malformed "${"
 _ENV_REFERENCE = re.compile(r"\$\$\{|\$\{(?P<name>[A-Za-z_]\w*)\}|\$\{", re.ASCII)
 
@@ -217,12 +221,15 @@ class Settings:
                 region=self.cache_all,
                 key="cache_all",
             )
-        if not isinstance(self.namespace, str) or not _NAMESPACE.fullmatch(
-            self.namespace
+        if (
+            not isinstance(self.namespace, str)
+            or not _NAMESPACE.fullmatch(self.namespace)
+            or not _NAMESPACE_REFUSED.isdisjoint(self.namespace)
         ):
             raise ConfigurationError(
                 f"{self.namespace!r} cannot prefix cache keys; use 1 to 32 "
-                "ASCII characters without whitespace, e.g. 'myapp'",
+                "ASCII characters without whitespace, ':', '*', '?', '[', ']' "
+                "or '\\', e.g. 'myapp'",
                 key="namespace",
             )
 
@@ -688,16 +695,18 @@ def _reply_poll(region: str, value: Any) -> float:
 
 
 def _flag(region: str, key: str, value: Any) -> bool:
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-        value = value.lower() in ("true", "1", "yes")
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        value = value.lower() in ("true", "1", "yes", "on")
     if not isinstance(value, bool):
         raise ConfigurationError(f"must be true or false, not {value!r}", region=region, key=key)
     return value
 
 
 def _l1(region: str, value: Any) -> dict[str, Any]:
-    if value is None:
-        return {}
+    if value is None or value is False or (
+        isinstance(value, str) and value.lower() in ("false", "off", "none", "no")
+    ):
+        return {}  # no L1
     mode = "validated"
     max_bytes: Any = None
     if isinstance(value, Mapping):

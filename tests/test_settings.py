@@ -359,7 +359,9 @@ class TestErrors:
         assert info.value.region == "missing"
         assert "'default', 'big'" in str(info.value)
 
-    @pytest.mark.parametrize("namespace", ["", "my app", "x" * 33, "café", "tab\t", 7])
+    @pytest.mark.parametrize(
+        "namespace", ["", "my app", "x" * 33, "café", "tab\t", 7, "app:s", "app*", "a?", "[a]", "a\\b"]
+    )
     def test_bad_namespace(self, namespace: Any) -> None:
         with pytest.raises(ConfigurationError) as info:
             load_settings({**regions(r={"backend": "memory"}), "namespace": namespace})
@@ -738,6 +740,18 @@ def test_signing_key_from_the_environment_is_checked(monkeypatch: pytest.MonkeyP
             OrmCache.from_settings(regions)
     monkeypatch.setenv("ORMCACHE_SIGNING_KEY", "a secret of 16+ chars")
     OrmCache.from_settings(regions).close()
+
+
+@pytest.mark.parametrize(("spelt", "expected"), [("on", True), ("OFF", False), ("yes", True), ("0", False)])
+def test_flags_take_the_spellings_of_environment_variables(spelt: str, expected: bool) -> None:
+    region = load_settings(regions(r={"backend": "memory", "stale_while_revalidate": spelt})).region("r")
+    assert region.stale_while_revalidate is expected
+
+
+@pytest.mark.parametrize("off", [False, "false", "off", "OFF", "none"])
+def test_l1_can_be_turned_off(off: Any) -> None:
+    region = load_settings(regions(r={"backend": "redis", "l1": off})).region("r")
+    assert region.l1_max_entries is None
 
 
 def test_l1_on_an_in_process_region_is_refused() -> None:
