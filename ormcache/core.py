@@ -120,9 +120,20 @@ class OrmCache:
             )
         self.settings = settings
         built = dict(regions or {})
-        for name in built:
+        for name, given in built.items():
             if name not in settings.regions:
                 raise UnknownRegionError(name, settings.regions)
+            if not isinstance(given, CacheRegion):
+                raise ConfigurationError(
+                    f"regions= gives {type(given).__name__} {given!r}, not a dogpile CacheRegion",
+                    region=name,
+                )
+            if not given.is_configured:
+                raise ConfigurationError(
+                    "regions= gives a dogpile CacheRegion that is not configured yet; "
+                    "call its configure() first",
+                    region=name,
+                )
         signing_key = settings.signing_key
         if not signing_key:
             signing_key = os.environ.get("ORMCACHE_SIGNING_KEY") or None

@@ -847,3 +847,15 @@ def test_use_schema_version_takes_a_string_or_none() -> None:
         assert cache.use_schema_version(None).schema_version is None
     finally:
         cache.close()
+
+
+@pytest.mark.parametrize("given", ["not configured", "not a region"])
+def test_regions_given_ready_must_be_configured_regions(given: str) -> None:
+    from dogpile.cache import make_region
+
+    from ormcache import OrmCache
+
+    settings = load_settings(regions(r={"backend": "memory"}))
+    region: Any = make_region() if given == "not configured" else {"backend": "memory"}
+    with pytest.raises(ConfigurationError, match="region 'r'.*(not configured yet|not a dogpile CacheRegion)"):
+        OrmCache(settings, regions={"r": region})
