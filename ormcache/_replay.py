@@ -19,6 +19,7 @@ parent's execution options into their own statements.
 
 from __future__ import annotations
 
+import re
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -146,7 +147,7 @@ class _Beginning:
 _BEGINNING = _Beginning()
 
 
-def statement_runs(context: Any) -> None:
+def statement_runs(context: Any, statement: str) -> None:
     """A statement is about to run on ``context``'s connection (called for
     every statement ormcache's execute listeners see, on MySQL and
     MariaDB): its SQLAlchemy transaction has begun at the server.  Kept
@@ -154,7 +155,8 @@ def statement_runs(context: Any) -> None:
     and its pooled connection from going back until the collector runs),
     on the ``Connection`` and on the pool's record of the DBAPI connection,
     which every ``Connection`` lent that DBAPI connection shares
-    (``StaticPool``, ``SingletonThreadPool``)."""
+    (``StaticPool``, ``SingletonThreadPool``).  A textual ``SET`` of the
+    isolation level is remembered there too (:data:`ISOLATION_SET`)."""
     root = context.root_connection
     transaction = root.get_transaction()
     if transaction is not None:
@@ -169,6 +171,18 @@ def statement_runs(context: Any) -> None:
     info = _record_info(root)
     if info is not None:
         info[BEGAN] = None if mark is None else (mark, weakref.ref(root))
+        if context.is_text and statement[:30].lstrip()[:3].upper() == "SET" and _SETS_ISOLATION.match(statement):
+            info[ISOLATION_SET] = True
+
+
+#: in the pool's record of a MySQL/MariaDB connection: SQL set an isolation
+#: level on it (for as long as the DBAPI connection lives)
+ISOLATION_SET = "ormcache_isolation_set"
+_SETS_ISOLATION = re.compile(
+    r"\s*SET\s+(?:(?:GLOBAL|SESSION|LOCAL)\s+)?TRANSACTION\b"
+    r"|\s*SET\b.*\b(?:tx|transaction)_isolation\b",
+    re.IGNORECASE | re.DOTALL,
+)
 
 
 def _record_info(root: Any) -> dict[Any, Any] | None:
@@ -251,6 +265,14 @@ def snapshot_is_fresh(context: Any) -> bool:
         level = getattr(dialect, "_on_connect_isolation_level", None) or getattr(
             dialect, "default_isolation_level", None
         )
+    if dialect.name in SNAPSHOT_AT_FIRST_READ:
+        info = _record_info(context.root_connection)
+        if info is not None and info.get(ISOLATION_SET):
+            # the level was set by SQL on this connection (SET TRANSACTION
+            # ISOLATION LEVEL ...), which neither SQLAlchemy nor the server
+            # reports (MariaDB's @@tx_isolation ignores a one-transaction
+            # SET TRANSACTION): the first statement only, as at REPEATABLE READ
+            level = None
     if isinstance(level, str) and level.upper() in _READ_COMMITTED:
         return True
     return dialect.name in SNAPSHOT_AT_FIRST_READ and _first_statement(context)
@@ -341,7 +363,7 @@ def replay_or_capture(cursor: Any, statement: str, parameters: Any, context: Any
         capture.used = True
         capture.fresh = snapshot_is_fresh(context)
     if context.dialect.name in SNAPSHOT_AT_FIRST_READ:
-        statement_runs(context)  # (after asking whether it is the first)
+        statement_runs(context, statement)  # (after asking whether it is the first)
     if capturing:
         context.dialect.do_execute(cursor, statement, parameters, context)
         description = cursor.description

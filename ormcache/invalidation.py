@@ -429,7 +429,7 @@ def _arm_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> 
     if _writes(context):
         _arm(context.root_connection)
     if context.dialect.name in SNAPSHOT_AT_FIRST_READ:
-        statement_runs(context)
+        statement_runs(context, statement)
 
 
 def _writes(context: Any) -> bool:

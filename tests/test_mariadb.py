@@ -181,6 +181,32 @@ class TestMariadbMemory(BackendTests):
         event.remove(engine, "begin", snapshot)
         assert self.names(rr, 5) == ("committed meanwhile", 1)
 
+    @pytest.mark.parametrize(
+        "sql",
+        [
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+            "set session transaction isolation level repeatable read",
+            "SET @@session.tx_isolation = 'REPEATABLE-READ'",
+        ],
+    )
+    def test_isolation_level_set_by_sql(self, sql: str) -> None:
+        """The engine runs at READ COMMITTED, and SQL switches a connection
+        to REPEATABLE READ, which neither SQLAlchemy nor MariaDB reports
+        (``@@tx_isolation`` ignores ``SET TRANSACTION``): a miss after the
+        transaction's first read must not be stored."""
+        stmt = select(Template).where(Template.id == 2).options(FromCache("default"))
+        try:
+            with self.Session() as reader:
+                reader.execute(text(sql))
+                reader.execute(select(Store)).all()  # the snapshot starts here
+                with self.Session() as writer:
+                    writer.get_one(Template, 2).name = "committed meanwhile"
+                    writer.commit()
+                assert reader.scalars(stmt).one().name == "t2"  # its snapshot
+            assert self.cached_names(stmt) == (["committed meanwhile"], 1)
+        finally:
+            self.engine.dispose()  # the connection keeps a SESSION level
+
     def test_isolation_level_of_a_statement_is_not_the_connections(self) -> None:
         """SQLAlchemy applies ``isolation_level`` set on an engine or a
         connection; in one statement's options it is ignored, and so is it
