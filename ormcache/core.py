@@ -1120,9 +1120,12 @@ class OrmCache:
             return
         mapper = _mapper_of(target)
         if mapper is None:
+            hint = ""
+            if isinstance(getattr(target, "name", None), str) and hasattr(target, "c"):
+                hint = f"; for a Table, invalidate_table({target.name!r})"
             raise ConfigurationError(
                 f"cannot invalidate {target!r}: pass a mapped class, an "
-                "instance, a relationship attribute or a statement"
+                f"instance, a relationship attribute or a statement{hint}"
             )
         shard = kw.pop("shard", None)
         if kw:

@@ -132,6 +132,8 @@ def test_invalidate_needs_a_cached_statement(env: Any) -> None:
         cache.invalidate(select(Template))
     with pytest.raises(ormcache.ConfigurationError, match="cannot invalidate 42"):
         cache.invalidate(42)
+    with pytest.raises(ormcache.ConfigurationError, match=r"for a Table, invalidate_table\('templates'\)"):
+        cache.invalidate(Template.__table__)
 
 
 def test_invalidate_a_legacy_query(env: Any) -> None:
