@@ -388,8 +388,9 @@ def test_stalled_backend_in_the_writer_process(make_spec: SpecFactory) -> None:
         writer = cc.Env(spec)  # the writing process
         # another process: its OrmCache does not see this process's writes
         reader = cc.Env(spec)
-        reader.cache.close()
-        reader.cache.attach(reader.Session)
+        from ormcache import invalidation
+
+        invalidation.unregister(reader.cache)  # (as if it were another process)
         try:
             assert [reader.read("get", 1) for _ in range(2)] == [(0, False), (0, True)]
             # Redis stalls for 2 s (a slow command, a fork, the network):
