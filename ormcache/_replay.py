@@ -37,13 +37,17 @@ _READ_COMMITTED = frozenset({"READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"}
 class Capture:
     """Filled in by the statement's execution on a miss."""
 
-    __slots__ = ("used", "description", "rows", "fresh")
+    __slots__ = ("used", "description", "rows", "fresh", "schema_map")
 
-    def __init__(self) -> None:
+    def __init__(self, schema_map: Any = None) -> None:
         self.used = False
         self.description: tuple[tuple[Any, ...], ...] | None = None
         self.rows: list[tuple[Any, ...]] | None = None
         self.fresh = False
+        #: the ``schema_translate_map`` the entry's key was made with: rows
+        #: read under another (one an ``after_begin`` listener set on the
+        #: connection the statement made the session begin) are not stored
+        self.schema_map = schema_map
 
 
 class Replay:
@@ -361,7 +365,9 @@ def replay_or_capture(cursor: Any, statement: str, parameters: Any, context: Any
     capturing = capture is not None and not capture.used
     if capturing:
         capture.used = True
-        capture.fresh = snapshot_is_fresh(context)
+        capture.fresh = (options.get("schema_translate_map") or None) == capture.schema_map and (
+            snapshot_is_fresh(context)
+        )
     if context.dialect.name in SNAPSHOT_AT_FIRST_READ:
         statement_runs(context, statement)  # (after asking whether it is the first)
     if capturing:

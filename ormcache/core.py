@@ -433,14 +433,7 @@ class OrmCache:
         dialect = bind.dialect
         db = database_id(bind)
         shape = self._shapes.shape(cache_key, statement, dialect)
-        schema_map = exec_options.get("schema_translate_map")
-        if schema_map is None:
-            # the connection's own options, when the session holds one
-            # (``session.connection(execution_options=...)``), else the bind's
-            conn = _compat.session_connection(session, bind)
-            schema_map = (bind if conn is None else conn).get_execution_options().get(
-                "schema_translate_map"
-            )
+        schema_map = _schema_map(session, bind, exec_options)
         tables = shape.table_names(schema_map, dialect.default_schema_name)
         if cache_all and (
             shape.volatile
@@ -912,7 +905,8 @@ class OrmCache:
             result, capture, bounds = self._fetch_shards(orm_context, fanout)
             dbs: tuple[str, ...] = fanout.group.dbs
         else:
-            capture = Capture()
+            bind = orm_context.session.get_bind(**orm_context.bind_arguments)
+            capture = Capture(_schema_map(orm_context.session, bind, orm_context.execution_options))
             # (autoflush runs again inside: a no-op after ours, and an
             # execution option to skip it would reach eager loaders' statements)
             result = orm_context.invoke_statement(execution_options={CAPTURE: capture})
@@ -1273,6 +1267,18 @@ class OrmCache:
                 failed.append(err)
         if failed:
             raise failed[0]
+
+
+def _schema_map(session: Session, bind: Any, exec_options: Mapping[str, Any]) -> Any:
+    """The ``schema_translate_map`` a statement runs under, as far as can
+    be told before it runs: given at execute time, else the connection's
+    own, when the session holds one (``session.connection(execution_options=
+    ...)``), else the bind's; None for none."""
+    schema_map = exec_options.get("schema_translate_map")
+    if schema_map is None:
+        conn = _compat.session_connection(session, bind)
+        schema_map = (bind if conn is None else conn).get_execution_options().get("schema_translate_map")
+    return schema_map or None
 
 
 def _answering(options: Mapping[str, Any]) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import create_engine, event, select, text
 from sqlalchemy.engine import Engine
 
 from ormcache import FromCache
@@ -111,7 +111,7 @@ class TestPostgresqlRedis(BackendTests):
         names, selects = self.cached_names(stmt)
         assert names == ["committed meanwhile"] and selects == 1
 
-    @pytest.mark.parametrize("where", ["connection", "engine", "execute"])
+    @pytest.mark.parametrize("where", ["connection", "engine", "execute", "after_begin"])
     def test_schema_translate_map_keeps_tenants_apart(self, where: str) -> None:
         """One schema per tenant, chosen by ``schema_translate_map`` on the
         session's connection (``session.connection(execution_options=)``),
@@ -140,6 +140,13 @@ class TestPostgresqlRedis(BackendTests):
             self.cache.attach(s)
             if where == "connection":
                 s.connection(execution_options=maps)
+            elif where == "after_begin":
+                # set as the transaction begins: after the first statement's
+                # key was made, which cannot know it (its rows are not stored)
+                def translate(session: Any, transaction: Any, connection: Any) -> None:
+                    connection.execution_options(**maps)
+
+                event.listen(s, "after_begin", translate)
             return s, (maps if where == "execute" else {})
 
         stmt = select(Store.name).where(Store.id == 1).options(FromCache())
