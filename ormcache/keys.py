@@ -317,12 +317,24 @@ _VOLATILE_TEXT = re.compile(
 _READS_TABLES = re.compile(r"\b(select|table)\b", re.IGNORECASE)
 
 
+def _text_from(element: Any) -> bool:
+    """Whether ``element`` (a SELECT or a join) reads FROM a ``text()``."""
+    froms = getattr(element, "_from_obj", None)
+    if froms and any(isinstance(f, TextClause) for f in froms):
+        return True
+    if hasattr(element, "onclause"):  # a Join
+        return isinstance(element.left, TextClause) or isinstance(element.right, TextClause)
+    return False
+
+
 def _text_traits(core: Any) -> tuple[bool, bool]:
     """Whether the statement is volatile (see :attr:`StatementShape.volatile`)
     and whether textual SQL in it (``text()``, ``literal_column()``) may
     read tables that its known tables do not include (``opaque``)."""
     volatile = opaque = False
     for element in visitors.iterate(core):
+        if not opaque and _text_from(element):
+            opaque = True  # text() as a FROM (select_from, join): a table by any name
         if isinstance(element, FunctionElement):
             if str(getattr(element, "name", "")).lower() in VOLATILE_FUNCTIONS:
                 volatile = True

@@ -655,7 +655,7 @@ def test_backend_error_carries_the_drivers_error(tmp_path: Any) -> None:
         cache.close()
 
 
-@pytest.mark.parametrize("how", ["text", "literal_column"])
+@pytest.mark.parametrize("how", ["text", "literal_column", "text-from", "exists-text-from", "join-text"])
 def test_textual_subquery_depends_on_every_write(env: Any, how: str) -> None:
     """A ``text()`` or ``literal_column()`` fragment holding a subquery reads
     a table SQLAlchemy does not see: a write to that table invalidates it
@@ -667,6 +667,21 @@ def test_textual_subquery_depends_on_every_write(env: Any, how: str) -> None:
     engine, maker, _ = env
     if how == "text":
         stmt = select(Template.id).where(text("store_id IN (SELECT id FROM stores WHERE name = 'store1')"))
+    elif how == "text-from":
+        named = select(literal_column("id")).select_from(text("stores")).where(text("name = 'store1'"))
+        stmt = select(Template.id).where(Template.store_id.in_(named))
+    elif how == "exists-text-from":
+        from sqlalchemy import exists
+
+        named = exists().select_from(text("stores")).where(text("stores.id = templates.store_id AND name = 'store1'"))
+        stmt = select(Template.id).where(named)
+    elif how == "join-text":
+        from sqlalchemy import join
+
+        from ormcache.testing.fixtures import template_table
+
+        joined = join(template_table, text("stores"), text("stores.id = templates.store_id"))
+        stmt = select(Template.id).select_from(joined).where(text("stores.name = 'store1'"))
     else:
         named = literal_column("(SELECT name FROM stores WHERE stores.id = templates.store_id)")
         stmt = select(Template.id, named).where(Template.id == 1)
