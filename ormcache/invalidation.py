@@ -47,6 +47,7 @@ reader creates it and does not store that time.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -69,6 +70,8 @@ from sqlalchemy.sql import util as sql_util
 from . import _compat
 from ._replay import BEGAN, SNAPSHOT_AT_FIRST_READ, replay_or_capture, statement_runs
 from .keys import SEARCH_PATH_MARK, database_id, digest, table_name, table_pk_positions
+
+log = logging.getLogger("ormcache")
 
 if TYPE_CHECKING:
     from .core import OrmCache
@@ -482,6 +485,8 @@ def _arm(conn: Connection) -> None:
     event.listen(conn, "after_cursor_execute", _after_cursor_execute)
     event.listen(conn, "commit", _on_commit)
     event.listen(conn, "rollback", _on_rollback)
+    event.listen(conn, "commit_twophase", _on_commit_twophase)
+    event.listen(conn, "rollback_twophase", _on_rollback_twophase)
     event.listen(conn, "begin", _on_begin)
 
 
@@ -624,34 +629,72 @@ def _follow_commits(dialect: Any) -> None:
     if dialect.__dict__.get("_ormcache_do_commit") is not None:
         return
     do_commit = dialect.do_commit
+    do_commit_twophase = dialect.do_commit_twophase
 
     def announcing_commit(dbapi_connection: Any) -> None:
         committing = _commits().pop(id(dbapi_connection), None)
         do_commit(dbapi_connection)  # (failed: the rollback announces)
-        if committing is not None and committing[0] is dbapi_connection:
-            _announce(committing[1])
+        _committed(committing, dbapi_connection)
+
+    def announcing_commit_twophase(
+        connection: Any, xid: Any, is_prepared: bool = True, recover: bool = False
+    ) -> None:
+        committing = _commits().pop(id(connection), None)
+        do_commit_twophase(connection, xid, is_prepared, recover)
+        _committed(committing, connection)
 
     dialect._ormcache_do_commit = do_commit
     dialect.do_commit = announcing_commit
+    dialect.do_commit_twophase = announcing_commit_twophase
+
+
+def _committed(committing: tuple[Any, dict[str, Any]] | None, owner: Any) -> None:
+    """The commit of ``owner`` (a pooled DBAPI connection, or for a
+    two-phase commit the Connection) returned: announce what it wrote.
+    The commit is done: nothing may make it look failed."""
+    if committing is None or committing[0] is not owner:
+        return
+    try:
+        _announce(committing[1])
+    except Exception:
+        log.warning(
+            "could not announce a commit; its tables stay uncached until the "
+            "connection is used again",
+            exc_info=True,
+        )
 
 
 def _on_commit(conn: Connection) -> None:
     # before the DBAPI commit: fresh tokens follow it (_follow_commits), or
     # the next begin or checkin
     if _dirty:
-        info = conn.info
-        if _WRITTEN in info:
-            fairy = conn.connection
-            _commits()[id(fairy)] = (fairy, info)
-        pended = info.get(_PENDED)
-        if pended is not None and time.monotonic() - pended > PENDING_TTL / 2:
-            # the pending tokens may have expired while the transaction
-            # ran, and readers stored its tables' old rows under tokens of
-            # their own: pending again, until the commit is announced
-            for db, tables in (info.get(_WRITTEN) or {}).items():
-                for cache in list(_caches):
-                    cache._pre_invalidate(db, tables)
-        _settle(info)
+        _committing_now(conn, conn.connection)
+
+
+def _on_commit_twophase(conn: Connection, xid: Any, is_prepared: bool) -> None:
+    if _dirty:
+        _committing_now(conn, conn)
+
+
+def _on_rollback_twophase(conn: Connection, xid: Any, is_prepared: bool) -> None:
+    _on_rollback(conn)
+
+
+def _committing_now(conn: Connection, owner: Any) -> None:
+    """``conn``'s transaction is about to commit (``owner``: what the
+    dialect's commit is given)."""
+    info = conn.info
+    if _WRITTEN in info:
+        _commits()[id(owner)] = (owner, info)
+    pended = info.get(_PENDED)
+    if pended is not None and time.monotonic() - pended > PENDING_TTL / 2:
+        # the pending tokens may have expired while the transaction
+        # ran, and readers stored its tables' old rows under tokens of
+        # their own: pending again, until the commit is announced
+        for db, tables in (info.get(_WRITTEN) or {}).items():
+            for cache in list(_caches):
+                cache._pre_invalidate(db, tables)
+    _settle(info)
 
 
 def _on_rollback(conn: Connection) -> None:
@@ -695,7 +738,7 @@ def _announce(info: dict[str, Any]) -> None:
 _TEXT_READ = frozenset(
     "select show explain describe desc values pragma begin commit rollback "
     "savepoint release set analyze vacuum checkpoint listen notify fetch "
-    "declare close discard reset start end".split()
+    "declare close discard reset start end xa prepare".split()
 )
 #: one table name: quoted ("a ""b""", `a b`, [a b]) or bare
 _IDENT = r'(?:"(?:[^"]|"")+"|`[^`]+`|\[[^\]]+\]|[\w$]+)'

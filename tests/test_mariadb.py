@@ -207,6 +207,34 @@ class TestMariadbMemory(BackendTests):
         finally:
             self.engine.dispose()  # the connection keeps a SESSION level
 
+    @pytest.mark.parametrize("end", ["commit", "rollback"])
+    def test_a_two_phase_commit_is_announced_when_it_returns(self, end: str) -> None:
+        """XA: SQLAlchemy fires ``commit_twophase`` (not ``commit``) and
+        calls the dialect's ``do_commit_twophase``: the commit is announced
+        when it returns, with the Connection kept open, as a plain one is."""
+        from sqlalchemy import update
+
+        stmt = select(Template).where(Template.id == 1).options(FromCache("default"))
+        assert self.cached_names(stmt) == (["t1"], 1)
+        backend = self.cache.region("default").backend._cache  # type: ignore[attr-defined]
+        with self.engine.connect() as conn:
+            xa = conn.begin_twophase()
+            conn.execute(update(Template).where(Template.id == 1).values(name="new"))
+            assert self.cached_names(stmt) == (["t1"], 1)  # pending: not stored
+            if end == "rollback":
+                xa.rollback()
+                assert self.cached_names(stmt) == (["t1"], 1)  # stored again
+                assert self.cached_names(stmt) == (["t1"], 0)
+                return
+            for key in [k for k in backend if ":v:" in k]:
+                del backend[key]  # the pending tokens are evicted
+            assert self.cached_names(stmt) == (["t1"], 1)  # stored under its own tokens
+            xa.prepare()
+            xa.commit()
+            # still holding the connection, idle
+            assert self.cached_names(stmt) == (["new"], 1)
+            assert self.cached_names(stmt) == (["new"], 0)
+
     def test_isolation_level_of_a_statement_is_not_the_connections(self) -> None:
         """SQLAlchemy applies ``isolation_level`` set on an engine or a
         connection; in one statement's options it is ignored, and so is it

@@ -21,6 +21,18 @@ CASES = [
     ("/* UPDATE a */ SELECT 1", set()),
     ("EXPLAIN SELECT * FROM a", set()),
     ("EXPLAIN UPDATE a SET x = 1", set()),  # planned, not run
+    # two-phase commit's own statements (MySQL XA, PostgreSQL), and
+    # preparing a statement (it runs when EXECUTEd)
+    ("XA START 'x'", set()),
+    ("XA END 'x'", set()),
+    ("XA PREPARE 'x'", set()),
+    ("XA COMMIT 'x'", set()),
+    ("XA ROLLBACK 'x'", set()),
+    ("PREPARE TRANSACTION 'x'", set()),
+    ("COMMIT PREPARED 'x'", set()),
+    ("ROLLBACK PREPARED 'x'", set()),
+    ("PREPARE q AS UPDATE a SET x = 1", set()),
+    ("EXECUTE q", {UNKNOWN}),
     # one write
     ("UPDATE a SET x = 1", {"a"}),
     ("UPDATE a\nSET x = 1", {"a"}),
