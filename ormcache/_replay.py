@@ -175,7 +175,7 @@ def statement_runs(context: Any, statement: str) -> None:
     info = _record_info(root)
     if info is not None:
         info[BEGAN] = None if mark is None else (mark, weakref.ref(root))
-        if context.is_text and statement[:30].lstrip()[:3].upper() == "SET" and _SETS_ISOLATION.match(statement):
+        if context.is_text and _SETS_ISOLATION.match(statement):
             info[ISOLATION_SET] = True
 
 
@@ -183,8 +183,9 @@ def statement_runs(context: Any, statement: str) -> None:
 #: level on it (for as long as the DBAPI connection lives)
 ISOLATION_SET = "ormcache_isolation_set"
 _SETS_ISOLATION = re.compile(
-    r"\s*SET\s+(?:(?:GLOBAL|SESSION|LOCAL)\s+)?TRANSACTION\b"
-    r"|\s*SET\b.*\b(?:tx|transaction)_isolation\b",
+    r"(?:\s+|--[^\n]*\n|\#[^\n]*\n|/\*.*?\*/)*"  # (comments first)
+    r"SET\s+(?:(?:GLOBAL|SESSION|LOCAL)\s+)?TRANSACTION\b"
+    r"|(?:\s+|--[^\n]*\n|\#[^\n]*\n|/\*.*?\*/)*SET\b.*\b(?:tx|transaction)_isolation\b",
     re.IGNORECASE | re.DOTALL,
 )
 

@@ -187,6 +187,8 @@ class TestMariadbMemory(BackendTests):
             "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
             "set session transaction isolation level repeatable read",
             "SET @@session.tx_isolation = 'REPEATABLE-READ'",
+            "/* from the app */ SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+            "-- a comment\n  SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
         ],
     )
     def test_isolation_level_set_by_sql(self, sql: str) -> None:
