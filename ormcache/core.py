@@ -1199,12 +1199,26 @@ class OrmCache:
                     f"{', '.join(map(repr, unknown))}; its named parameters: "
                     f"{', '.join(map(repr, named)) or 'none'}"
                 )
-        if session is not None:
-            bind = session.get_bind(clause=statement)
         # (database, shard part of the key, dialect) of each entry to drop
         targets: list[tuple[str, Any, Any]]
-        if bind is not None:
-            targets = [(database_id(bind), shard, bind.dialect)]
+        dbs: set[str] | None = None
+        if session is not None and _is_sharded(session):
+            # its shards (the one named by shard=), each entry per shard
+            shards = _compat.shard_binds(session)
+            if shard is not None:
+                if shard not in shards:
+                    raise ConfigurationError(
+                        f"invalidate(statement, shard={shard!r}): the session has no such "
+                        f"shard; its shards: {', '.join(map(repr, shards))}"
+                    )
+                shards = {shard: shards[shard]}
+            targets = [(database_id(e), sid, e.dialect) for sid, e in shards.items()]
+            dbs = {t[0] for t in targets}
+        elif session is not None or bind is not None:
+            target = session.get_bind(clause=statement) if session is not None else bind
+            assert target is not None
+            targets = [(database_id(target), shard, target.dialect)]
+            dbs = {targets[0][0]}
         else:
             targets = [(db, shard, dialect) for db, dialect in self._databases.items()]
             if not targets:
@@ -1213,7 +1227,7 @@ class OrmCache:
                     "so it cannot tell which one the statement's entry belongs to; pass "
                     "session= or bind="
                 )
-        targets += self._shard_targets(None if bind is None else targets[0][0], shard)
+        targets += self._shard_targets(dbs, shard)
         for db, part, dialect in dict.fromkeys(targets):
             shape = self._shapes.shape(cache_key, statement, dialect)
             values = None if option.cache_key is not None else parameter_values(cache_key, params)
@@ -1222,21 +1236,21 @@ class OrmCache:
             if not store.delete(key):
                 raise BackendError(store.name, "delete an entry") from store.last_error
 
-    def _shard_targets(self, db: str | None, shard: Any) -> list[tuple[str, Any, Any]]:
+    def _shard_targets(self, dbs: set[str] | None, shard: Any) -> list[tuple[str, Any, Any]]:
         """The entries of a statement that a ``ShardedSession`` ran on
         several shards, as (database, shard part of the key, dialect): the
         merged entry of each group of shards this process cached from, and
         the per-shard entries it is refilled from, limited to those of
-        database ``db`` and of ``shard`` when given."""
+        databases ``dbs`` and of ``shard`` when given."""
         targets = []
         for (shard_ids, _), group in list(self._groups.items()):
-            if group is None or (db is not None and db not in group.dbs):
+            if group is None or (dbs is not None and dbs.isdisjoint(group.dbs)):
                 continue
             if shard is not None and shard not in shard_ids:
                 continue
             targets.append((group.db, group.shards, group.dialect))
             for sid, shard_db in zip(shard_ids, group.dbs):
-                if (shard is None or sid == shard) and (db is None or shard_db == db):
+                if (shard is None or sid == shard) and (dbs is None or shard_db in dbs):
                     targets.append((shard_db, sid, group.dialect))
         return targets
 

@@ -332,7 +332,7 @@ def test_invalidate_model_on_a_shard_reaches_results_of_unknown_tables(env: Env)
     assert count() == 2
 
 
-@pytest.mark.parametrize("how", ["no-arguments", "shard", "bind"])
+@pytest.mark.parametrize("how", ["no-arguments", "shard", "bind", "session", "session-and-shard"])
 def test_invalidate_a_statement_run_on_several_shards(env: Env, how: str) -> None:
     """``invalidate(stmt)`` drops the entry a statement run on several
     shards is cached as (and the per-shard entries it is refilled from)."""
@@ -351,8 +351,13 @@ def test_invalidate_a_statement_run_on_several_shards(env: Env, how: str) -> Non
     finally:
         raw.close()
     assert names() == before
-    kw = {"shard": {"shard": "s1"}, "bind": {"bind": env.engines["s1"]}}.get(how, {})
-    env.cache.invalidate(stmt, **kw)
+    kw: dict[str, Any] = {"shard": {"shard": "s1"}, "bind": {"bind": env.engines["s1"]}}.get(how, {})
+    with env.cached() as session:
+        if how.startswith("session"):
+            kw["session"] = session
+        if how == "session-and-shard":
+            kw["shard"] = "s1"
+        env.cache.invalidate(stmt, **kw)
     after = names()
     assert "outside" in after and "s1-1" not in after
 
