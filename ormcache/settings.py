@@ -416,6 +416,8 @@ def _check_memcached_servers(region: str, servers: Any) -> None:
     except ImportError:  # (an older pylibmc: it will say so itself)
         return
     for server in servers or ():
+        if isinstance(server, tuple) and len(server) == 3:
+            continue  # pylibmc's own (type, address, port), taken as it is
         try:
             if not isinstance(server, str):
                 raise TypeError(f"not a string but {type(server).__name__}")
