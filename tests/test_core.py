@@ -14,6 +14,7 @@ import ormcache
 from ormcache import FromCache, OrmCache, UnknownRegionError
 from ormcache.testing import QueryCounter
 from ormcache.testing.fixtures import Base, Template, seed
+from unseen import unseen_write
 
 
 @pytest.fixture
@@ -150,12 +151,7 @@ def test_invalidate_a_legacy_query(env: Any) -> None:
             return [t.name for t in query(s)]
 
     before = names()
-    raw = engine.raw_connection()  # a write SQLAlchemy does not see
-    try:
-        raw.cursor().execute("UPDATE templates SET name = 'outside' WHERE store_id = 1")
-        raw.commit()
-    finally:
-        raw.close()
+    unseen_write(engine, "UPDATE templates SET name = 'outside' WHERE store_id = 1")
     assert names() == before  # still cached
     with maker() as s:
         cache.invalidate(query(s))
@@ -721,12 +717,7 @@ def test_explicit_invalidation_reaches_results_of_unknown_tables(env: Any, how: 
 
     assert count() == (100, 1)
     assert count() == (100, 0)
-    raw = engine.raw_connection()  # a writer ormcache does not see
-    try:
-        raw.cursor().execute("DELETE FROM templates WHERE id = 100")
-        raw.commit()
-    finally:
-        raw.close()
+    unseen_write(engine, "DELETE FROM templates WHERE id = 100")
     assert count() == (100, 0)
     if how == "model":
         cache.invalidate(Template)

@@ -15,6 +15,7 @@ from sqlalchemy.orm import sessionmaker
 from ormcache import ConfigurationError, FromCache, OrmCache
 from ormcache.testing import QueryCounter
 from ormcache.testing.fixtures import Base, Template, seed
+from unseen import unseen_write
 
 SHARDS = ("s0", "s1", "s2")
 
@@ -318,12 +319,7 @@ def test_invalidate_model_on_a_shard_reaches_results_of_unknown_tables(env: Env)
             return int(s.execute(stmt).scalar_one())
 
     assert count() == 3
-    raw = env.engines["s1"].raw_connection()  # a writer ormcache does not see
-    try:
-        raw.cursor().execute("DELETE FROM templates WHERE id = 3")
-        raw.commit()
-    finally:
-        raw.close()
+    unseen_write(env.engines["s1"], "DELETE FROM templates WHERE id = 3")
     env.selects()
     assert count() == 3 and env.selects()["s1"] == 0
     env.cache.invalidate(Template, shard="s0")
@@ -344,12 +340,7 @@ def test_invalidate_a_statement_run_on_several_shards(env: Env, how: str) -> Non
 
     before = names()
     assert "s1-1" in before
-    raw = env.engines["s1"].raw_connection()  # a writer ormcache does not see
-    try:
-        raw.cursor().execute("UPDATE templates SET name = 'outside' WHERE id = 1")
-        raw.commit()
-    finally:
-        raw.close()
+    unseen_write(env.engines["s1"], "UPDATE templates SET name = 'outside' WHERE id = 1")
     assert names() == before
     kw: dict[str, Any] = {"shard": {"shard": "s1"}, "bind": {"bind": env.engines["s1"]}}.get(how, {})
     with env.cached() as session:
