@@ -403,7 +403,11 @@ class OrmCache:
             # (attached twice: to a sessionmaker and to its Session class)
             # or of another OrmCache's: that one caches it
             return None
-        store = self._store(option.region)
+        store = self._stores.get(option.region)
+        if store is None:
+            if any(option.region in c._stores for c in invalidation.caches() if c is not self):
+                return None  # another OrmCache attached to the session declares it
+            raise UnknownRegionError(option.region, self._stores)
         session = orm_context.session
         bind_arguments = orm_context.bind_arguments
         statement = orm_context.statement

@@ -382,6 +382,11 @@ def register(cache: OrmCache) -> None:
             _installed = True
 
 
+def caches() -> list[OrmCache]:
+    """The live (not closed) OrmCache instances of the process."""
+    return list(_caches)
+
+
 def unregister(cache: OrmCache) -> None:
     with _install_lock:
         _caches.discard(cache)

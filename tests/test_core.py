@@ -806,6 +806,37 @@ def test_two_caches_on_one_session_factory(tmp_path: Any, request: Any, backend:
         engine.dispose()
 
 
+def test_two_caches_with_regions_of_their_own(tmp_path: Any) -> None:
+    """Two OrmCache instances on one sessionmaker, each declaring a region
+    the other does not: a statement is cached by the one that declares
+    its region; one that no cache declares is an error naming the region."""
+    from ormcache import UnknownRegionError
+
+    engine = create_engine(f"sqlite:///{tmp_path}/db.sqlite")
+    Base.metadata.create_all(engine)
+    seed(engine, stores=1, per_store=3)
+    maker = sessionmaker(engine)
+    caches = [
+        OrmCache.from_settings({"namespace": "a" + uuid.uuid4().hex[:8], "regions": {"first": {"backend": "memory"}}}),
+        OrmCache.from_settings({"namespace": "b" + uuid.uuid4().hex[:8], "regions": {"second": {"backend": "memory"}}}),
+    ]
+    for cache in caches:
+        cache.attach(maker)
+    try:
+        for region in ("first", "second"):
+            stmt = select(Template.name).where(Template.id == 1).options(FromCache(region))
+            for expected in (1, 0):
+                with QueryCounter(engine) as c, maker() as s:
+                    assert s.execute(stmt).scalar_one() == "t1"
+                assert c.selects == expected, region
+        with maker() as s, pytest.raises(UnknownRegionError, match="nowhere"):
+            s.execute(select(Template).options(FromCache("nowhere")))
+    finally:
+        for cache in caches:
+            cache.close()
+        engine.dispose()
+
+
 def test_attach_after_close_is_refused(env: Any) -> None:
     """A closed cache no longer follows writes: caching reads through it
     again would serve stale rows."""
