@@ -6,9 +6,10 @@ L1 in relaxed mode keeps the tokens it has seen in memory and subscribes to
 that channel: a hit found in its L1 is then validated against those local
 tokens, with no round trip at all.  A result can be served stale for as
 long as a message takes to arrive (measured in docs/guide.md); whenever the
-subscription is not known to be live (connecting, a dropped connection),
-the local tokens are forgotten and hits are validated against Redis as in
-the default mode.
+subscription is not known to be live (connecting, a dropped connection, a
+server that has not answered a PING for :data:`LIVENESS` seconds), the
+local tokens are forgotten and hits are validated against Redis as in the
+default mode.
 """
 
 from __future__ import annotations
@@ -90,6 +91,15 @@ class Subscriber:
             self.generation += 1
             self.tokens.update(mapping)
 
+    def drop(self, keys: list[str]) -> None:
+        """Tokens this process wrote: read them from the backend next time
+        (writing them here could put back a token older than one a message
+        from another process brought meanwhile)."""
+        with self._lock:
+            self.generation += 1
+            for key in keys:
+                self.tokens.pop(key, None)
+
     def close(self) -> None:
         self._stop.set()
 
@@ -107,10 +117,22 @@ class Subscriber:
                 client = self.client() if callable(self.client) else self.client
                 pubsub = client.pubsub(ignore_subscribe_messages=False)
                 pubsub.subscribe(self.channel)
+                heard = time.monotonic()  # from the server, last
+                pinged = heard
                 while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=0.5)
+                    message = pubsub.get_message(timeout=PING_EVERY)
+                    now = time.monotonic()
                     if message is None:
+                        # a connection that died silently (a partition, a
+                        # half-open socket after a failover) raises nothing:
+                        # a PING unanswered for LIVENESS seconds ends it
+                        if now - heard > LIVENESS:
+                            raise ConnectionError(f"no reply from the server for {LIVENESS:g} s")
+                        if now - pinged >= PING_EVERY:
+                            pubsub.ping()
+                            pinged = now
                         continue
+                    heard = now
                     kind = message.get("type")
                     if kind == "subscribe":
                         with self._lock:
@@ -139,6 +161,12 @@ class Subscriber:
                     except Exception:
                         pass
 
+
+#: an idle subscription PINGs the server every PING_EVERY seconds, and is
+#: given up (its tokens forgotten: hits are validated against Redis) when
+#: nothing came from the server for LIVENESS seconds
+PING_EVERY = 0.25
+LIVENESS = 1.0
 
 _subscribers: weakref.WeakSet[Subscriber] = weakref.WeakSet()
 

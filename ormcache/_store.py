@@ -379,6 +379,9 @@ class Store:
         for serializing backends), not dogpile's pickled ``CachedValue``, so
         that reading them costs no deserialization."""
         region = self.region
+        # (announced and known in this process by ormcache's own names: a
+        # relaxed L1 looks its tokens up by those)
+        tokens = dict(mapping)
         mangler = region.key_mangler
         if mangler is not None:
             mapping = {mangler(k): v for k, v in mapping.items()}
@@ -392,7 +395,7 @@ class Store:
                 # (while the circuit is open, the client's short timeout)
                 from ._pubsub import message
 
-                done = writer(payload, channel, message(dict(mapping)) if channel is not None else None)
+                done = writer(payload, channel, message(tokens) if channel is not None else None)
             if done is not None:
                 # written (and announced, or the announcement's error)
                 published = channel is not None
@@ -405,7 +408,7 @@ class Store:
                 backend = region.backend
                 pipe = backend.writer_client.pipeline(transaction=False)  # type: ignore[attr-defined]
                 _queue(pipe, _set_commands(backend.redis_expiration_time, payload))  # type: ignore[attr-defined]
-                pipe.publish(channel, message(dict(mapping)))
+                pipe.publish(channel, message(tokens))
                 *stored, announced = pipe.execute(raise_on_error=False)
                 for result in stored:
                     if isinstance(result, Exception):
@@ -421,13 +424,15 @@ class Store:
                 region.backend.set_multi(mapping)
         if self.subscriber is not None:
             # this process's own writes count at once, not when their
-            # message comes back
-            self.subscriber.apply(dict(mapping))
+            # message comes back: its next reads of them go to the backend
+            # (not the tokens themselves: another process's newer ones may
+            # have arrived since they were written)
+            self.subscriber.drop(list(tokens))
         if channel is not None and not published:
             from ._pubsub import publish
 
             try:
-                publish(region.backend.writer_client, channel, dict(mapping))
+                publish(region.backend.writer_client, channel, tokens)
             except Exception as err:
                 # the tokens are written: only the announcement is missing
                 self._cannot_publish(err)

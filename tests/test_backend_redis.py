@@ -1226,3 +1226,90 @@ def test_reads_keep_to_the_client_where_it_must_see_every_command(redis_url: str
         cache.close()
         engine.dispose()
         pool.disconnect()
+
+
+def test_relaxed_l1_gives_up_a_silent_subscription() -> None:
+    """A server that stops answering without closing anything (a
+    partition, a half-open socket after a failover; here a stopped
+    process) raises nothing on the subscription: an unanswered PING gives
+    it up within LIVENESS seconds, after which hits are validated against
+    Redis (and fall back to the database while it does not answer)."""
+    import os
+    import signal
+    import time
+    import uuid
+
+    import consistency_checker as cc
+
+    from ormcache import OrmCache
+    from ormcache._pubsub import LIVENESS, PING_EVERY
+
+    if not cc.PrivateServer.available("redis"):
+        from servers import unavailable
+
+        unavailable("redis-server is not on PATH: cannot run a private Redis")
+    server = cc.PrivateServer("redis")
+    server.start()
+    assert server.proc is not None
+    region = {"backend": "redis", "l1": {"max_entries": 10, "mode": "relaxed"}, "arguments": {"url": server.url}}
+    cache = OrmCache.from_settings({"namespace": "sl" + uuid.uuid4().hex[:8], "regions": {"r": region}})
+    subscriber = cache._stores["r"].subscriber
+    assert subscriber is not None
+
+    def wait_for(healthy: bool, seconds: float) -> float:
+        started = time.monotonic()
+        while subscriber.healthy is not healthy:
+            assert time.monotonic() - started < seconds, f"healthy is still {not healthy}"
+            time.sleep(0.01)
+        return time.monotonic() - started
+
+    try:
+        wait_for(True, 5)
+        subscriber.tokens["some:key"] = "t"
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            assert wait_for(False, LIVENESS + 2 * PING_EVERY + 1) <= LIVENESS + 2 * PING_EVERY + 1
+            assert subscriber.tokens == {}
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        wait_for(True, 10)  # and it follows the channel again
+    finally:
+        cache.close()
+        server.close()
+
+
+def test_own_token_writes_never_put_back_an_older_token(redis_url: str, monkeypatch: Any) -> None:
+    """A relaxed L1's process writes a token, and before it records it
+    locally a message brings a newer one that another process wrote: the
+    older one must not overwrite it (its own writes are read back from
+    Redis instead of taken as current)."""
+    import time
+    import uuid
+
+    from ormcache import OrmCache
+
+    region = {"backend": "redis", "l1": {"max_entries": 10, "mode": "relaxed"}, "arguments": {"url": redis_url}}
+    cache = OrmCache.from_settings({"namespace": "ow" + uuid.uuid4().hex[:8], "regions": {"r": region}})
+    store = cache._stores["r"]
+    subscriber = store.subscriber
+    assert subscriber is not None
+    deadline = time.monotonic() + 5
+    while not subscriber.healthy:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    key = cache._keys.model("probe")
+    backend = store.region.backend
+    write = backend.set_serialized_multi
+
+    def written_then_overtaken(mapping: Any) -> None:
+        write(mapping)
+        subscriber.apply({key: "newer"})  # another process's, arrived meanwhile
+
+    monkeypatch.setattr(store, "_token_writer", None)  # (through the backend)
+    monkeypatch.setattr(backend, "set_serialized_multi", written_then_overtaken)
+    monkeypatch.setattr(store, "publish_channel", None)
+    try:
+        store.set_many({key: "older"})
+        assert subscriber.tokens.get(key) != "older"
+    finally:
+        cache.close()
