@@ -1313,3 +1313,41 @@ def test_own_token_writes_never_put_back_an_older_token(redis_url: str, monkeypa
         assert subscriber.tokens.get(key) != "older"
     finally:
         cache.close()
+
+
+def test_relaxed_l1_messages_name_keys_as_ormcache_does(redis_url: str) -> None:
+    """A region given with a ``key_mangler``: its messages carry ormcache's
+    own key names, which a relaxed L1 looks its tokens up by."""
+    import time
+    import uuid
+
+    from dogpile.cache import make_region
+
+    from ormcache import OrmCache, load_settings
+
+    region = make_region(key_mangler=lambda key: "mangled:" + key).configure(
+        "dogpile.cache.redis", arguments={"url": redis_url}
+    )
+    settings = load_settings(
+        {
+            "namespace": "km" + uuid.uuid4().hex[:8],
+            "regions": {"r": {"backend": "redis", "l1": {"max_entries": 10, "mode": "relaxed"}}},
+        }
+    )
+    cache = OrmCache(settings, regions={"r": region})
+    store = cache._stores["r"]
+    subscriber = store.subscriber
+    assert subscriber is not None
+    key = cache._keys.model("probe")
+    try:
+        deadline = time.monotonic() + 5
+        while not subscriber.healthy:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        store.set_many({key: "t1"})
+        while subscriber.tokens.get(key) != "t1":  # its own message, back
+            assert time.monotonic() < deadline, subscriber.tokens
+            time.sleep(0.01)
+        assert not any(k.startswith("mangled:") for k in subscriber.tokens)
+    finally:
+        cache.close()
