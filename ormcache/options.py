@@ -149,6 +149,11 @@ class RelationshipCache(FromCache):
         path = orm_context.loader_strategy_path
         if not path or not orm_context.is_relationship_load:
             return None
+        if orm_context.load_options._refresh_state is not None:
+            # Session.refresh() or expired attributes of an object a cached
+            # lazy load brought: they ask the database (the option travels
+            # with the object's load path)
+            return None
         mapper, prop = path[-2:]
         key = getattr(prop, "key", None)
         class_ = getattr(mapper, "class_", None)

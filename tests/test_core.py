@@ -846,3 +846,24 @@ def test_attach_after_close_is_refused(env: Any) -> None:
     cache.close()
     with pytest.raises(ConfigurationError, match="closed"):
         cache.attach(sessionmaker(engine))
+
+
+def test_refresh_of_an_object_a_cached_lazy_load_brought(env: Any) -> None:
+    """``Session.refresh()`` and expired attributes ask the database, also
+    for an object that a ``RelationshipCache`` lazy load brought in (the
+    option travels with the object's load path): refresh is how an
+    application re-reads a row something outside SQLAlchemy changed."""
+    from ormcache import RelationshipCache
+    from ormcache.testing.fixtures import Store
+
+    engine, maker, _ = env
+    stmt = select(Store).where(Store.id == 1).options(RelationshipCache(Store.templates))
+    with maker() as s:
+        template = next(t for t in s.scalars(stmt).one().templates if t.id == 1)
+        s.refresh(template)
+        unseen_write(engine, "UPDATE templates SET name = 'outside' WHERE id = 1")
+        s.refresh(template)
+        assert template.name == "outside"
+        unseen_write(engine, "UPDATE templates SET name = 'outside again' WHERE id = 1")
+        s.expire(template)
+        assert template.name == "outside again"
