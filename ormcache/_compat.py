@@ -22,8 +22,10 @@ __all__ = [
     "executing_flush",
     "generate_cache_key",
     "fan_out",
+    "forget_region_locks",
     "in_aiosqlite_thread",
     "in_async_greenlet",
+    "on_client_created",
     "pool_ends_transactions",
     "query_statement",
     "run_after_routing",
@@ -179,6 +181,29 @@ def fan_out(orm_context: Any) -> tuple[Any, ...] | None:
 def shard_binds(session: Any) -> Mapping[Any, Any]:
     """A ``ShardedSession``'s shard id -> engine mapping."""
     return session._ShardedSession__shards  # type: ignore[no-any-return]
+
+
+def on_client_created(backend: Any, callback: Callable[[Any], None]) -> None:
+    """Call ``callback(client)`` with each client that dogpile's memcached
+    ``backend`` makes (one per thread, in its ``_create_client``)."""
+    create = backend._create_client
+
+    def created() -> Any:
+        client = create()
+        callback(client)
+        return client
+
+    backend._create_client = created
+
+
+def forget_region_locks(region: Any) -> None:
+    """In a forked child: dogpile's per-key locks of ``region`` (its
+    ``_lock_registry``, in-process locks for backends without a
+    distributed one) may be held by a thread of the parent, which the
+    child does not have; a fresh registry."""
+    registry = getattr(region, "_lock_registry", None)
+    if registry is not None:
+        region._lock_registry = type(registry)(region._create_mutex)
 
 
 def session_connection(session: Session, bind: Any) -> Connection | None:

@@ -55,11 +55,39 @@ def _last_try() -> None:
     for store in list(_retrying):
         store.flush_lost()
 
+#: dogpile's pylibmc clients by the thread they were made for (one each)
+_thread_clients: weakref.WeakKeyDictionary[threading.Thread, list[Any]] = weakref.WeakKeyDictionary()
+#: those clients, held across a fork (see _before_fork)
+_fork_kept: list[Any] = []
+
+
+def _thread_client(client: Any) -> None:
+    _thread_clients.setdefault(threading.current_thread(), []).append(client)
+
+
+def _before_fork() -> None:
+    """A forked child drops the thread-local values of the threads it does
+    not have, dogpile's pylibmc clients of the parent's other threads among
+    them, and freeing a client sends "quit" on the socket the parent's
+    thread still uses: they are held across the fork (and in the child,
+    for good: :data:`_inherited`)."""
+    global _fork_kept
+    _fork_kept = [c for clients in list(_thread_clients.values()) for c in clients]
+
+
+def _after_fork_in_parent() -> None:
+    global _fork_kept
+    _fork_kept = []
+
+
 def _after_fork_in_child() -> None:
     """A forked child inherits the parent's locks as they were, maybe held
     by a thread it does not have (a replay waiting on a dead backend), and
     no retry thread: fresh locks, and the lost keys are retried anew."""
-    global _retry_lock, _readers_lock
+    global _retry_lock, _readers_lock, _fork_kept
+    _inherited.extend(_fork_kept)
+    _fork_kept = []
+    _thread_clients.clear()
     _retry_lock = threading.Lock()
     _readers_lock = threading.Lock()
     _retrying.clear()
@@ -68,14 +96,27 @@ def _after_fork_in_child() -> None:
         store._replaying = threading.Lock()
         store._releases_lock = threading.Lock()
         store._lost_releases = []  # the parent's locks: the parent releases them
+        # the keys' locks, maybe held by the parent's threads filling them
+        store._local_locks = NameRegistry(_local_lock)
+        _compat.forget_region_locks(store.region)
+        if store.l1 is not None:
+            store.l1.after_fork()
+        if store._token_writer is not None:
+            store._token_writer.after_fork()
         if store._lost or store._lost_all:
             store._start_retrying()
+        if store._open_until:
+            store._start_probing()  # the parent's probe thread is not here
     for reader in list(_readers):
         reader.forget()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
 
 __all__ = ["Store"]
 
@@ -189,6 +230,8 @@ class Store:
         #: moves each time lost invalidations were written
         self._replayed = 0
         _all_stores.add(self)
+        if type(region.backend).__module__ == "dogpile.cache.backends.memcached":
+            _compat.on_client_created(region.backend, _thread_client)
 
     @property
     def shared(self) -> bool:
@@ -238,6 +281,12 @@ class Store:
         if self._open_until and not self.available:
             return None
         try:
+            if self._lost or self._lost_all or self._replaying.locked():
+                # invalidations this process could not write yet (or is
+                # writing): nothing read can be trusted before they are
+                self._replay_lost()
+                if self._lost or self._lost_all:
+                    return None  # (not written: the database answers)
             replayed = self._replayed
             values = self._read(keys)
             if (self._failures and self._recovered()) or self._replayed != replayed:
@@ -544,6 +593,11 @@ class Store:
                 self.failed("write", err)
             return
 
+    def _start_probing(self) -> None:
+        threading.Thread(
+            target=self._probe_loop, name=f"ormcache-probe-{self.name}", daemon=True
+        ).start()
+
     def _start_retrying(self) -> None:
         with _retry_lock:
             if self in _retrying:
@@ -771,9 +825,7 @@ class Store:
         if count and self._failures >= self.failure_threshold and not self._open_until:
             self._retry = self.retry_after
             self._open_until = now + self._retry
-            threading.Thread(
-                target=self._probe_loop, name=f"ormcache-probe-{self.name}", daemon=True
-            ).start()
+            self._start_probing()
         if now - self._last_warning >= 10.0:
             self._last_warning = now
             log.warning(
@@ -809,6 +861,10 @@ class L1:
         except (TypeError, IndexError, KeyError):
             return 64
         return len(rows) + 64 if isinstance(rows, (bytes, bytearray)) else 1024
+
+    def after_fork(self) -> None:
+        """In a forked child: the parent's lock may have been held."""
+        self._lock = threading.Lock()
 
     def get(self, key: str, default: Any = None) -> Any:
         with self._lock:
@@ -1367,6 +1423,11 @@ class _TokenWriter:
                 "receive_timeout": ms * 1000,
                 "send_timeout": ms * 1000,
             }
+
+    def after_fork(self) -> None:
+        """In a forked child: the parent's lock may have been held (its
+        clients stay in ``_clients``: never freed, see :meth:`__call__`)."""
+        self._lock = threading.Lock()
 
     @classmethod
     def for_region(cls, region: CacheRegion, seconds: float, reader: _RedisReader | None) -> _TokenWriter | None:

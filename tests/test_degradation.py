@@ -542,7 +542,6 @@ def test_a_read_that_races_the_replay_of_lost_invalidations_reads_again(monkeypa
     store = cache._stores["r"]
     try:
         store.set_many({"v:1": "old"})
-        store._lost = {"v:1"}  # lost during an outage, not yet written
         from ormcache._store import Store
 
         original = Store._read
@@ -552,7 +551,11 @@ def test_a_read_that_races_the_replay_of_lost_invalidations_reads_again(monkeypa
             values = original(self, keys)
             calls.append(values)
             if len(calls) == 1:
-                self._replay_lost()  # the retry thread, between the read and its use
+                # lost during an outage (by another thread, after this read
+                # checked for lost ones), and written by the retry thread
+                # between the read and its use
+                self._lost = {"v:1"}
+                self._replay_lost()
             return values
 
         monkeypatch.setattr(Store, "_read", read_then_replay)
@@ -690,3 +693,151 @@ def test_lost_invalidations_are_retried_at_least_every_second(env: Any, monkeypa
     store._retry_loop()  # (in this thread: returns once they are written)
     assert not store._lost and len(sleeps) >= 12
     assert max(sleeps) <= store.max_lost_retry_after == 1.0
+
+
+def test_a_read_trusts_nothing_while_invalidations_are_unwritten(monkeypatch: Any) -> None:
+    """Invalidations lost during an outage, the backend answering again
+    and no failure counted since (the circuit closed, the retry thread not
+    done yet): a read writes them before it reads, and when they cannot be
+    written, the database answers."""
+    cache = OrmCache.from_settings({"namespace": "tr" + uuid.uuid4().hex[:8], "regions": {"r": {"backend": "memory"}}})
+    store = cache._stores["r"]
+    try:
+        store.set_many({"v:1": "old"})
+        store._lost = {"v:1"}  # not yet written
+        values = store.get_many(["entry", "v:1"])
+        assert values is not None and values[1] not in ("old", NO_VALUE) and not store._lost
+        store._lost = {"v:1"}
+
+        from ormcache._store import Store
+
+        def refused(self: Any, mapping: Any) -> None:
+            raise ConnectionError("still refusing writes")
+
+        monkeypatch.setattr(Store, "_write_tokens", refused)
+        assert store.get_many(["entry", "v:1"]) is None
+        assert store._lost == {"v:1"}
+    finally:
+        monkeypatch.undo()
+        cache.close()
+
+
+def _in_forked_child(check: Any) -> int:
+    """Fork; run ``check()`` in the child (a hang ends it after 10 s);
+    the child's exit code: 0 if it returned True."""
+    import os
+    import signal
+
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(10)
+        try:
+            ok = bool(check())
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_a_child_forked_while_a_key_is_being_filled(backend: str, request: Any) -> None:
+    """The thread filling a cold key holds its lock when the process forks:
+    the child, which does not have that thread, must not wait for it."""
+    arguments = {"url": request.getfixturevalue("redis_url")} if backend == "redis" else {}
+    cache = OrmCache.from_settings(
+        {"namespace": "fl" + uuid.uuid4().hex[:8], "regions": {"r": {"backend": backend, "arguments": arguments}}}
+    )
+    store = cache._stores["r"]
+
+    def lock() -> Any:
+        # dogpile's in-process lock of the key; in front of a distributed
+        # lock, the in-process one that the process's threads queue on
+        return store.mutex("entry") if backend == "memory" else store._local_locks.get("entry")
+
+    try:
+        held = lock()
+        assert held.acquire(False)  # (as _lookup_miss holds it)
+
+        def lock_free() -> bool:
+            mutex = lock()
+            taken = mutex.acquire(False)
+            if taken:
+                mutex.release()
+            return bool(taken)
+
+        assert _in_forked_child(lock_free) == 0
+        held.release()
+    finally:
+        cache.close()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_child_forked_while_the_circuit_is_open_closes_it() -> None:
+    """The circuit is open when the process forks (the backend was down as
+    a preloading master warmed up): the child probes the backend itself,
+    since the parent's probe thread is not in it."""
+    import time
+
+    cache = OrmCache.from_settings({"namespace": "oc" + uuid.uuid4().hex[:8], "regions": {"r": {"backend": "memory"}}})
+    store = cache._stores["r"]
+    try:
+        store._retry = 0.05
+        store._open_until = time.monotonic() + 0.05  # open, no probe thread here
+
+        def closes() -> bool:
+            deadline = time.monotonic() + 5
+            while not store.available:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.01)
+            return True
+
+        assert _in_forked_child(closes) == 0
+    finally:
+        store._open_until = 0.0
+        cache.close()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_fork_leaves_the_parents_memcached_connections_alone(memcached_url: str) -> None:
+    """A forked child drops the thread-local values of the parent's other
+    threads, dogpile's pylibmc clients among them; freeing one would send
+    "quit" on the socket that thread still uses."""
+    import os
+    import queue
+    import threading
+
+    cache = OrmCache.from_settings(
+        {
+            "namespace": "mq" + uuid.uuid4().hex[:8],
+            "regions": {"r": {"backend": "memcached", "arguments": {"url": [memcached_url]}}},
+        }
+    )
+    region = cache.region("r")
+    asks: queue.Queue[str] = queue.Queue()
+    answers: queue.Queue[Any] = queue.Queue()
+
+    def worker() -> None:  # a thread of the parent with a client of its own
+        while (ask := asks.get()) != "stop":
+            try:
+                region.backend.client.set(ask, b"1")
+                answers.put(region.backend.client.get(ask))
+            except Exception as err:
+                answers.put(err)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    try:
+        asks.put("mq-before")
+        assert answers.get(timeout=5) == b"1"
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        asks.put("mq-after")
+        assert answers.get(timeout=5) == b"1"
+    finally:
+        asks.put("stop")
+        cache.close()
