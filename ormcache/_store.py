@@ -423,6 +423,43 @@ class Store:
             self.failed("read", err)
             return None
 
+    def _write_or_drop(self, mapping: Mapping[str, str]) -> None:
+        """:meth:`_write_tokens`; when the backend refuses for want of memory
+        (a full Redis with ``noeviction``, a full memcached with ``-M``),
+        which it does for writes but not for deletes: delete the version
+        keys instead.  A missing token validates nothing, so the
+        invalidation holds; the tokens are made again by the next fill."""
+        try:
+            self._write_tokens(mapping)
+        except Exception as err:
+            text = str(err)
+            if not (
+                type(err).__name__ == "OutOfMemoryError"
+                or text.startswith("OOM")
+                or "out of memory" in text.lower()
+            ):
+                raise
+            self.region.delete_multi(list(mapping))  # (raises if this fails too)
+            if self.subscriber is not None:
+                self.subscriber.drop(list(mapping))
+            if self.publish_channel is not None:
+                from ._pubsub import publish
+
+                try:  # (PUBLISH allocates nothing a full server refuses)
+                    publish(self.region.backend.writer_client, self.publish_channel, dict(mapping))
+                except Exception:
+                    pass
+            now = time.monotonic()
+            if now - self._last_warning >= 10.0:
+                self._last_warning = now
+                log.warning(
+                    "cache region %r: the backend is out of memory; version keys deleted "
+                    "instead of written: %s",
+                    self.name,
+                    err,
+                    extra=_fields(self.name, "out_of_memory"),
+                )
+
     def _write_tokens(self, mapping: Mapping[str, str]) -> None:
         """Version tokens go to the backend as they are: raw strings (bytes
         for serializing backends), not dogpile's pickled ``CachedValue``, so
@@ -560,7 +597,7 @@ class Store:
         if versions or not (self._open_until and not self.available):
             try:
                 if versions:
-                    self._write_tokens(mapping)
+                    self._write_or_drop(mapping)
                 else:
                     self.region.set_multi(mapping)
                 if self._failures:
@@ -710,7 +747,7 @@ class Store:
         if lost_all and self._lost_fallback is not None:
             keys = [self._lost_fallback]
         try:
-            self._write_tokens(dict.fromkeys(keys, self._fresh_token()))
+            self._write_or_drop(dict.fromkeys(keys, self._fresh_token()))
         except BaseException:
             self._remember_lost(keys)
             raise

@@ -841,3 +841,31 @@ def test_a_fork_leaves_the_parents_memcached_connections_alone(memcached_url: st
     finally:
         asks.put("stop")
         cache.close()
+
+
+def test_a_full_redis_drops_the_version_keys_it_cannot_write() -> None:
+    """Redis at ``maxmemory`` with ``noeviction`` refuses writes but not
+    deletes: an invalidation deletes the version keys it cannot write (a
+    missing token validates nothing) rather than stay unwritten while every
+    other process serves the entries it was to drop."""
+    import redis
+
+    with _private_server("redis") as (_, address):
+        url = f"redis://{address}/0"
+        cache = OrmCache.from_settings(
+            {"namespace": "oom" + uuid.uuid4().hex[:8], "regions": {"r": {"backend": "redis", "arguments": {"url": url}}}}
+        )
+        store = cache._stores["r"]
+        admin = redis.Redis.from_url(url)
+        try:
+            assert store.set_many({"v:1": "before"})
+            assert admin.exists("v:1")
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", "1")  # full: every write refused
+            assert store.set_many({"v:1": "after"})
+            assert not admin.exists("v:1") and not store._lost
+            values = store.get_many(["entry", "v:1"])
+            assert values is not None and values[1] is NO_VALUE
+        finally:
+            admin.config_set("maxmemory", "0")
+            cache.close()
