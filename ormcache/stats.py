@@ -14,7 +14,9 @@ the calls counted.
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 from collections import defaultdict
 from typing import Any
 
@@ -66,7 +68,15 @@ class Stats:
         return {"regions": regions, "models": models}
 
 
-PROCESS_ID = f"{__import__('socket').gethostname()}:{__import__('os').getpid()}"
+def process_id() -> str:
+    """This process, as the statistics it publishes are filed under (a
+    forked child is a process of its own)."""
+    import os
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 #: a process whose statistics are older than this is no longer listed
 STALE_AFTER = 120.0
 
@@ -84,19 +94,29 @@ def publish_once(cache: Any, store: Any) -> bool:
 
     ns = cache.settings.namespace
     now = _time.time()
-    if not store.set(process_key(ns, PROCESS_ID), {"at": now, "stats": cache.stats()}):
+    process = process_id()
+    if not store.set(process_key(ns, process), {"at": now, "stats": cache.stats()}):
         return False
     values = store.get_values([index_key(ns)])
     index = {}
     if values and isinstance(values[0], dict):
         index = {p: t for p, t in values[0].items() if now - t < STALE_AFTER}
-    index[PROCESS_ID] = now
+    index[process] = now
     return bool(store.set(index_key(ns), index))
 
 
+#: (cache, store, interval) of every publishing cache, weakly by cache: a
+#: forked child publishes its own (its thread is not the parent's)
+_publishing: weakref.WeakKeyDictionary[Any, tuple[Any, float]] = weakref.WeakKeyDictionary()
+
+
 def publish(cache: Any, store: Any, interval: float) -> None:
+    _publishing[cache] = (store, interval)
+    _start(cache, store, interval)
+
+
+def _start(cache: Any, store: Any, interval: float) -> None:
     import time as _time
-    import weakref
 
     ref = weakref.ref(cache)
 
@@ -110,6 +130,20 @@ def publish(cache: Any, store: Any, interval: float) -> None:
             _time.sleep(interval)
 
     threading.Thread(target=loop, name="ormcache-stats", daemon=True).start()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child counts and publishes for itself: from zero (the
+    parent publishes what it counted before the fork), in a thread of its
+    own."""
+    for cache, (store, interval) in list(_publishing.items()):
+        cache._stats.reset()
+        cache._stats._lock = threading.Lock()
+        _start(cache, store, interval)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def collect(cache: Any, store: Any) -> dict[str, Any]:

@@ -235,3 +235,39 @@ def test_check_a_null_region(tmp_path: Path, capsys: Any) -> None:
     path.write_text('[ormcache.regions.off]\nbackend = "null"\n')
     assert main(["check", "--settings", str(path)]) == 0
     assert "region off: ok (NullBackend: stores nothing, by design)" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_publishes_its_own_statistics(settings_file: Path) -> None:
+    """gunicorn --preload: the master publishes, then forks workers; each
+    worker publishes under its own process id, counting from zero."""
+    import os
+    import signal
+    import time
+
+    from ormcache.stats import collect, process_id
+
+    cache = OrmCache.from_settings(str(settings_file))
+    store = cache._stores["default"]
+    try:
+        cache._stats.count("default", "Template", "hits", 5)  # before the fork
+        cache.publish_stats(interval=0.05)
+        parent = process_id()
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(10)
+            ok = False
+            try:
+                child = process_id()
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline and not ok:
+                    total = collect(cache, store)
+                    ok = child != parent and child in total["processes"] and cache.stats()["regions"] == {}
+                    time.sleep(0.05)
+            finally:
+                os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert collect(cache, store)["regions"]["default"]["hits"] == 5  # the parent's, once
+    finally:
+        cache.close()
