@@ -1317,7 +1317,8 @@ def test_own_token_writes_never_put_back_an_older_token(redis_url: str, monkeypa
 
 def test_relaxed_l1_messages_name_keys_as_ormcache_does(redis_url: str) -> None:
     """A region given with a ``key_mangler``: its messages carry ormcache's
-    own key names, which a relaxed L1 looks its tokens up by."""
+    own key names, which a relaxed L1 (here another process's) looks its
+    tokens up by."""
     import time
     import uuid
 
@@ -1325,29 +1326,32 @@ def test_relaxed_l1_messages_name_keys_as_ormcache_does(redis_url: str) -> None:
 
     from ormcache import OrmCache, load_settings
 
-    region = make_region(key_mangler=lambda key: "mangled:" + key).configure(
-        "dogpile.cache.redis", arguments={"url": redis_url}
-    )
     settings = load_settings(
         {
             "namespace": "km" + uuid.uuid4().hex[:8],
             "regions": {"r": {"backend": "redis", "l1": {"max_entries": 10, "mode": "relaxed"}}},
         }
     )
-    cache = OrmCache(settings, regions={"r": region})
-    store = cache._stores["r"]
-    subscriber = store.subscriber
+    caches = []
+    for _ in range(2):  # a writer and a reader, each as in a process of its own
+        region = make_region(key_mangler=lambda key: "mangled:" + key).configure(
+            "dogpile.cache.redis", arguments={"url": redis_url}
+        )
+        caches.append(OrmCache(settings, regions={"r": region}))
+    writer, reader = (c._stores["r"] for c in caches)
+    subscriber = reader.subscriber
     assert subscriber is not None
-    key = cache._keys.model("probe")
+    key = caches[0]._keys.model("probe")
     try:
         deadline = time.monotonic() + 5
-        while not subscriber.healthy:
+        while not (subscriber.healthy and writer.subscriber is not None and writer.subscriber.healthy):
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        store.set_many({key: "t1"})
-        while subscriber.tokens.get(key) != "t1":  # its own message, back
+        writer.set_many({key: "t1"})
+        while subscriber.tokens.get(key) != "t1":  # the writer's message
             assert time.monotonic() < deadline, subscriber.tokens
             time.sleep(0.01)
         assert not any(k.startswith("mangled:") for k in subscriber.tokens)
     finally:
-        cache.close()
+        for cache in caches:
+            cache.close()
