@@ -55,14 +55,18 @@ def _last_try() -> None:
     for store in list(_retrying):
         store.flush_lost()
 
-#: dogpile's pylibmc clients by the thread they were made for (one each)
-_thread_clients: weakref.WeakKeyDictionary[threading.Thread, list[Any]] = weakref.WeakKeyDictionary()
+#: dogpile's pylibmc clients (one per thread and backend), weakly: they
+#: live as long as their thread and backend do
+_thread_clients: weakref.WeakSet[Any] = weakref.WeakSet()
 #: those clients, held across a fork (see _before_fork)
 _fork_kept: list[Any] = []
 
 
 def _thread_client(client: Any) -> None:
-    _thread_clients.setdefault(threading.current_thread(), []).append(client)
+    try:
+        _thread_clients.add(client)
+    except TypeError:  # (a client type without weak references)
+        pass
 
 
 def _before_fork() -> None:
@@ -72,12 +76,28 @@ def _before_fork() -> None:
     thread still uses: they are held across the fork (and in the child,
     for good: :data:`_inherited`)."""
     global _fork_kept
-    _fork_kept = [c for clients in list(_thread_clients.values()) for c in clients]
+    for _ in range(5):
+        try:
+            _fork_kept = list(_thread_clients)
+            return
+        except RuntimeError:  # another thread made a client meanwhile
+            continue
 
 
 def _after_fork_in_parent() -> None:
     global _fork_kept
     _fork_kept = []
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether a backend refused a write for want of memory (a full Redis
+    with ``noeviction``, a full memcached with ``-M``): not an outage."""
+    text = str(err)
+    return (
+        type(err).__name__ == "OutOfMemoryError"
+        or text.startswith("OOM")
+        or "out of memory" in text.lower()
+    )
 
 
 def _after_fork_in_child() -> None:
@@ -91,24 +111,13 @@ def _after_fork_in_child() -> None:
     _retry_lock = threading.Lock()
     _readers_lock = threading.Lock()
     _retrying.clear()
-    for store in list(_all_stores):
-        store._forked()
-        store._replaying = threading.Lock()
-        store._releases_lock = threading.Lock()
-        store._lost_releases = []  # the parent's locks: the parent releases them
-        # the keys' locks, maybe held by the parent's threads filling them
-        store._local_locks = NameRegistry(_local_lock)
-        _compat.forget_region_locks(store.region)
-        if store.l1 is not None:
-            store.l1.after_fork()
-        if store._token_writer is not None:
-            store._token_writer.after_fork()
-        if store._lost or store._lost_all:
-            store._start_retrying()
-        if store._open_until:
-            store._start_probing()  # the parent's probe thread is not here
     for reader in list(_readers):
-        reader.forget()
+        reader.forget()  # (first: the parent's sockets must never be used here)
+    for store in list(_all_stores):
+        try:
+            store._after_fork()
+        except Exception:  # (one store's trouble must not leave the others the parent's)
+            log.warning("cache region %r: resetting after fork failed", store.name, exc_info=True)
 
 
 if hasattr(os, "register_at_fork"):
@@ -230,8 +239,12 @@ class Store:
         #: moves each time lost invalidations were written
         self._replayed = 0
         _all_stores.add(self)
-        if type(region.backend).__module__ == "dogpile.cache.backends.memcached":
-            _compat.on_client_created(region.backend, _thread_client)
+        backend = region.backend
+        if type(backend).__module__ == "dogpile.cache.backends.memcached" and not getattr(
+            backend, "_ormcache_tracked", False
+        ):
+            _compat.on_client_created(backend, _thread_client)
+            backend._ormcache_tracked = True
 
     @property
     def shared(self) -> bool:
@@ -256,6 +269,24 @@ class Store:
         whose circuit is open: a background thread does (see
         :meth:`_probe_loop`), so no query waits on a dead server."""
         return not self._open_until
+
+    def _after_fork(self) -> None:
+        """In a forked child (see :func:`_after_fork_in_child`)."""
+        self._forked()
+        self._replaying = threading.Lock()
+        self._releases_lock = threading.Lock()
+        self._lost_releases = []  # the parent's locks: the parent releases them
+        # the keys' locks, maybe held by the parent's threads filling them
+        self._local_locks = NameRegistry(_local_lock)
+        _compat.forget_region_locks(self.region)
+        if self.l1 is not None:
+            self.l1.after_fork()
+        if self._token_writer is not None:
+            self._token_writer.after_fork()
+        if self._lost or self._lost_all:
+            self._start_retrying()
+        if self._open_until:
+            self._start_probing()  # the parent's probe thread is not here
 
     def _forked(self) -> None:
         """In a forked child (from the fork hook, or noticed by a changed
@@ -282,11 +313,10 @@ class Store:
             return None
         try:
             if self._lost or self._lost_all or self._replaying.locked():
-                # invalidations this process could not write yet (or is
-                # writing): nothing read can be trusted before they are
-                self._replay_lost()
-                if self._lost or self._lost_all:
-                    return None  # (not written: the database answers)
+                # invalidations this process could not write yet, or is
+                # writing (the retry thread's job: a read neither writes
+                # nor waits): nothing read can be trusted before they are
+                return None
             replayed = self._replayed
             values = self._read(keys)
             if (self._failures and self._recovered()) or self._replayed != replayed:
@@ -432,12 +462,7 @@ class Store:
         try:
             self._write_tokens(mapping)
         except Exception as err:
-            text = str(err)
-            if not (
-                type(err).__name__ == "OutOfMemoryError"
-                or text.startswith("OOM")
-                or "out of memory" in text.lower()
-            ):
+            if not out_of_memory(err):
                 raise
             self.region.delete_multi(list(mapping))  # (raises if this fails too)
             if self.subscriber is not None:
@@ -768,7 +793,7 @@ class Store:
         try:
             return self._add(key, value)  # type: ignore[no-any-return]
         except Exception as err:
-            self.failed("write", err)
+            self.failed("write", err, count=not out_of_memory(err))
             return None
 
     def acquire_adding(self, mutex: Any, tokens: Mapping[str, str]) -> tuple[bool, dict[str, bool | None] | None]:

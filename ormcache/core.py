@@ -51,7 +51,7 @@ from sqlalchemy.sql.base import Executable
 from . import _compat, invalidation
 from ._loading import make_plan
 from ._replay import CAPTURE, REPLAY, Capture, Replay
-from ._store import Store
+from ._store import Store, out_of_memory
 from .exc import BackendError, CacheKeyError, ConfigurationError, UnknownRegionError
 from .invalidation import UNKNOWN, VersionKeys, is_pending, new_token, pending_expired, pending_token
 from .keys import ShapeCache, database_id, digest, parameter_values, query_key, table_name
@@ -369,6 +369,9 @@ class OrmCache:
         for target in list(self._attached):
             self.detach(target)
         invalidation.unregister(self)
+        from .stats import stop_publishing
+
+        stop_publishing(self)
         for store in self._stores.values():
             if store.subscriber is not None:
                 store.subscriber.close()
@@ -784,7 +787,7 @@ class OrmCache:
                 # this thread, awaiting its query; waiting would block the
                 # event loop, and that task with it.  Ask the database.
         except Exception as err:
-            store.failed("lock", err)
+            store.failed("lock", err, count=not out_of_memory(err))
             acquired = False
         if not acquired:
             return self._miss(

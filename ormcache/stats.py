@@ -123,13 +123,18 @@ def _start(cache: Any, store: Any, interval: float) -> None:
     def loop() -> None:
         while True:
             target = ref()
-            if target is None:
-                return
+            if target is None or target not in _publishing:
+                return  # collected, or closed
             publish_once(target, store)
             del target
             _time.sleep(interval)
 
     threading.Thread(target=loop, name="ormcache-stats", daemon=True).start()
+
+
+def stop_publishing(cache: Any) -> None:
+    """The cache was closed: its thread ends after its next wake-up."""
+    _publishing.pop(cache, None)
 
 
 def _after_fork_in_child() -> None:

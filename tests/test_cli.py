@@ -271,3 +271,6 @@ def test_a_forked_child_publishes_its_own_statistics(settings_file: Path) -> Non
         assert collect(cache, store)["regions"]["default"]["hits"] == 5  # the parent's, once
     finally:
         cache.close()
+    from ormcache import stats
+
+    assert cache not in stats._publishing  # closed: its thread stops, a child does not restart it
