@@ -449,6 +449,9 @@ def parameter_values(cache_key: Any, parameters: Mapping[str, Any] | None) -> tu
     """The values of every bound parameter, in statement order; values given
     at execute time win over those in the statement."""
     params = parameters or {}
+    given = getattr(cache_key, "params", None)  # Select.params() (SQLAlchemy 2.1)
+    if given:
+        params = {**given, **params}
     if not cache_key.bindparams:
         return tuple((k, params[k]) for k in sorted(params))
     return tuple(

@@ -867,3 +867,16 @@ def test_refresh_of_an_object_a_cached_lazy_load_brought(env: Any) -> None:
         unseen_write(engine, "UPDATE templates SET name = 'outside again' WHERE id = 1")
         s.expire(template)
         assert template.name == "outside again"
+
+
+def test_values_given_by_select_params(env: Any) -> None:
+    """``Select.params()`` gives values to named bound parameters (kept in
+    the cache key's ``params`` from SQLAlchemy 2.1): each is its own entry."""
+    from sqlalchemy import bindparam
+
+    engine, maker, _ = env
+    stmt = select(Template.name).where(Template.id == bindparam("tid")).options(FromCache())
+    for _ in range(2):
+        for tid in (1, 2):
+            with maker() as s:
+                assert s.execute(stmt.params(tid=tid)).scalar_one() == f"t{tid}"
