@@ -107,6 +107,11 @@ _DEFAULT_PORTS = {
     "oracle": 1521,
     "cockroachdb": 26257,
 }
+#: URL query parameters that name the server or database (libpq, the
+#: MySQL drivers, cx_Oracle/oracledb, pyodbc)
+_TARGET_QUERY_KEYS = frozenset(
+    {"host", "hostaddr", "port", "dbname", "database", "unix_socket", "service_name", "sid", "odbc_connect"}
+)
 #: in-memory SQLite ids by connection pool (engines made by
 #: ``execution_options()`` share their engine's pool, and its database)
 _memory_ids: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
@@ -136,6 +141,11 @@ def _compute_database_id(engine: Engine) -> str:
     host = url.host or ""
     port = url.port or _DEFAULT_PORTS.get(backend) or ""
     ident = f"{backend}://{host}:{port}/{url.database or ''}"
+    # the server and database a driver takes from the URL's query instead
+    # (libpq's host=/port=/dbname=, a Unix socket's path)
+    targets = sorted((k, str(v)) for k, v in url.query.items() if k in _TARGET_QUERY_KEYS)
+    if targets:
+        ident += "?" + "&".join(f"{k}={v}" for k, v in targets)
     search_path = _url_search_path(url) if backend == "postgresql" else None
     return f"{ident}{SEARCH_PATH_MARK}{search_path}" if search_path else ident
 

@@ -130,3 +130,19 @@ def test_search_path_spellings_still_invalidate_each_other(postgresql_url: str, 
     finally:
         plain.dispose()
         spelled.dispose()
+
+
+def test_servers_and_databases_named_in_the_url_query() -> None:
+    """libpq takes host, port and dbname from the query as well (a Unix
+    socket's directory, say), the MySQL drivers a socket: two such URLs
+    that differ only there are two databases."""
+    urls = [
+        "postgresql+psycopg2://u@/?host=/run/pg-a&dbname=test",
+        "postgresql+psycopg2://u@/?host=/run/pg-a&dbname=postgres",
+        "postgresql+psycopg2://u@/?host=/run/pg-b&port=5433&dbname=test",
+        "mysql+pymysql://u@/test?unix_socket=/run/mysqld-a.sock",
+        "mysql+pymysql://u@/test?unix_socket=/run/mysqld-b.sock",
+    ]
+    ids = [database_id(create_engine(url)) for url in urls]
+    assert len(set(ids)) == len(ids)
+    assert database_id(create_engine(urls[0])) == ids[0]
