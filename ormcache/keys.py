@@ -34,6 +34,7 @@ from sqlalchemy.sql import visitors
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import BinaryExpression, BindParameter, ColumnClause, TextClause
 from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.sql.selectable import Alias
 from sqlalchemy.util import LRUCache
 
 from . import _compat
@@ -294,7 +295,9 @@ def _describe(statement: Any, dialect: Dialect, cache_key: Any = None) -> Statem
         volatile=volatile,
         opaque=opaque,
     )
-    if not opaque:
+    if not opaque and not any(_aliases_a_table(t) for t in found):
+        # (a table read again under an alias, as a self-referential eager
+        # load or join does: other rows of the entity's own table)
         _describe_get(statement, shape, cache_key)
     try:
         entity = statement.column_descriptions[0].get("entity")
@@ -325,6 +328,11 @@ _VOLATILE_TEXT = re.compile(
 #: textual SQL that may read tables SQLAlchemy does not see: a subquery
 #: (``id IN (SELECT user_id FROM banned)``, ``TABLE banned``)
 _READS_TABLES = re.compile(r"\b(select|table)\b", re.IGNORECASE)
+
+
+def _aliases_a_table(element: Any) -> bool:
+    """Whether ``element`` (a FROM of the statement) is an alias of a table."""
+    return isinstance(element, Alias)
 
 
 def _text_from(element: Any) -> bool:

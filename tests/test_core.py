@@ -880,3 +880,59 @@ def test_values_given_by_select_params(env: Any) -> None:
         for tid in (1, 2):
             with maker() as s:
                 assert s.execute(stmt.params(tid=tid)).scalar_one() == f"t{tid}"
+
+
+def test_a_key_lookup_that_reads_other_rows_of_its_table(tmp_path: Any) -> None:
+    """``session.get`` (or ``select(M).where(M.pk == v)``) whose SQL reads
+    other rows of the same table under an alias (a self-referential joined
+    eager load, an aliased self-join) depends on the whole table, not on
+    its row: a write to the other row invalidates it."""
+    from sqlalchemy import ForeignKey, Integer, String, and_
+    from sqlalchemy.orm import DeclarativeBase, aliased, mapped_column, relationship
+
+    class NodeBase(DeclarativeBase):
+        pass
+
+    class Node(NodeBase):
+        __tablename__ = "node"
+        id = mapped_column(Integer, primary_key=True)
+        name = mapped_column(String(50))
+        parent_id = mapped_column(ForeignKey("node.id"), nullable=True)
+        parent = relationship("Node", remote_side=[id], lazy="joined", join_depth=1)
+
+    engine = create_engine(f"sqlite:///{tmp_path}/nodes.db")
+    NodeBase.metadata.create_all(engine)
+    cache = OrmCache.from_settings({"namespace": "sj" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}})
+    maker = sessionmaker(engine)
+    cache.attach(maker)
+    parent = aliased(Node)
+    reads = {
+        "get, joined eager load": lambda s: s.get(Node, 2, options=[FromCache()]).parent.name,
+        "aliased self-join": lambda s: [
+            n.name
+            for n in s.scalars(
+                select(Node)
+                .join(parent, and_(parent.id == Node.parent_id, parent.name == "root"))
+                .where(Node.id == 2)
+                .options(FromCache())
+            ).unique()
+        ],
+    }
+    try:
+        with maker() as s:
+            s.add_all([Node(id=1, name="root"), Node(id=2, name="child", parent_id=1)])
+            s.commit()
+        for how, read in reads.items():
+            with maker() as s:
+                s.get(Node, 1).name = "root"
+                s.commit()
+            with maker() as s:
+                before = read(s)
+            with maker() as s:
+                s.get(Node, 1).name = "renamed"
+                s.commit()
+            with maker() as s:
+                assert read(s) != before, how
+    finally:
+        cache.close()
+        engine.dispose()
