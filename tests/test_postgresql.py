@@ -169,6 +169,48 @@ class TestPostgresqlRedis(BackendTests):
                 for schema in tenants:
                     conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
 
+    def test_a_datetime_key_spelt_naive_and_aware(self) -> None:
+        """A ``timestamptz`` primary key: a lookup by a naive datetime (read
+        in the session's time zone) and a write of that row (whose key the
+        database returns aware) name one row two ways; such lookups depend
+        on their table, and the write invalidates them."""
+        import datetime as dt
+
+        from sqlalchemy import DateTime, Integer, String
+        from sqlalchemy.orm import DeclarativeBase, Session, mapped_column
+
+        class ReadingBase(DeclarativeBase):
+            pass
+
+        class Reading(ReadingBase):
+            __tablename__ = "ormcache_readings"
+            sensor = mapped_column(Integer, primary_key=True)
+            ts = mapped_column(DateTime(timezone=True), primary_key=True)
+            value = mapped_column(String(20))
+
+        engine = create_engine(self.engine.url, connect_args={"options": "-c timezone=UTC"})
+        ReadingBase.metadata.drop_all(engine)
+        ReadingBase.metadata.create_all(engine)
+        naive = dt.datetime(2024, 1, 1, 12, 0)
+        try:
+            with Session(engine) as s:
+                s.add(Reading(sensor=1, ts=naive.replace(tzinfo=dt.timezone.utc), value="v1"))
+                s.commit()
+
+            def value() -> str:
+                with Session(engine) as s:
+                    self.cache.attach(s)
+                    return str(s.get_one(Reading, (1, naive), options=[FromCache()]).value)
+
+            assert value() == "v1"
+            with Session(engine) as s:
+                s.scalars(select(Reading)).one().value = "v2"
+                s.commit()
+            assert value() == "v2"
+        finally:
+            ReadingBase.metadata.drop_all(engine)
+            engine.dispose()
+
     def test_data_modifying_ctes_invalidate(self) -> None:
         """PostgreSQL runs DML inside WITH: a SELECT whose CTE updates a
         table writes it, and an INSERT writes its CTE's table as well."""
