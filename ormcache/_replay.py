@@ -37,7 +37,7 @@ _READ_COMMITTED = frozenset({"READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"}
 class Capture:
     """Filled in by the statement's execution on a miss."""
 
-    __slots__ = ("used", "description", "rows", "fresh", "schema_map")
+    __slots__ = ("used", "description", "rows", "fresh", "schema_map", "statement")
 
     def __init__(self, schema_map: Any = None) -> None:
         self.used = False
@@ -48,6 +48,10 @@ class Capture:
         #: read under another (one an ``after_begin`` listener set on the
         #: connection the statement made the session begin) are not stored
         self.schema_map = schema_map
+        #: the statement that ran (``invoked_statement``): another
+        #: ``do_orm_execute`` listener may have replaced the one the key was
+        #: made of (with_loader_criteria for a tenant, say)
+        self.statement: Any = None
 
 
 class Replay:
@@ -366,6 +370,7 @@ def replay_or_capture(cursor: Any, statement: str, parameters: Any, context: Any
     capturing = capture is not None and not capture.used
     if capturing:
         capture.used = True
+        capture.statement = getattr(context, "invoked_statement", None)
         capture.fresh = (options.get("schema_translate_map") or None) == capture.schema_map and (
             snapshot_is_fresh(context)
         )

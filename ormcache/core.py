@@ -931,6 +931,7 @@ class OrmCache:
             fill
             and capture.rows is not None
             and capture.fresh
+            and (fanout is not None or capture.statement is orm_context.statement)
             and not any(self._session_writes(orm_context.session, d) for d in dbs)
         ):
             encoding, rows_value = self._encode_rows(store, capture.rows)

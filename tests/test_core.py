@@ -936,3 +936,34 @@ def test_a_key_lookup_that_reads_other_rows_of_its_table(tmp_path: Any) -> None:
     finally:
         cache.close()
         engine.dispose()
+
+
+def test_a_listener_after_ours_that_changes_the_statement(env: Any) -> None:
+    """SQLAlchemy's multi-tenant recipe, a ``do_orm_execute`` listener that
+    adds ``with_loader_criteria``, registered after ``attach()``: it runs
+    inside the execution that answers ormcache's miss, on a statement the
+    key does not describe. Those rows are not stored."""
+    import contextvars
+
+    from sqlalchemy import event
+    from sqlalchemy.orm import with_loader_criteria
+
+    engine, _, cache = env
+    store_id: contextvars.ContextVar[int] = contextvars.ContextVar("store_id")
+    maker = sessionmaker(engine)
+    cache.attach(maker)
+
+    @event.listens_for(maker, "do_orm_execute")
+    def per_tenant(state: Any) -> None:
+        if state.is_select and not state.is_column_load and not state.is_relationship_load:
+            tid = store_id.get()
+            state.statement = state.statement.options(
+                with_loader_criteria(Template, lambda cls: cls.store_id == tid)
+            )
+
+    stmt = select(Template).where(Template.id.in_([1, 51])).order_by(Template.id).options(FromCache())
+    for _ in range(2):
+        for tid, expected in ((1, [1]), (2, [51])):
+            store_id.set(tid)
+            with maker() as s:
+                assert [t.id for t in s.scalars(stmt)] == expected
