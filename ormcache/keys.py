@@ -497,7 +497,9 @@ def query_key(
     stable text form (its ``repr`` shows a memory address)."""
     schema = sorted(schema_translate_map.items(), key=repr) if schema_translate_map else None
     if user_key is not None:
-        text = repr((region, database, shard, schema, "user", user_key))
+        # (the SQL too: one name given to two statements must not give one
+        # the other's rows, of another shape)
+        text = repr((region, database, shard, schema, "user", user_key, sql))
     else:
         text = repr((region, database, shard, schema, sql, params))
         if variant is not None:

@@ -50,7 +50,7 @@ class FromCache(UserDefinedOption):
 
     :param region: name of a region declared in the settings.
     :param cache_key: a string that names the result instead of the
-      statement and its parameters (useful for a huge ``IN`` list).  The
+      statement's parameters (useful for a huge ``IN`` list).  The SQL,
       database, shard and region are still part of the key.
     :param expiration_time: seconds after which an entry is not served,
       overriding the region's ``expiration_time``.

@@ -967,3 +967,24 @@ def test_a_listener_after_ours_that_changes_the_statement(env: Any) -> None:
             store_id.set(tid)
             with maker() as s:
                 assert [t.id for t in s.scalars(stmt)] == expected
+
+
+def test_one_cache_key_given_to_two_statements(env: Any) -> None:
+    """``FromCache(cache_key=...)`` names a statement's result instead of its
+    parameters; given to two statements of different shapes, each keeps
+    its own entry (one was built as the other's objects before: a Store
+    whose id was a name)."""
+    from ormcache.testing.fixtures import Store
+
+    engine, maker, _ = env
+    columns = select(Store.name, Store.id).order_by(Store.id).options(FromCache(cache_key="k"))
+    entities = select(Store).order_by(Store.id).options(FromCache(cache_key="k"))
+    for _ in range(2):
+        with maker() as s:
+            assert s.execute(columns).all() == [("store1", 1), ("store2", 2)]
+        with maker() as s:
+            assert [(st.id, st.name) for st in s.scalars(entities)] == [(1, "store1"), (2, "store2")]
+    with QueryCounter(engine) as c, maker() as s:
+        s.execute(columns).all()
+        s.scalars(entities).all()
+    assert c.selects == 0
