@@ -289,7 +289,7 @@ def _describe(statement: Any, dialect: Dialect, cache_key: Any = None) -> Statem
 
     volatile, opaque = _text_traits(core)
     shape = StatementShape(
-        sql=str(compiled),
+        sql=str(compiled) + _bind_types(cache_key),
         tables=tuple(tables),
         mapper=eligible_mapper(statement),
         volatile=volatile,
@@ -328,6 +328,22 @@ _VOLATILE_TEXT = re.compile(
 #: textual SQL that may read tables SQLAlchemy does not see: a subquery
 #: (``id IN (SELECT user_id FROM banned)``, ``TABLE banned``)
 _READS_TABLES = re.compile(r"\b(select|table)\b", re.IGNORECASE)
+
+
+def _bind_types(cache_key: Any) -> str:
+    """The types of the statement's bound parameters, in the order their
+    values are keyed (:func:`parameter_values`), as a comment to its SQL:
+    two statements whose SQL and values are equal send different values
+    when their binds' types process them differently (a TypeDecorator, an
+    Enum stored by name or by value)."""
+    types = []
+    for bind in getattr(cache_key, "bindparams", None) or ():
+        kind = bind.type
+        text = repr(kind)
+        if " at 0x" in text:  # (not the same from one process to the next)
+            text = f"{type(kind).__module__}.{type(kind).__qualname__}"
+        types.append(text)
+    return "\n-- binds: " + ", ".join(types) if types else ""
 
 
 def _aliases_a_table(element: Any) -> bool:

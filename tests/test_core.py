@@ -988,3 +988,27 @@ def test_one_cache_key_given_to_two_statements(env: Any) -> None:
         s.execute(columns).all()
         s.scalars(entities).all()
     assert c.selects == 0
+
+
+def test_binds_of_other_types_are_other_entries(env: Any) -> None:
+    """Two statements with the same SQL and the same values whose binds'
+    types process the values differently (a TypeDecorator) send the
+    database different values: each has its own entry."""
+    from sqlalchemy import String, TypeDecorator, bindparam
+
+    class Upper(TypeDecorator):  # type: ignore[type-arg]
+        impl = String
+        cache_ok = True
+
+        def process_bind_param(self, value: Any, dialect: Any) -> Any:
+            return None if value is None else value.upper()
+
+    engine, maker, _ = env
+    unseen_write(engine, "UPDATE templates SET name = 'T1' WHERE id = 2")
+    plain = select(Template.id).where(Template.name == bindparam("n", "t1")).options(FromCache())
+    upper = select(Template.id).where(Template.name == bindparam("n", "t1", type_=Upper)).options(FromCache())
+    for _ in range(2):
+        with maker() as s:
+            assert s.scalars(plain).all() == [1]
+        with maker() as s:
+            assert s.scalars(upper).all() == [2]
