@@ -86,6 +86,17 @@ class FromCache(UserDefinedOption):
     def _for_execution(self, orm_context: ORMExecuteState) -> FromCache | None:
         return self
 
+    def _clone(self, **kw: Any) -> FromCache:
+        """A shallow copy, as SQLAlchemy makes of a statement's options when
+        it copies the statement (``Select.params()`` on SQLAlchemy 2.0): its
+        own ``_clone`` copies ``__dict__``, which slots leave out."""
+        copy = self.__class__.__new__(self.__class__)
+        for cls in type(self).__mro__:
+            for name in getattr(cls, "__slots__", ()):
+                if hasattr(self, name):
+                    setattr(copy, name, getattr(self, name))
+        return copy
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.region!r})"
 
