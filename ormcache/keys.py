@@ -295,10 +295,9 @@ def _describe(statement: Any, dialect: Dialect, cache_key: Any = None) -> Statem
         volatile=volatile,
         opaque=opaque,
     )
-    if not opaque and not any(_aliases_a_table(t) for t in found):
-        # (a table read again under an alias, as a self-referential eager
-        # load or join does: other rows of the entity's own table)
-        _describe_get(statement, shape, cache_key)
+    if not opaque:
+        aliased = {_aliased_table(t) for t in found if isinstance(t, Alias)}
+        _describe_get(statement, shape, cache_key, aliased)
     try:
         entity = statement.column_descriptions[0].get("entity")
     except (AttributeError, IndexError):
@@ -346,9 +345,12 @@ def _bind_types(cache_key: Any) -> str:
     return "\n-- binds: " + ", ".join(types) if types else ""
 
 
-def _aliases_a_table(element: Any) -> bool:
-    """Whether ``element`` (a FROM of the statement) is an alias of a table."""
-    return isinstance(element, Alias)
+def _aliased_table(alias: Any) -> tuple[Any, Any]:
+    """(name, schema) of the table an alias (of an alias...) reads."""
+    element = alias
+    while isinstance(element, Alias):
+        element = element.element
+    return getattr(element, "name", None), getattr(element, "schema", None)
 
 
 def _text_from(element: Any) -> bool:
@@ -384,10 +386,19 @@ def _text_traits(core: Any) -> tuple[bool, bool]:
     return volatile, opaque
 
 
-def _describe_get(statement: Any, shape: StatementShape, cache_key: Any = None) -> None:
+def _describe_get(
+    statement: Any,
+    shape: StatementShape,
+    cache_key: Any = None,
+    aliased: set[tuple[Any, Any]] | frozenset[tuple[Any, Any]] = frozenset(),
+) -> None:
     """Fill in ``get_*`` when ``statement`` looks an entity up by its
     primary key, the way ``Session.get`` and lazy loaders build it, or as
-    ``select(Model).where(Model.pk == value)`` (one key column, one table)."""
+    ``select(Model).where(Model.pk == value)`` (one key column, one table).
+    ``aliased``: (name, schema) of the tables the statement reads under an
+    alias: when one is the entity's own (a self-referential joined eager
+    load, an aliased self-join), it reads other rows of its table, and
+    depends on the whole table."""
     try:
         descriptions = statement.column_descriptions
         criteria = statement._where_criteria
@@ -400,6 +411,8 @@ def _describe_get(statement: Any, shape: StatementShape, cache_key: Any = None) 
         return
     mapper = getattr(entity, "__mapper__", None)
     if mapper is None:
+        return
+    if aliased and any((t.name, t.schema) in aliased for t in mapper.tables):
         return
     for prop in mapper.column_attrs:
         # a mapped SQL expression may read other rows of the table

@@ -1012,3 +1012,24 @@ def test_binds_of_other_types_are_other_entries(env: Any) -> None:
             assert s.scalars(plain).all() == [1]
         with maker() as s:
             assert s.scalars(upper).all() == [2]
+
+
+def test_a_key_lookup_with_a_joined_eager_load_of_another_table(env: Any) -> None:
+    """A joined eager load aliases the *related* table: the lookup still
+    depends on its own row (and on the related table as a whole), so a
+    write to another row of its table leaves it cached."""
+    from sqlalchemy.orm import joinedload
+
+    engine, maker, _ = env
+
+    def read() -> int:
+        with QueryCounter(engine) as c, maker() as s:
+            template = s.get_one(Template, 1, options=[FromCache(), joinedload(Template.store)])
+            assert template.store.name == "store1"
+        return c.selects
+
+    assert read() == 1
+    with maker() as s:
+        s.get_one(Template, 2).name = "another row"
+        s.commit()
+    assert read() == 0
