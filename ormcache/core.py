@@ -934,7 +934,11 @@ class OrmCache:
             and (fanout is not None or capture.statement is orm_context.statement)
             and not any(self._session_writes(orm_context.session, d) for d in dbs)
         ):
-            encoding, rows_value = self._encode_rows(store, capture.rows)
+            try:
+                encoding, rows_value = self._encode_rows(store, capture.rows)
+            except Exception as err:  # a value that does not pickle: not stored
+                log.info("not caching a result of %s: %s: %s", label, type(err).__name__, err)
+                return result
             if encoding == _AS_IS or len(rows_value) <= self._max_entry_bytes:
                 entry: tuple[Any, ...] = (now, tuple(current), capture.description, rows_value, encoding)
                 if bounds is not None:
@@ -976,7 +980,15 @@ class OrmCache:
         :data:`COMPRESS_THRESHOLD` bytes."""
         if store.in_process and _plain(rows):
             return _AS_IS, tuple(rows)
-        data = pickle.dumps(rows, pickle.HIGHEST_PROTOCOL)
+        try:
+            data = pickle.dumps(rows, pickle.HIGHEST_PROTOCOL)
+        except TypeError:
+            # psycopg2 returns bytea as memoryview, which does not pickle:
+            # the same bytes (the column's result processor takes either)
+            rows = [
+                tuple(bytes(v) if type(v) is memoryview else v for v in row) for row in rows
+            ]
+            data = pickle.dumps(rows, pickle.HIGHEST_PROTOCOL)
         if len(data) > self._compress_threshold:
             compressed = _zstd_compress(data)
             if compressed is not None:

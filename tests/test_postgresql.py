@@ -211,6 +211,38 @@ class TestPostgresqlRedis(BackendTests):
             ReadingBase.metadata.drop_all(engine)
             engine.dispose()
 
+    def test_bytea_values_are_cached(self) -> None:
+        """psycopg2 returns ``bytea`` as ``memoryview``, which does not
+        pickle: a result with a ``LargeBinary``/``PickleType`` column is
+        stored as bytes (it raised ``TypeError`` out of the query)."""
+        from sqlalchemy import Integer, LargeBinary, PickleType
+        from sqlalchemy.orm import DeclarativeBase, Session, mapped_column
+
+        class BlobBase(DeclarativeBase):
+            pass
+
+        class Blob(BlobBase):
+            __tablename__ = "ormcache_blobs"
+            id = mapped_column(Integer, primary_key=True)
+            raw = mapped_column(LargeBinary)
+            data = mapped_column(PickleType)
+
+        BlobBase.metadata.drop_all(self.engine)
+        BlobBase.metadata.create_all(self.engine)
+        try:
+            with Session(self.engine) as s:
+                s.add(Blob(id=1, raw=b"\x00\x01", data={"x": [1, 2]}))
+                s.commit()
+            stmt = select(Blob).options(FromCache())
+            for expected_selects in (1, 0):
+                with self.count() as counter, Session(self.engine) as s:
+                    self.cache.attach(s)
+                    blob = s.scalars(stmt).one()
+                    assert (bytes(blob.raw), blob.data) == (b"\x00\x01", {"x": [1, 2]})
+                assert counter.selects == expected_selects
+        finally:
+            BlobBase.metadata.drop_all(self.engine)
+
     def test_data_modifying_ctes_invalidate(self) -> None:
         """PostgreSQL runs DML inside WITH: a SELECT whose CTE updates a
         table writes it, and an INSERT writes its CTE's table as well."""
