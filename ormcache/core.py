@@ -1006,7 +1006,7 @@ class OrmCache:
         index = shape.get_index
         if index is not None:  # select(Model).where(Model.pk == value)
             value = params[index]
-            if type(value) is not shape.get_types[0] or type(value) in _SPELT_BY_THE_DATABASE:
+            if type(value) is not shape.get_types[0]:
                 return None
             return invalidation.pk_text([value])
         if not isinstance(parameters, Mapping):
@@ -1014,7 +1014,7 @@ class OrmCache:
         values = []
         for name, kind in zip(shape.get_params, shape.get_types):
             value = parameters.get(name)
-            if type(value) is not kind or kind in _SPELT_BY_THE_DATABASE:
+            if type(value) is not kind:
                 return None
             values.append(value)
         return invalidation.pk_text(values)
@@ -1313,13 +1313,6 @@ def _schema_map(session: Session, bind: Any, exec_options: Mapping[str, Any]) ->
         conn = _compat.session_connection(session, bind)
         schema_map = (bind if conn is None else conn).get_execution_options().get("schema_translate_map")
     return schema_map or None
-
-
-#: key types whose values a lookup and a write may spell differently in
-#: ways no canonical form can join (a naive datetime that the database
-#: reads in its session's time zone, against the aware one it returns):
-#: such lookups depend on their whole table
-_SPELT_BY_THE_DATABASE = frozenset({datetime, dt_time})
 
 
 def _answering(options: Mapping[str, Any]) -> bool:

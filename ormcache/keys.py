@@ -17,6 +17,7 @@ well inside memcached's 250-byte limit.  The private SQLAlchemy calls hide in
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import re
@@ -434,15 +435,25 @@ def _describe_get(
     types = []
     for col in mapper.primary_key:
         try:
-            types.append(col.type.python_type)
+            kind = col.type.python_type
         except NotImplementedError:
             return
+        if kind in _SPELT_BY_THE_DATABASE:
+            return
+        types.append(kind)
     shape.get_params = tuple(get_params[col].key for col in mapper.primary_key)
     shape.get_types = tuple(types)
     shape.get_index = index
     shape.get_tables = tuple(
         (t.name, getattr(t, "schema", None)) for t in mapper.tables if getattr(t, "name", None)
     )
+
+
+#: key types whose values a lookup and a write may spell differently in
+#: ways no canonical form can join (a naive datetime that the database
+#: reads in its session's time zone, against the aware one it returns):
+#: lookups by such keys depend on their whole table
+_SPELT_BY_THE_DATABASE = frozenset({datetime.datetime, datetime.time})
 
 
 def table_pk_positions(mapper: Any, table: Any) -> tuple[int, ...] | None:
