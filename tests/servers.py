@@ -292,17 +292,26 @@ def closed_port() -> int:
     return port
 
 
-def count_redis_commands(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def count_redis_commands(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     """From now on (until ``monkeypatch.undo()``), append to the returned
-    list once per request redis-py sends: a command, or a whole pipeline
-    (one round trip)."""
+    list once per request redis-py sends from the calling thread (a
+    command, or a whole pipeline: one round trip), the name of its (first)
+    command.  Other threads (a
+    subscriber's PING, a probe, a stats publisher, of this cache or of one
+    an earlier test left running) are not counted."""
+    import threading
+
     import redis.connection
 
-    sent: list[int] = []
+    sent: list[bytes] = []
     original = redis.connection.AbstractConnection.send_packed_command
+    caller = threading.get_ident()
 
     def counting(self: Any, command: Any, check_health: bool = True) -> None:
-        sent.append(1)
+        if threading.get_ident() == caller:
+            # the (first) command's name, for an assertion's message
+            packed = command if isinstance(command, (bytes, bytearray)) else b"".join(command)
+            sent.append(bytes(packed).split(b"\r\n")[2])
         original(self, command, check_health)
 
     monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)

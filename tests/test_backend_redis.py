@@ -211,11 +211,13 @@ def test_round_trips_of_a_miss_and_a_hit(redis_url: str, tmp_path: Any, monkeypa
         sent = count_redis_commands(monkeypatch)
         with QueryCounter(engine) as first:
             assert name(2) == "t2"
-        assert first.selects == 1 and len(sent) == 3
+        assert first.selects == 1
+        assert len(sent) == 3, sent
         sent.clear()
         with QueryCounter(engine) as second:
             assert name(2) == "t2"
-        assert second.selects == 0 and len(sent) == 1
+        assert second.selects == 0
+        assert len(sent) == 1, sent
         monkeypatch.undo()
         lock_keys = cache.region("r").backend.writer_client.keys("_lock*")
         assert not [k for k in lock_keys if b"rt" in k]

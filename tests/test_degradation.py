@@ -391,7 +391,7 @@ def test_a_miss_stores_its_entry_and_releases_its_lock_in_one_round_trip(
         assert client.exists(lock_name)
         sent = count_redis_commands(monkeypatch)
         assert store.set(key, ("entry",), unlock=mutex)
-        assert len(sent) == 1
+        assert len(sent) == 1, sent
         monkeypatch.undo()
         assert not client.exists(lock_name)
         mutex.release()  # the in-process lock; the remote one is not released twice
