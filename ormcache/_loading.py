@@ -61,7 +61,7 @@ def eligible_mapper(statement: Any) -> Mapper[Any] | None:
     mapper: Mapper[Any] | None = getattr(entity, "__mapper__", None)
     if mapper is None or mapper.inherits is not None or mapper.polymorphic_on is not None:
         return None
-    if mapper.version_id_col is not None or mapper.with_polymorphic:
+    if mapper.version_id_col is not None or mapper.with_polymorphic or mapper.always_refresh:
         return None
     for prop in mapper.column_attrs:
         if prop.deferred or len(prop.columns) != 1 or not isinstance(prop.columns[0], Column):
@@ -89,6 +89,7 @@ class Plan:
         "_plain_keys",
         "_plain_values",
         "_converted",
+        "_no_identity",
     )
 
     def __init__(
@@ -112,6 +113,10 @@ class Plan:
         self._plain_keys = tuple(key for key, _ in plain)
         self._plain_values = _tuple_getter([i for _, i in plain])
         self._converted = [(key, i, proc) for key, i, proc in columns if proc is not None]
+        #: whether a row's key values name no object (an outer join's
+        #: missing row), by the mapper's rule, as ``loading._instance``
+        none = frozenset([None])
+        self._no_identity = none.issuperset if mapper.allow_partial_pks else none.intersection
 
     def build(
         self, orm_context: ORMExecuteState, rows: Any, token: Any = None
@@ -132,6 +137,9 @@ class Plan:
         session = orm_context.session
         if session.dispatch.loaded_as_persistent:
             return None
+        dispatch = self.mapper.class_manager.dispatch
+        if dispatch.load or dispatch.refresh:
+            return None  # a listener registered since the plan was made
         if token is None:
             token = load_options._identity_token
         identity_map = session.identity_map
@@ -143,12 +151,19 @@ class Plan:
         plain_values = self._plain_values
         converted = self._converted
         session_id = session.hash_key
-        objects = []
+        no_identity = self._no_identity
+        objects: list[Any] = []
         for raw in rows:
             if pk_index is not None:
                 ident: tuple[Any, ...] = (raw[pk_index],)
+                if ident[0] is None:
+                    objects.append(None)  # an outer join's missing row
+                    continue
             else:
                 ident = tuple([proc(raw[i]) if proc else raw[i] for i, proc in pk])
+                if no_identity(ident):
+                    objects.append(None)
+                    continue
             key = (identity_class, ident, token)
             existing = identity_map.get(key)
             if existing is not None:
@@ -163,8 +178,7 @@ class Plan:
             dict_ = state.dict
             dict_.update(zip(plain_keys, plain_values(raw)))
             for attr, i, proc in converted:
-                value = raw[i]
-                dict_[attr] = proc(value) if value is not None else value
+                dict_[attr] = proc(raw[i])  # (NULL too, as SQLAlchemy does)
             state.key = key
             state.identity_token = token
             state.session_id = session_id

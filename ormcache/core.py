@@ -440,6 +440,8 @@ class OrmCache:
         dialect = bind.dialect
         db = database_id(bind)
         shape = self._shapes.shape(cache_key, statement, dialect)
+        if shape.locking:
+            return None
         schema_map = _schema_map(session, bind, exec_options)
         tables = shape.table_names(schema_map, dialect.default_schema_name)
         if cache_all and (
@@ -588,7 +590,7 @@ class OrmCache:
         dialect = group.dialect
         shape = self._shapes.shape(cache_key, statement, dialect)
         tables = shape.table_names(None, dialect.default_schema_name)
-        if not tables or shape.opaque or (
+        if not tables or shape.opaque or shape.locking or (
             cache_all and (shape.volatile or not self._uncached.isdisjoint(tables))
         ):
             return None

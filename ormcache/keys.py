@@ -224,6 +224,9 @@ class StatementShape:
     #: subquery in ``text()``): such a result depends on every write to its
     #: database, as one whose tables are not known at all
     opaque: bool = False
+    #: a SELECT in it locks rows (``with_for_update()`` in a subquery or a
+    #: CTE): never served from the cache, as a locking statement is not
+    locking: bool = False
 
     def __post_init__(self) -> None:
         self.sql_digest = digest(self.sql)
@@ -257,13 +260,37 @@ class ShapeCache:
         self._shapes: LRUCache[Any, StatementShape] = LRUCache(capacity)
 
     def shape(self, cache_key: Any, statement: Any, dialect: Dialect) -> StatementShape:
-        shape = self._shapes.get(cache_key.key)
+        """The shape of ``statement`` compiled for ``dialect``: the same
+        statement's SQL differs between dialects (PostgreSQL's DISTINCT ON
+        is a plain DISTINCT elsewhere), and keys are made of it."""
+        memo = (cache_key.key, _dialect_kind(dialect))
+        shape = self._shapes.get(memo)
         if shape is None:
-            shape = self._shapes[cache_key.key] = _describe(statement, dialect, cache_key)
+            shape = self._shapes[memo] = _describe(statement, dialect, cache_key)
         return shape
 
     def __len__(self) -> int:
         return len(self._shapes)
+
+
+def _dialect_kind(dialect: Dialect) -> tuple[Any, ...]:
+    """What a statement's compiled SQL depends on in ``dialect``: dialects
+    of one kind (the engines of many shards) share statement shapes."""
+    kind: tuple[Any, ...] | None = getattr(dialect, "_ormcache_kind", None)
+    if kind is None:
+        kind = (
+            type(dialect),
+            getattr(dialect, "server_version_info", None),
+            dialect.paramstyle,
+            dialect.label_length,
+            dialect.max_identifier_length,
+        )
+        if kind[1] is not None:  # (known once the engine first connected)
+            try:
+                dialect._ormcache_kind = kind  # type: ignore[attr-defined]
+            except AttributeError:
+                pass
+    return kind
 
 
 def _describe(statement: Any, dialect: Dialect, cache_key: Any = None) -> StatementShape:
@@ -288,13 +315,14 @@ def _describe(statement: Any, dialect: Dialect, cache_key: Any = None) -> Statem
     )
     from ._loading import eligible_mapper
 
-    volatile, opaque = _text_traits(core)
+    volatile, opaque, locking = _traits(core)
     shape = StatementShape(
         sql=str(compiled) + _bind_types(cache_key),
         tables=tuple(tables),
         mapper=eligible_mapper(statement),
         volatile=volatile,
         opaque=opaque,
+        locking=locking,
     )
     if not opaque:
         aliased = {_aliased_table(t) for t in found if isinstance(t, Alias)}
@@ -364,12 +392,15 @@ def _text_from(element: Any) -> bool:
     return False
 
 
-def _text_traits(core: Any) -> tuple[bool, bool]:
-    """Whether the statement is volatile (see :attr:`StatementShape.volatile`)
-    and whether textual SQL in it (``text()``, ``literal_column()``) may
-    read tables that its known tables do not include (``opaque``)."""
-    volatile = opaque = False
+def _traits(core: Any) -> tuple[bool, bool, bool]:
+    """Whether the statement is volatile (see :attr:`StatementShape.volatile`),
+    whether textual SQL in it (``text()``, ``literal_column()``) may
+    read tables that its known tables do not include (``opaque``), and
+    whether a SELECT in it locks rows (``locking``)."""
+    volatile = opaque = locking = False
     for element in visitors.iterate(core):
+        if getattr(element, "_for_update_arg", None) is not None:
+            locking = True  # FOR UPDATE / FOR SHARE in a subquery or CTE
         if not opaque and _text_from(element):
             opaque = True  # text() as a FROM (select_from, join): a table by any name
         if isinstance(element, FunctionElement):
@@ -384,7 +415,7 @@ def _text_traits(core: Any) -> tuple[bool, bool]:
             continue
         volatile = volatile or _VOLATILE_TEXT.search(text) is not None
         opaque = opaque or _READS_TABLES.search(text) is not None
-    return volatile, opaque
+    return volatile, opaque, locking
 
 
 def _describe_get(

@@ -288,3 +288,30 @@ class TestPostgresqlRedis(BackendTests):
             assert self.cached_names(stmt) == (["qualified"], 0)
         finally:
             writer.dispose()
+
+    def test_statements_alike_on_another_dialect(self) -> None:
+        """Two statements that SQLite renders alike and PostgreSQL does not
+        (a prefix for PostgreSQL only): once SQLite ran both, PostgreSQL
+        still keeps them apart."""
+        from sqlalchemy.orm import sessionmaker
+
+        from ormcache.testing.fixtures import seed
+
+        lite = create_engine(f"sqlite:///{self.tmp_path}/lite.db")
+        Base.metadata.create_all(lite)
+        seed(lite)
+        Lite = sessionmaker(lite)
+        self.cache.attach(Lite)
+        every = select(Template.store_id).order_by(Template.store_id)
+        distinct = every.prefix_with("DISTINCT", dialect="postgresql")
+        try:
+            for stmt in (every, distinct):
+                with Lite() as s:
+                    assert len(s.scalars(stmt.options(FromCache())).all()) == 10
+            for stmt, expected in ((every, 10), (distinct, 2)):
+                for selects in (1, 0):
+                    with self.count() as counter, self.Session() as s:
+                        assert len(s.scalars(stmt.options(FromCache())).all()) == expected
+                    assert counter.selects == selects
+        finally:
+            lite.dispose()

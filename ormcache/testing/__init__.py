@@ -49,7 +49,7 @@ class QueryCounter:
 
     @property
     def selects(self) -> int:
-        return sum(1 for s in self.statements if s.lstrip()[:6].upper() in ("SELECT", "WITH"))
+        return sum(1 for s in self.statements if s.lstrip()[:6].upper().startswith(("SELECT", "WITH")))
 
     def reset(self) -> None:
         self.statements.clear()

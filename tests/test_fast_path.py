@@ -1,0 +1,166 @@
+"""The fast hit path (``ormcache._loading``): from the second hit of a
+statement shape on, objects are built from the cached rows without
+SQLAlchemy's loader.  What it returns must be what SQLAlchemy returns."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import ForeignKey, String, TypeDecorator, create_engine, event, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from ormcache import FromCache, OrmCache
+from ormcache.testing import QueryCounter
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class NoneAsEmpty(TypeDecorator[str]):
+    """A type whose result processor has something to say about NULL."""
+
+    impl = String
+    cache_ok = True
+
+    def process_result_value(self, value: Any, dialect: Any) -> str:
+        return "" if value is None else value
+
+
+class Owner(Base):
+    __tablename__ = "fp_owner"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+
+class Profile(Base):
+    __tablename__ = "fp_profile"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("fp_owner.id"))
+    note: Mapped[str | None] = mapped_column(NoneAsEmpty(50), nullable=True)
+
+
+class Pair(Base):
+    """A two-column key, NULL in one of them on an outer join's missing row."""
+
+    __tablename__ = "fp_pair"
+    owner_id: Mapped[int] = mapped_column(ForeignKey("fp_owner.id"), primary_key=True)
+    n: Mapped[int] = mapped_column(primary_key=True)
+
+
+class Fresh(Base):
+    __tablename__ = "fp_fresh"
+    __mapper_args__ = {"always_refresh": True}
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str]
+
+
+HITS = 3  # the first hit replays through SQLAlchemy; later ones take the fast path
+
+
+@pytest.fixture
+def env(tmp_path: Any) -> Iterator[tuple[Any, Any]]:
+    engine = create_engine(f"sqlite:///{tmp_path}/fast.db")
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([Owner(id=1), Owner(id=2), Profile(id=10, owner_id=1, note=None)])
+        s.add_all([Pair(owner_id=1, n=1), Fresh(id=1, name="db")])
+        s.commit()
+    cache = OrmCache.from_settings(
+        {"namespace": "fp" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}}
+    )
+    maker = sessionmaker(engine)
+    cache.attach(maker)
+    yield engine, maker
+    cache.close()
+    engine.dispose()
+
+
+def test_an_outer_joins_missing_row_is_none(env: Any) -> None:
+    """An outer-joined entity's row of NULLs is None, as SQLAlchemy gives
+    it, never an object of NULL attributes put in the identity map."""
+    engine, maker = env
+    stmt = select(Profile).select_from(Owner).outerjoin(Profile, Profile.owner_id == Owner.id)
+    stmt = stmt.order_by(Owner.id)
+    with Session(engine) as s:
+        expected = [p and p.id for p in s.scalars(stmt)]
+    assert expected == [10, None]
+    for _ in range(HITS):
+        with maker() as s:
+            got = s.scalars(stmt.options(FromCache())).all()
+            assert [p and p.id for p in got] == expected
+            assert len(s.identity_map) == 1
+
+
+def test_a_composite_keys_missing_row_is_none(env: Any) -> None:
+    engine, maker = env
+    stmt = select(Pair).select_from(Owner).outerjoin(Pair, Pair.owner_id == Owner.id)
+    stmt = stmt.order_by(Owner.id)
+    for _ in range(HITS):
+        with maker() as s:
+            got = s.scalars(stmt.options(FromCache())).all()
+            assert [p and (p.owner_id, p.n) for p in got] == [(1, 1), None]
+            assert len(s.identity_map) == 1
+
+
+def test_a_result_processor_is_given_null_too(env: Any) -> None:
+    engine, maker = env
+    for _ in range(HITS):
+        with maker() as s:
+            assert s.get(Profile, 10, options=[FromCache()]).note == ""  # type: ignore[union-attr]
+        with maker() as s:
+            stmt = select(Profile).where(Profile.id == 10).options(FromCache())
+            assert s.scalars(stmt).one().note == ""
+
+
+def test_always_refresh_overwrites_what_the_session_holds(env: Any) -> None:
+    """``always_refresh`` mappers: every load overwrites the object in the
+    session, a hit included (as the uncached query does)."""
+    engine, maker = env
+    for _ in range(HITS):
+        with maker() as s:
+            fresh = s.get(Fresh, 1)
+            fresh.name = "local"  # type: ignore[union-attr]
+            with s.no_autoflush:
+                got = s.scalars(select(Fresh).where(Fresh.id == 1).options(FromCache())).one()
+            assert got is fresh and got.name == "db"
+
+
+def test_a_load_listener_registered_after_the_first_hits(env: Any) -> None:
+    engine, maker = env
+    stmt = select(Owner).where(Owner.id == 1).options(FromCache())
+    for _ in range(HITS):
+        with maker() as s:
+            s.scalars(stmt).one()
+    loaded: list[Any] = []
+
+    def on_load(target: Any, context: Any) -> None:
+        loaded.append(target)
+
+    event.listen(Owner, "load", on_load)
+    try:
+        with QueryCounter(engine) as counter, maker() as s:
+            owner = s.scalars(stmt).one()
+        assert counter.selects == 0 and loaded == [owner]
+    finally:
+        event.remove(Owner, "load", on_load)
+
+
+@pytest.mark.parametrize("where", ["subquery", "cte"])
+def test_a_locking_select_inside_a_statement_is_never_cached(env: Any, where: str) -> None:
+    """``with_for_update()`` in a subquery or a CTE locks rows (on
+    databases that have FOR UPDATE): such a statement runs every time, as
+    a top-level ``with_for_update()`` does."""
+    engine, maker = env
+    locking = select(Profile.owner_id).where(Profile.id == 10).with_for_update()
+    if where == "subquery":
+        stmt = select(Owner).where(Owner.id.in_(locking.scalar_subquery()))
+    else:
+        cte = locking.cte()
+        stmt = select(Owner).join(cte, cte.c.owner_id == Owner.id)
+    for _ in range(2):
+        with QueryCounter(engine) as counter, maker() as s:
+            assert [o.id for o in s.scalars(stmt.options(FromCache()))] == [1]
+        assert counter.selects == 1
