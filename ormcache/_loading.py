@@ -119,12 +119,13 @@ class Plan:
         self._no_identity = none.issuperset if mapper.allow_partial_pks else none.intersection
 
     def build(
-        self, orm_context: ORMExecuteState, rows: Any, token: Any = None
+        self, orm_context: ORMExecuteState, rows: Any, token: Any = None, shard: Any = None
     ) -> IteratorResult[Any] | None:
         """A result of live instances, or None when the regular path must
         be used (an existing instance needs attributes refreshed, or the
         execution asks for more than the plan does).  ``token``: the
-        identity token (shard id) of the rows, if not the execution's."""
+        identity token (shard id) of the rows, if not the execution's;
+        ``shard``: the one to use when the execution has none."""
         load_options = orm_context.load_options
         if (
             orm_context.is_relationship_load
@@ -142,6 +143,8 @@ class Plan:
             return None  # a listener registered since the plan was made
         if token is None:
             token = load_options._identity_token
+            if token is None:
+                token = shard
         identity_map = session.identity_map
         identity_class = self._identity_class
         new = self._new

@@ -859,7 +859,12 @@ class OrmCache:
                 pieces.add(orm_context.bind_arguments.get("shard_id"), entry[_DESCRIPTION], rows, True)
         plan: Any = shape.plans.get(id(dialect)) if shape.mapper is not None else False
         if plan:
-            built = plan.build(orm_context, rows)
+            shard = None
+            if "shard_id" in orm_context.bind_arguments and _is_sharded(orm_context.session):
+                # routed by bind_arguments, before ShardedSession's router
+                # made the shard the identity token: as the router would
+                shard = orm_context.bind_arguments["shard_id"]
+            built = plan.build(orm_context, rows, shard=shard)
             if built is not None:
                 return built
         result = orm_context.invoke_statement(

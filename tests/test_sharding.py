@@ -98,6 +98,11 @@ QUERIES = {
         select(Template).where(Template.id == 3).execution_options(shards=("s0", "s2"))
     ).all(),
     "get-by-identity-token": lambda s: [s.get(Template, 2, identity_token="s2")],
+    # routed before ShardedSession's router runs: the shard is the identity token
+    "bind-arguments": lambda s: s.scalars(
+        select(Template).where(Template.id == 2), bind_arguments={"shard_id": "s1"}
+    ).all(),
+    "get-bind-arguments": lambda s: [s.get(Template, 2, bind_arguments={"shard_id": "s1"})],
 }
 
 
@@ -125,8 +130,8 @@ class _CachingSession:
     def __init__(self, session: Any) -> None:
         self.session = session
 
-    def scalars(self, stmt: Any) -> Any:
-        return self.session.scalars(stmt.options(FromCache()))
+    def scalars(self, stmt: Any, **kw: Any) -> Any:
+        return self.session.scalars(stmt.options(FromCache()), **kw)
 
     def get(self, *args: Any, **kw: Any) -> Any:
         return self.session.get(*args, options=[FromCache()], **kw)
