@@ -27,9 +27,11 @@ import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl, unquote
 
 from sqlalchemy import Column
 from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.pool import SingletonThreadPool
 from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql import operators
@@ -57,7 +59,7 @@ __all__ = [
 DATABASE_OPTION = "ormcache_database"
 
 _PROCESS = uuid.uuid4().hex[:12]
-_engine_ids: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
+_engine_ids: weakref.WeakKeyDictionary[Engine, Any] = weakref.WeakKeyDictionary()
 _engine_ids_lock = threading.Lock()
 
 
@@ -74,7 +76,8 @@ def database_id(bind: Engine | Connection) -> str:
 
     * A file SQLite database is its real path; an in-memory one is private to
       its connection pool (each ``create_engine("sqlite://")`` is a new
-      database; ``engine.execution_options(...)`` shares its engine's); a
+      database; ``engine.execution_options(...)`` shares its engine's; on a
+      ``SingletonThreadPool`` each thread has its own); a
       named shared-cache memory database (``file:NAME?mode=memory``) is
       shared by the engines of one process.
     * A server database is ``dialect://host:port/database`` (the dialect's
@@ -89,12 +92,23 @@ def database_id(bind: Engine | Connection) -> str:
     """
     engine = bind.engine
     try:
-        return _engine_ids[engine]
+        ident = _engine_ids[engine]
     except KeyError:
-        pass
-    ident = _compute_database_id(engine)
-    with _engine_ids_lock:
-        return _engine_ids.setdefault(engine, ident)
+        computed = _compute_database_id(engine)
+        with _engine_ids_lock:
+            ident = _engine_ids.setdefault(engine, computed)
+    if ident.__class__ is str:
+        return ident  # type: ignore[no-any-return]
+    return ident.ident  # type: ignore[no-any-return]  # (_PerThread)
+
+
+class _PerThread(threading.local):
+    """The id of an in-memory SQLite database on a ``SingletonThreadPool``
+    (``create_engine("sqlite://")``'s pool): each thread has a connection,
+    and a database, of its own."""
+
+    def __init__(self) -> None:
+        self.ident = f"sqlite-mem:{uuid.uuid4().hex}"
 
 
 #: what precedes a PostgreSQL URL's ``search_path`` in a database id
@@ -116,10 +130,10 @@ _TARGET_QUERY_KEYS = frozenset(
 )
 #: in-memory SQLite ids by connection pool (engines made by
 #: ``execution_options()`` share their engine's pool, and its database)
-_memory_ids: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+_memory_ids: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
-def _compute_database_id(engine: Engine) -> str:
+def _compute_database_id(engine: Engine) -> Any:
     explicit = engine.get_execution_options().get(DATABASE_OPTION)
     if explicit:
         return f"named:{explicit}"
@@ -127,13 +141,18 @@ def _compute_database_id(engine: Engine) -> str:
     backend = url.get_backend_name()
     if backend == "sqlite":
         database = url.database or ""
-        if url.query.get("uri") in ("true", "1", "True") or database.startswith(
-            "file:"
-        ):
-            path, _, query = database.partition("?")
+        if str(url.query.get("uri", "")).lower() in ("true", "1") and database.startswith("file:"):
+            # a SQLite URI: its parameters are in the URL's query (SQLAlchemy
+            # hands them to SQLite) or already in the name
+            path, _, embedded = database.partition("?")
+            params = dict(parse_qsl(embedded))
+            params.update((k, v) for k, v in url.query.items() if isinstance(v, str))
             path = path.removeprefix("file:")
-            if "mode=memory" in query:
-                if "cache=shared" in query and path:
+            if path.startswith("//"):  # file://[localhost]/absolute/path
+                path = "/" + path[2:].partition("/")[2]
+            path = unquote(path)
+            if params.get("mode") == "memory":
+                if params.get("cache") == "shared" and path:
                     return f"sqlite-shm:{_PROCESS}:{path}"
                 return _memory_id(engine)
             database = path
@@ -152,11 +171,15 @@ def _compute_database_id(engine: Engine) -> str:
     return f"{ident}{SEARCH_PATH_MARK}{search_path}" if search_path else ident
 
 
-def _memory_id(engine: Engine) -> str:
+def _memory_id(engine: Engine) -> Any:
     with _engine_ids_lock:
         ident = _memory_ids.get(engine.pool)
         if ident is None:
-            ident = _memory_ids[engine.pool] = f"sqlite-mem:{uuid.uuid4().hex}"
+            if isinstance(engine.pool, SingletonThreadPool):
+                ident = _PerThread()
+            else:
+                ident = f"sqlite-mem:{uuid.uuid4().hex}"
+            _memory_ids[engine.pool] = ident
         return ident
 
 

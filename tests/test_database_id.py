@@ -146,3 +146,59 @@ def test_servers_and_databases_named_in_the_url_query() -> None:
     ids = [database_id(create_engine(url)) for url in urls]
     assert len(set(ids)) == len(ids)
     assert database_id(create_engine(urls[0])) == ids[0]
+
+
+def test_sqlite_uris_name_their_database(tmp_path: Any) -> None:
+    """A SQLite URI's parameters are in the URL's query (SQLAlchemy passes
+    them on to SQLite): ``mode=memory`` there is a private database, with
+    ``cache=shared`` one per name in the process; a file URI with an
+    authority (``file://localhost/path``) is that file."""
+    name = "mem" + uuid.uuid4().hex[:8]
+    private = f"sqlite:///file:{name}?mode=memory&uri=true"
+    one, two = (create_engine(private, poolclass=StaticPool) for _ in range(2))
+    assert database_id(one) != database_id(two)
+    assert database_id(one).startswith("sqlite-mem:")
+    shared = f"sqlite:///file:{name}?mode=memory&cache=shared&uri=true"
+    ids = {database_id(create_engine(shared, poolclass=StaticPool)) for _ in range(2)}
+    assert len(ids) == 1 and ids.pop().startswith("sqlite-shm:")
+    path = tmp_path / "a b.db"
+    plain = database_id(create_engine(f"sqlite:///{path}"))
+    for url in (
+        f"sqlite:///file:{path}?mode=ro&uri=true",
+        f"sqlite:///file://{path}?uri=true",
+        f"sqlite:///file://localhost{path}?uri=true",
+        "sqlite:///file:" + str(path).replace(" ", "%2520") + "?uri=true",  # %20 for SQLite
+    ):
+        assert database_id(create_engine(url)) == plain, url
+    # without uri=true, "file:" is part of a file's name
+    assert database_id(create_engine(f"sqlite:///file:{path}")) != plain
+
+
+def test_in_memory_sqlite_on_its_default_pool_is_a_database_per_thread(memory_cache: OrmCache) -> None:
+    """``create_engine("sqlite://")`` keeps a connection, and so a
+    database, per thread (``SingletonThreadPool``): one thread is never
+    served another's rows."""
+    import threading
+
+    engine = create_engine("sqlite://")
+    maker = sessionmaker(engine)
+    memory_cache.attach(maker)
+    stmt = select(Template.name).where(Template.id == 1).options(FromCache())
+    seen: dict[str, Any] = {}
+
+    def work(name: str) -> None:
+        Base.metadata.create_all(engine)
+        seed(engine, prefix=f"{name}-")
+        seen[name + "-id"] = database_id(engine)
+        for _ in range(2):
+            with maker() as s:
+                seen[name] = s.scalars(stmt).one()
+
+    for name in ("a", "b"):
+        thread = threading.Thread(target=work, args=(name,))
+        thread.start()
+        thread.join()
+    assert seen["a"] == "a-1" and seen["b"] == "b-1"
+    assert seen["a-id"] != seen["b-id"]
+    assert database_id(engine) == database_id(engine) not in (seen["a-id"], seen["b-id"])
+    engine.dispose()
