@@ -6,6 +6,7 @@ project changes one of these, this is the only module to adapt.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -24,7 +25,7 @@ __all__ = [
     "fan_out",
     "forget_region_locks",
     "in_aiosqlite_thread",
-    "in_async_greenlet",
+    "in_event_loop",
     "on_client_created",
     "pool_ends_transactions",
     "query_statement",
@@ -136,10 +137,14 @@ def executing_flush(session: Session) -> bool:
     return bool(executing)
 
 
-def in_async_greenlet() -> bool:
-    """Whether this code runs inside SQLAlchemy's asyncio bridge (an
-    ``AsyncSession``'s statement): blocking on a thread lock there blocks
-    the event loop, and with it the task that holds the lock."""
+def in_event_loop() -> bool:
+    """Whether this code runs in an event loop's thread: inside
+    SQLAlchemy's asyncio bridge (an ``AsyncSession``'s statement), or a
+    plain ``Session`` called from a coroutine.  Blocking on a thread lock
+    there blocks the event loop, and with it the task that may hold the
+    lock, awaiting its query."""
+    if asyncio._get_running_loop() is not None:
+        return True
     try:
         from sqlalchemy.util.concurrency import in_greenlet
     except ImportError:  # pragma: no cover - older SQLAlchemy

@@ -781,13 +781,15 @@ class OrmCache:
                     stale = self._serve(orm_context, store, option, shape, dialect, values, True, fanout)
                     if stale is not None:
                         return stale
-                if not _compat.in_async_greenlet():
+                if not _compat.in_event_loop():
                     # someone is filling this key: wait, then read what they stored
                     waited = True
                     acquired = mutex.acquire(True)
-                # else an asyncio task: the holder may be another task of
-                # this thread, awaiting its query; waiting would block the
-                # event loop, and that task with it.  Ask the database.
+                # else in an event loop's thread (an AsyncSession, or a
+                # Session called from a coroutine): the holder may be
+                # another task of this thread, awaiting its query; waiting
+                # would block the loop, and that task with it.  Ask the
+                # database.
         except Exception as err:
             store.failed("lock", err, count=not out_of_memory(err))
             acquired = False

@@ -231,3 +231,58 @@ def test_aiosqlite_read_in_an_older_snapshot_is_not_stored(aiosqlite_url: str, m
         asyncio.run(scenario())
     finally:
         writer.dispose()
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_a_plain_session_in_the_event_loop_never_waits_for_a_task(
+    aiosqlite_url: str, request: pytest.FixtureRequest, backend: str
+) -> None:
+    """A task of an ``AsyncSession`` misses a key and awaits its query;
+    meanwhile another task of the same loop runs the same statement
+    through a plain ``Session``.  Waiting for the first task's fill would
+    block the loop, and the first task with it: the database answers."""
+    import time
+
+    from sqlalchemy import event
+    from sqlalchemy.orm import sessionmaker
+
+    spec: dict[str, Any] = {"backend": backend}
+    if backend == "redis":
+        spec["arguments"] = {"url": request.getfixturevalue("redis_url")}
+    cache = OrmCache.from_settings({"namespace": "al" + uuid.uuid4().hex[:8], "regions": {"default": spec}})
+    sync_engine = create_engine(aiosqlite_url.replace("+aiosqlite", ""))
+    Sync = sessionmaker(sync_engine)
+    cache.attach(Sync)
+    stmt = select(Template.name).where(Template.id == 1).options(FromCache())
+
+    async def scenario() -> list[str]:
+        engine = create_async_engine(aiosqlite_url)
+
+        @event.listens_for(engine.sync_engine, "before_cursor_execute")
+        def slow(*args: Any) -> None:
+            time.sleep(0.2)  # in aiosqlite's thread: the task awaits meanwhile
+
+        maker = async_sessionmaker(engine)
+        cache.attach(maker)
+
+        async def by_task() -> str:
+            async with maker() as s:
+                return (await s.scalars(stmt)).one()
+
+        async def by_plain_session() -> str:
+            await asyncio.sleep(0.05)  # the other task holds the key's lock
+            with Sync() as s:
+                return s.scalars(stmt).one()
+
+        try:
+            return await asyncio.gather(by_task(), by_plain_session())
+        finally:
+            await engine.dispose()
+
+    faulthandler.dump_traceback_later(60, exit=True)
+    try:
+        assert asyncio.run(scenario()) == ["t1", "t1"]
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        cache.close()
+        sync_engine.dispose()
