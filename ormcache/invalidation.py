@@ -315,7 +315,16 @@ def _canonical(value: Any) -> Any:
 
 
 def _short(name: str) -> str:
-    if len(name) <= 64 and name.isascii() and ":" not in name and " " not in name:
+    """``name`` as it is in version keys when short, printable ASCII (no
+    control characters: memcached's protocol ends a key at whitespace),
+    with no space or ':'; else a digest of it."""
+    if (
+        len(name) <= 64
+        and name.isascii()
+        and name.isprintable()
+        and ":" not in name
+        and " " not in name
+    ):
         return name
     return digest(name, 8)
 

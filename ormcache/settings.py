@@ -529,9 +529,9 @@ def _parse(tree: Mapping[str, Any]) -> Settings:
         )
     parsed = {}
     for name, spec in regions.items():
-        if not isinstance(name, str) or not name:
+        if not isinstance(name, str) or not name or not name.isprintable():
             raise ConfigurationError(
-                f"region names must be non-empty strings, not {name!r}",
+                f"region names must be non-empty strings of printable characters, not {name!r}",
                 key="regions",
             )
         parsed[name] = _region_settings(name, spec)

@@ -368,6 +368,13 @@ class TestErrors:
         assert info.value.key == "namespace"
         assert "1 to 32 ASCII characters" in str(info.value)
 
+    @pytest.mark.parametrize("name", ["", "a\nb", "tab\there", 3])
+    def test_bad_region_name(self, name: Any) -> None:
+        with pytest.raises(ConfigurationError) as info:
+            load_settings({"regions": {name: {"backend": "memory"}}})
+        assert info.value.key == "regions"
+        assert "printable characters" in str(info.value) and repr(name) in str(info.value)
+
     @pytest.mark.parametrize("tables", ["audit_log", ["ok", 3], [""]])
     def test_bad_uncached_tables(self, tables: Any) -> None:
         with pytest.raises(ConfigurationError) as info:
