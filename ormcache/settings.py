@@ -587,6 +587,7 @@ def _region_settings(name: str, spec: Any) -> RegionSettings:
             region=name,
             key="arguments",
         )
+    arguments = _server_ttls(name, arguments)
     backend = _backend(name, _interpolate(spec["backend"], name, "backend"))
     if (
         backend in _NO_SERVER
@@ -630,6 +631,40 @@ def _region_settings(name: str, spec: Any) -> RegionSettings:
         ),
         reply_poll=reply_poll,
     )
+
+
+#: the backends' own time-to-live arguments, and their largest value
+#: (memcached reads more than 30 days as a date: the item would expire at once)
+_SERVER_TTLS = {"redis_expiration_time": None, "memcached_expire_time": 30 * 24 * 3600}
+
+
+def _server_ttls(region: str, arguments: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``arguments`` with the server TTLs checked, and given as whole
+    seconds (a numeric string from an INI file or ``${NAME}``, a whole
+    float, a ``timedelta``): the server refuses anything else on every
+    write (Redis's ``SET EX``), or drops the item (memcached)."""
+    found = {k: v for k, v in arguments.items() if k in _SERVER_TTLS}
+    if not found:
+        return arguments
+    checked = dict(arguments)
+    for key, value in found.items():
+        seconds = value.total_seconds() if isinstance(value, datetime.timedelta) else _number(value)
+        limit = _SERVER_TTLS[key]
+        if (
+            isinstance(value, bool)
+            or seconds is None
+            or seconds != int(seconds)
+            or seconds < 0
+            or (limit is not None and seconds > limit)
+        ):
+            most = f"to {limit:,} (30 days; memcached reads more as a date)" if limit else "or more"
+            raise ConfigurationError(
+                f"must be a whole number of seconds, 0 (no expiry) {most}, not {value!r}",
+                region=region,
+                key=f"arguments.{key}",
+            )
+        checked[key] = int(seconds)
+    return checked
 
 
 #: backends that wait for no server: ``backend_timeout`` means nothing there

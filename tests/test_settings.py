@@ -368,6 +368,36 @@ class TestErrors:
         assert info.value.key == "namespace"
         assert "1 to 32 ASCII characters" in str(info.value)
 
+    @pytest.mark.parametrize(
+        "backend,key,value,seconds",
+        [
+            ("redis", "redis_expiration_time", "300", 300),  # INI files, ${NAME}
+            ("redis", "redis_expiration_time", 3600.0, 3600),
+            ("redis", "redis_expiration_time", __import__("datetime").timedelta(hours=1), 3600),
+            ("memcached", "memcached_expire_time", "600", 600),
+            ("memcached", "memcached_expire_time", 2_592_000, 2_592_000),
+        ],
+    )
+    def test_server_ttls_are_whole_seconds(self, backend: str, key: str, value: Any, seconds: int) -> None:
+        settings = load_settings(regions(r={"backend": backend, "arguments": {key: value}}))
+        assert settings.region("r").arguments[key] == seconds
+
+    @pytest.mark.parametrize(
+        "backend,key,value",
+        [
+            ("redis", "redis_expiration_time", 1.5),  # Redis refuses it on every SET EX
+            ("redis", "redis_expiration_time", -5),
+            ("redis", "redis_expiration_time", "soon"),
+            ("memcached", "memcached_expire_time", 2_592_001),  # a date in 1970: gone at once
+            ("memcached", "memcached_expire_time", True),
+        ],
+    )
+    def test_bad_server_ttls(self, backend: str, key: str, value: Any) -> None:
+        with pytest.raises(ConfigurationError) as info:
+            load_settings(regions(r={"backend": backend, "arguments": {key: value}}))
+        assert (info.value.region, info.value.key) == ("r", f"arguments.{key}")
+        assert "whole number of seconds" in str(info.value) and repr(value) in str(info.value)
+
     @pytest.mark.parametrize("name", ["", "a\nb", "tab\there", 3])
     def test_bad_region_name(self, name: Any) -> None:
         with pytest.raises(ConfigurationError) as info:
