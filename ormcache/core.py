@@ -549,13 +549,17 @@ class OrmCache:
             stats.count(option.region, shape.label, "hits")
             stats.time(option.region, "hits", time.perf_counter() - started)
             return served
-        stats.count(option.region, shape.label, "misses")
+        event = "misses"
         try:
-            return self._lookup_miss(
+            result, cached = self._lookup_miss(
                 orm_context, store, option, shape, dialect, key, deps, values, db, fill, fanout
             )
+            if cached:
+                event = "hits"  # another caller's fill, or a stale entry
+            return result
         finally:
-            stats.time(option.region, "misses", time.perf_counter() - started)
+            stats.count(option.region, shape.label, event)
+            stats.time(option.region, event, time.perf_counter() - started)
 
     def _sharded(
         self,
@@ -755,9 +759,12 @@ class OrmCache:
         db: str,
         fill: bool,
         fanout: _Fanout | None = None,
-    ) -> Any:
+    ) -> tuple[Any, bool]:
+        """The miss's result, and whether it came from the cache after all
+        (another caller's fill, waited for; an expired entry served while
+        another caller refreshes it)."""
         if not fill:
-            return self._miss(orm_context, store, key, deps, values, db, False, shape.label, fanout)
+            return self._miss(orm_context, store, key, deps, values, db, False, shape.label, fanout), False
         # one query per cold key: dogpile's lock for the key (in-process, or
         # the backend's distributed lock when the region is configured so)
         mutex = store.mutex(key)
@@ -780,7 +787,7 @@ class OrmCache:
                     # entry is served meanwhile
                     stale = self._serve(orm_context, store, option, shape, dialect, values, True, fanout)
                     if stale is not None:
-                        return stale
+                        return stale, True
                 if not _compat.in_event_loop():
                     # someone is filling this key: wait, then read what they stored
                     waited = True
@@ -796,21 +803,21 @@ class OrmCache:
         if not acquired:
             return self._miss(
                 orm_context, store, key, deps, values, db, True, shape.label, fanout, created=created
-            )
+            ), False
         try:
             if not waited:
                 return self._miss(
                     orm_context, store, key, deps, values, db, True, shape.label, fanout, mutex, created
-                )
+                ), False
             again = store.get_many([key, *deps])
             if again is None:
-                return self._miss(orm_context, store, key, deps, values, db, False, shape.label, fanout)
+                return self._miss(orm_context, store, key, deps, values, db, False, shape.label, fanout), False
             served = self._serve(orm_context, store, option, shape, dialect, again, fanout=fanout)
             if served is not None:
-                return served
+                return served, True
             return self._miss(
                 orm_context, store, key, deps, again, db, True, shape.label, fanout, mutex
-            )
+            ), False
         finally:
             try:
                 mutex.release()

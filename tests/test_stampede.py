@@ -51,10 +51,13 @@ def test_threads_share_one_query(tmp_path: Any) -> None:
             t.start()
         for t in threads:
             t.join()
+    stats = cache.stats()["regions"]["default"]
     cache.close()
     engine.dispose()
     assert results == ["t3"] * 8
     assert counter.selects == 1
+    # those who waited for the fill were answered by the cache: hits
+    assert (stats["hits"], stats["misses"], stats["fills"]) == (7, 2, 2)
 
 
 def test_stale_while_revalidate(tmp_path: Any) -> None:
