@@ -15,6 +15,7 @@ the calls counted.
 from __future__ import annotations
 
 import os
+import random
 import threading
 import weakref
 from collections import defaultdict
@@ -97,12 +98,27 @@ def publish_once(cache: Any, store: Any) -> bool:
     process = process_id()
     if not store.set(process_key(ns, process), {"at": now, "stats": cache.stats()}):
         return False
+    # the index is read, changed and written back: processes publishing at
+    # the same moment overwrite each other's change.  Read it back, and
+    # try again a little later when this process is not in it.
+    for attempt in range(_INDEX_ATTEMPTS):
+        if attempt:
+            _time.sleep(random.uniform(0.005, 0.05))
+        values = store.get_values([index_key(ns)])
+        index = {}
+        if values and isinstance(values[0], dict):
+            if values[0].get(process) == now:
+                return True
+            index = {p: t for p, t in values[0].items() if now - t < STALE_AFTER}
+        index[process] = now
+        if not store.set(index_key(ns), index):
+            return False
     values = store.get_values([index_key(ns)])
-    index = {}
-    if values and isinstance(values[0], dict):
-        index = {p: t for p, t in values[0].items() if now - t < STALE_AFTER}
-    index[process] = now
-    return bool(store.set(index_key(ns), index))
+    return bool(values and isinstance(values[0], dict) and values[0].get(process) == now)
+
+
+#: how many times a process writes itself into the index, at most
+_INDEX_ATTEMPTS = 5
 
 
 #: (cache, store, interval) of every publishing cache, weakly by cache: a

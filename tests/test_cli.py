@@ -274,3 +274,37 @@ def test_a_forked_child_publishes_its_own_statistics(settings_file: Path) -> Non
     from ormcache import stats
 
     assert cache not in stats._publishing  # closed: its thread stops, a child does not restart it
+
+
+def test_processes_that_publish_at_once_are_all_listed(settings_file: Path, monkeypatch: Any) -> None:
+    """Workers forked together publish their first statistics at the same
+    moment: each one writes itself into the shared index of processes
+    until it reads itself back (a slower writer's older copy may still
+    drop it: it is back at its next publication, the second one here)."""
+    import threading
+
+    from ormcache import stats
+
+    cache = OrmCache.from_settings(str(settings_file))
+    store = cache._stores["default"]
+    # a thread stands for a process here
+    monkeypatch.setattr(stats, "process_id", lambda: threading.current_thread().name)
+    workers = 8
+    barrier = threading.Barrier(workers)
+    published: list[bool] = []
+
+    def worker() -> None:
+        barrier.wait()
+        published.append(stats.publish_once(cache, store))
+        published.append(stats.publish_once(cache, store))  # the next interval's
+
+    try:
+        threads = [threading.Thread(target=worker, name=f"w{i}") for i in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert published == [True] * 2 * workers
+        assert stats.collect(cache, store)["processes"] == sorted(t.name for t in threads)
+    finally:
+        cache.close()
