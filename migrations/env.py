@@ -118,9 +118,13 @@ def application_cache() -> tuple[Any, str] | None:
     path = x.get("ormcache_settings") or os.environ.get("ORMCACHE_SETTINGS")
     if not path:
         return None
-    from ormcache import OrmCache
+    from ormcache import ConfigurationError, OrmCache
 
-    return OrmCache.from_settings(path), path
+    try:
+        return OrmCache.from_settings(path), path
+    except ConfigurationError as err:  # alembic's "FAILED: ..." line, not a traceback
+        source = "-x ormcache_settings" if x.get("ormcache_settings") else "$ORMCACHE_SETTINGS"
+        raise CommandError(f"{source} {path!r}: {err}") from err
 
 
 def run_migrations_online() -> None:

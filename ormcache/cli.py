@@ -114,6 +114,10 @@ def _import_model(spec: str, what: str = "model", form: str = "module:Class") ->
         module_name, _, attr = spec.rpartition(".")
     if not module_name or not attr:
         raise ConfigurationError(f"{what} {spec!r}: write it as {form}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        # the application's modules, from its root, as `python -m` finds
+        # them (a console script's path holds only its own directory)
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -223,6 +227,10 @@ def _warm(args: argparse.Namespace) -> int:
                 raise ConfigurationError(
                     f"warm target {args.target!r}: not a list of statements, nor a "
                     f"callable(session) returning one ({err})"
+                ) from err
+            except Exception as err:  # the application's callable failed
+                raise ConfigurationError(
+                    f"warm target {args.target!r} raised {type(err).__name__}: {err}"
                 ) from err
             uncached = sum(
                 1

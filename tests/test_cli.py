@@ -210,6 +210,10 @@ def test_warm_says_what_is_wrong(settings_file: Path, tmp_path: Path, capsys: An
             ["warm", "warmup_queries:NOT_STATEMENTS", "--database-url", url, *base],
             "warm target 'warmup_queries:NOT_STATEMENTS': not a list of statements",
         ),
+        (
+            ["warm", "warmup_queries:failing", "--database-url", url, *base],
+            "warm target 'warmup_queries:failing' raised ValueError: the application's own error",
+        ),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
@@ -308,3 +312,25 @@ def test_processes_that_publish_at_once_are_all_listed(settings_file: Path, monk
         assert stats.collect(cache, store)["processes"] == sorted(t.name for t in threads)
     finally:
         cache.close()
+
+
+def test_the_console_script_imports_the_applications_modules(settings_file: Path, tmp_path: Path) -> None:
+    """``ormcache invalidate myapp.models:Model`` from the application's
+    root finds ``myapp`` as ``python -m`` would (a console script's path
+    holds only its own directory)."""
+    import shutil
+
+    script = shutil.which("ormcache", path=str(Path(sys.executable).parent))
+    if script is None:
+        pytest.skip("the ormcache console script is not installed next to this Python")
+    app = tmp_path / "app"
+    (app / "myapp").mkdir(parents=True)
+    (app / "myapp" / "__init__.py").write_text("")
+    (app / "myapp" / "models.py").write_text("from ormcache.testing.fixtures import Template\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [script, "invalidate", "myapp.models:Template", "--settings", str(settings_file)],
+        cwd=app, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "invalidated model myapp.models:Template" in proc.stdout

@@ -431,3 +431,24 @@ def test_a_run_that_changes_nothing_says_so(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "no shard changed revision; nothing to invalidate" in done.stdout
     assert "is invalidated" not in done.stdout
+
+
+def test_bad_application_settings_are_one_line(tmp_path: Path) -> None:
+    """A settings file that cannot be read is alembic's one ``FAILED:``
+    line naming where the path came from, not a traceback."""
+    data = tmp_path / "data"
+    empty_shards(data, 1)
+    alembic = [sys.executable, "-m", "alembic", "-c", str(REPO / "alembic.ini"), "-x", f"data_dir={data}"]
+    missing = tmp_path / "missing.toml"
+    for how, extra, env_settings in (
+        ("-x ormcache_settings", ["-x", f"ormcache_settings={missing}"], {}),
+        ("$ORMCACHE_SETTINGS", [], {"ORMCACHE_SETTINGS": str(missing)}),
+    ):
+        env = {**os.environ, "PYTHONPATH": str(REPO), **env_settings}
+        done = subprocess.run(
+            [*alembic, *extra, "current"], cwd=REPO, capture_output=True, text=True, env=env
+        )
+        said = done.stdout + done.stderr
+        assert done.returncode != 0
+        assert f"{how} '{missing}': cannot read settings file" in said
+        assert "Traceback" not in said

@@ -14,3 +14,7 @@ def by_store(session: object) -> list[object]:
 
 UNCACHED = [select(Template).where(Template.id == 1)]
 NOT_STATEMENTS = 42
+
+
+def failing(session: object) -> list[object]:
+    raise ValueError("the application's own error")
