@@ -135,7 +135,19 @@ def in_transaction(context: Any) -> bool | None:
     status = getattr(info, "transaction_status", None)
     if status is not None:
         return int(status) != 0
+    # PyMySQL keeps the status flags of the server's last OK reply (a
+    # result set's are not kept): trusted only in autocommit mode, where a
+    # transaction opens only by an explicit BEGIN, whose reply says so
+    server_status = getattr(dbapi_conn, "server_status", None)
+    if isinstance(server_status, int) and getattr(dbapi_conn, "autocommit_mode", None) is True:
+        if server_status & _SERVER_STATUS_AUTOCOMMIT and not server_status & _SERVER_STATUS_IN_TRANS:
+            return False
     return None
+
+
+#: the MySQL protocol's server status flags
+_SERVER_STATUS_IN_TRANS = 0x0001
+_SERVER_STATUS_AUTOCOMMIT = 0x0002
 
 
 #: dialects whose default isolation level (InnoDB's REPEATABLE READ) takes

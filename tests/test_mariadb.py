@@ -237,6 +237,23 @@ class TestMariadbMemory(BackendTests):
             assert self.cached_names(stmt) == (["new"], 1)
             assert self.cached_names(stmt) == (["new"], 0)
 
+    def test_autocommit_writes_on_a_connection_kept_open(self) -> None:
+        """On an AUTOCOMMIT connection each statement is committed as it
+        runs: its write is announced at once, also when the connection
+        wrote the table before and stays open (a worker's connection)."""
+        from sqlalchemy import update
+
+        stmt = select(Template).where(Template.id == 1).options(FromCache("default"))
+        with self.engine.execution_options(isolation_level="AUTOCOMMIT").connect() as worker:
+            worker.execute(update(Template).where(Template.id == 1).values(name="first"))
+            with self.Session() as s:  # another committed write to the table
+                s.get_one(Template, 2).name = "other"
+                s.commit()
+            assert self.cached_names(stmt) == (["first"], 1)
+            assert self.cached_names(stmt) == (["first"], 0)
+            worker.execute(update(Template).where(Template.id == 1).values(name="second"))
+            assert self.cached_names(stmt) == (["second"], 1)
+
     def test_isolation_level_of_a_statement_is_not_the_connections(self) -> None:
         """SQLAlchemy applies ``isolation_level`` set on an engine or a
         connection; in one statement's options it is ignored, and so is it
