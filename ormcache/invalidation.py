@@ -771,12 +771,16 @@ _TEXT_WRITE = re.compile(
     re.IGNORECASE | re.VERBOSE | re.DOTALL,
 )
 _COMMENT = re.compile(r"^\s*(?:--[^\n]*\n|/\*.*?\*/)", re.DOTALL)
-#: comments and literals, for telling statements apart: strings
-#: ('it''s'), PostgreSQL dollar quoting ($$...$$, $f$...$f$), comments
+#: comments, literals and quoted names, for telling statements apart:
+#: strings ('it''s'), double-quoted names (strings in MySQL), backquoted
+#: names, PostgreSQL dollar quoting ($$...$$, $f$...$f$), comments
 _NOT_CODE = re.compile(
-    r"'(?:[^']|'')*'|\$(\w*)\$.*?\$\1\$|--[^\n]*|/\*.*?\*/",
+    r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|`(?:[^`]|``)*`|\$(\w*)\$.*?\$\1\$|--[^\n]*|/\*.*?\*/",
     re.DOTALL,
 )
+#: the same, with MySQL's "#" comment to the end of its line (an operator
+#: in PostgreSQL)
+_NOT_CODE_MYSQL = re.compile(_NOT_CODE.pattern + r"|#[^\n]*", re.DOTALL)
 #: what UPDATE may have between its table and SET: an alias, nothing else
 #: (MySQL's UPDATE a, b / UPDATE a JOIN b write several tables)
 _UPDATE_ALIAS = re.compile(rf"^\s*(?:(?:as\s+)?{_IDENT}\s*)?(?:\bset\b|$)", re.IGNORECASE | re.DOTALL)
@@ -795,9 +799,19 @@ def text_tables(sql: str, default_schema: str | None = None) -> set[str] | None:
         # a backslash may escape a quote (MySQL, PostgreSQL E'...'), or
         # not: where one statement ends cannot be told for sure
         return {UNKNOWN}
-    code = _NOT_CODE.sub(lambda m: "''" if m.group(0)[0] in "'$" else " ", body)
+    # where statements end, read with what cannot end one blanked out (to
+    # the same length); each statement is then read as it is written
+    code = _NOT_CODE.sub(_blank, body)
+    if "#" in body and _NOT_CODE_MYSQL.sub(_blank, body).count(";") != code.count(";"):
+        return {UNKNOWN}  # a MySQL comment, or a PostgreSQL operator: cannot tell
+    body = _NOT_CODE.sub(_blank_comment, body)
+    parts, start = [], 0
+    for end in (i for i, c in enumerate(code) if c == ";"):
+        parts.append(body[start:end])
+        start = end + 1
+    parts.append(body[start:])
     tables: set[str] = set()
-    for part in code.split(";"):
+    for part in parts:
         if part.strip():
             found = _statement_tables(part, default_schema)
             if found:
@@ -805,6 +819,16 @@ def text_tables(sql: str, default_schema: str | None = None) -> set[str] | None:
                     return {UNKNOWN}
                 tables |= found
     return tables
+
+
+def _blank(match: re.Match[str]) -> str:
+    return " " * len(match.group(0))
+
+
+def _blank_comment(match: re.Match[str]) -> str:
+    """A comment as spaces (of its length), a literal or a name as it is."""
+    found = match.group(0)
+    return " " * len(found) if found[:2] in ("--", "/*") else found
 
 
 def _statement_tables(sql: str, default_schema: str | None) -> set[str]:

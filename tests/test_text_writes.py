@@ -56,6 +56,17 @@ CASES = [
     ("UPDATE a SET x = 1; UPDATE b SET y = 2;", {"a", "b"}),
     ("SELECT 1; UPDATE b SET y = 2", {"b"}),
     ("UPDATE a SET x = 'it''s; fine'; DELETE FROM b", {"a", "b"}),
+    # quotes that are not strings' hide no statement boundary
+    ('SELECT 1 AS "it\'s"; UPDATE b SET y = 2', {"b"}),
+    ('SELECT 1 AS "a--b"; UPDATE b SET y = 2', {"b"}),
+    ('INSERT INTO log (msg) VALUES ("don\'t"); UPDATE b SET y = 2', {"log", "b"}),  # MySQL
+    ("SELECT 1 AS `it's`; UPDATE b SET y = 2", {"b"}),
+    ('UPDATE "x;y" SET v = 1; UPDATE b SET y = 2', {"x;y", "b"}),
+    ("SELECT 1 /* ; UPDATE a SET x = 1 */; UPDATE b SET y = 2", {"b"}),
+    # "#": MySQL's comment to the end of the line, or PostgreSQL's operator
+    ("SELECT 1 # it's\n; UPDATE b SET y = 2", {"b"}),  # (an unclosed string in PostgreSQL)
+    ("SELECT 1 # it's\n; UPDATE b SET y = 'x'", {UNKNOWN}),
+    ("SELECT 2 # 3; UPDATE b SET y = 2", {UNKNOWN}),  # one statement in MySQL, two in PostgreSQL
     # cannot tell which tables: everything
     ("EXPLAIN ANALYZE UPDATE a SET x = 1", {UNKNOWN}),
     ("EXPLAIN (ANALYZE, BUFFERS) DELETE FROM a", {UNKNOWN}),
