@@ -26,6 +26,7 @@ __all__ = [
     "forget_region_locks",
     "in_aiosqlite_thread",
     "in_event_loop",
+    "mapped_metadata",
     "on_client_created",
     "pool_ends_transactions",
     "query_statement",
@@ -209,6 +210,21 @@ def forget_region_locks(region: Any) -> None:
     registry = getattr(region, "_lock_registry", None)
     if registry is not None:
         region._lock_registry = type(registry)(region._create_mutex)
+
+
+def mapped_metadata() -> list[Any]:
+    """The ``MetaData`` of every ORM registry of the process (SQLAlchemy's
+    private ``orm.mapper._all_registries``; empty where it is missing)."""
+    try:
+        from sqlalchemy.orm.mapper import _all_registries
+    except ImportError:  # pragma: no cover - another SQLAlchemy
+        return []
+    found: dict[int, Any] = {}
+    for reg in _all_registries():
+        metadata = getattr(reg, "metadata", None)
+        if metadata is not None:
+            found.setdefault(id(metadata), metadata)
+    return list(found.values())
 
 
 def session_connection(session: Session, bind: Any) -> Connection | None:

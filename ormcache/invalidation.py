@@ -886,6 +886,13 @@ def _written_by(context: Any, statement: str, conn: Connection) -> set[str] | No
     compiled = context.compiled
     if context.is_text or compiled is None:
         tables = text_tables(statement, default_schema)
+        if tables and UNKNOWN not in tables:
+            # rows the database changes by itself, as below, for the
+            # mapped tables of those names (a textual DELETE, UPDATE or
+            # REPLACE: any action, whichever the statement runs)
+            for t in _text_cascades(tables, default_schema):
+                name = table_name(t.name, getattr(t, "schema", None), None, default_schema)
+                tables |= {name, bulk_item(name)}
         return tables or None
     stmt = compiled.statement
     found: list[Any] = []
@@ -937,6 +944,10 @@ def _written_by(context: Any, statement: str, conn: Connection) -> set[str] | No
             cascaded |= _cascades(found, False, None)
     elif context.isupdate:
         cascaded = _cascades(found, False, _set_keys(compiled, stmt))
+    elif context.isinsert and _replaces(stmt):
+        # INSERT OR REPLACE / REPLACE deletes the row it replaces; an
+        # upsert (ON CONFLICT DO UPDATE, ON DUPLICATE KEY UPDATE) updates it
+        cascaded = _cascades(found, True, None) | _cascades(found, False, None)
     else:
         cascaded = set()
     # rows the database changes by itself: foreign keys declared ON
@@ -949,6 +960,31 @@ def _written_by(context: Any, statement: str, conn: Connection) -> set[str] | No
 
 
 _REFERENTIAL = frozenset({"CASCADE", "SET NULL", "SET DEFAULT"})
+
+
+def _replaces(stmt: Any) -> bool:
+    """Whether an INSERT may delete or update rows it conflicts with: a
+    ``REPLACE`` prefix (SQLite's ``OR REPLACE``, MySQL's ``REPLACE``) or
+    an upsert clause."""
+    if getattr(stmt, "_post_values_clause", None) is not None:
+        return True
+    return any("replace" in str(p).lower() for p, _ in getattr(stmt, "_prefixes", ()) or ())
+
+
+def _text_cascades(names: set[str], default_schema: str | None) -> set[Any]:
+    """The tables a textual write of the tables ``names`` may change by
+    their foreign keys' actions, as far as the mapped ``MetaData`` tell."""
+    from ._compat import mapped_metadata
+
+    found = [
+        t
+        for metadata in mapped_metadata()
+        for t in metadata.tables.values()
+        if table_name(t.name, t.schema, None, default_schema) in names
+    ]
+    if not found:
+        return set()
+    return _cascades(found, True, None) | _cascades(found, False, None)
 
 
 def _set_columns(stmt: Any) -> list[Any]:

@@ -467,6 +467,71 @@ def test_database_cascades_invalidate_referencing_tables(tmp_path: Any, memory_c
         engine.dispose()
 
 
+@pytest.mark.parametrize(
+    "write",
+    [
+        "text delete",
+        "text update",
+        "driver sql delete",
+        "insert or replace",
+        "on conflict do update",
+    ],
+)
+def test_cascades_of_textual_writes_and_upserts(tmp_path: Any, memory_cache: OrmCache, write: str) -> None:
+    """Foreign key actions follow textual DELETE/UPDATE (of mapped tables)
+    and INSERTs that replace or update the rows they conflict with."""
+    from sqlalchemy import Column, ForeignKey, Integer, event, insert, text
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+    from sqlalchemy.orm import DeclarativeBase
+
+    class XBase(DeclarativeBase):
+        pass
+
+    class XParent(XBase):
+        __tablename__ = "xparent"
+        id = Column(Integer, primary_key=True)
+
+    class XChild(XBase):
+        __tablename__ = "xchild"
+        id = Column(Integer, primary_key=True)
+        parent_id = Column(ForeignKey("xparent.id", ondelete="CASCADE", onupdate="CASCADE"))
+
+    engine = create_engine(f"sqlite:///{tmp_path}/fk.db")
+    event.listen(engine, "connect", lambda conn, record: conn.execute("PRAGMA foreign_keys=ON"))
+    XBase.metadata.create_all(engine)
+    maker = sessionmaker(engine)
+    memory_cache.attach(maker)
+    with maker.begin() as s:
+        s.add(XParent(id=1))
+    with maker.begin() as s:
+        s.add_all([XChild(id=10, parent_id=1), XChild(id=11, parent_id=None)])
+    stmt = select(XChild.id, XChild.parent_id).order_by(XChild.id).options(FromCache())
+
+    def read() -> list[tuple[Any, ...]]:
+        with maker() as s:
+            return [tuple(r) for r in s.execute(stmt)]
+
+    assert read() == read() == [(10, 1), (11, None)]
+    writes = {
+        "text delete": lambda c: c.execute(text("DELETE FROM xparent WHERE id = 1")),
+        "text update": lambda c: c.execute(text("UPDATE xparent SET id = 9 WHERE id = 1")),
+        "driver sql delete": lambda c: c.exec_driver_sql("DELETE FROM xparent WHERE id = 1"),
+        "insert or replace": lambda c: c.execute(insert(XParent).prefix_with("OR REPLACE").values(id=1)),
+        "on conflict do update": lambda c: c.execute(
+            sqlite_insert(XParent).values(id=1).on_conflict_do_update(index_elements=["id"], set_={"id": 9})
+        ),
+    }
+    try:
+        with engine.begin() as conn:
+            writes[write](conn)
+        with engine.connect() as conn:
+            expected = [tuple(r) for r in conn.execute(select(XChild.id, XChild.parent_id).order_by(XChild.id))]
+        assert expected != [(10, 1), (11, None)]  # the database did change the child
+        assert read() == expected
+    finally:
+        engine.dispose()
+
+
 def test_row_keys_agree_however_the_key_is_spelled(tmp_path: Any, memory_cache: OrmCache) -> None:
     """A lookup and a write of one row name it alike: a decimal key with
     another scale, a string key in another case under a case-insensitive
