@@ -138,16 +138,21 @@ def in_transaction(context: Any) -> bool | None:
     # PyMySQL keeps the status flags of the server's last OK reply (a
     # result set's are not kept): trusted only in autocommit mode, where a
     # transaction opens only by an explicit BEGIN, whose reply says so
+    # (not while more results of a string of several statements are to
+    # come: its later statements are still running)
     server_status = getattr(dbapi_conn, "server_status", None)
     if isinstance(server_status, int) and getattr(dbapi_conn, "autocommit_mode", None) is True:
-        if server_status & _SERVER_STATUS_AUTOCOMMIT and not server_status & _SERVER_STATUS_IN_TRANS:
+        if server_status & _MYSQL_STATUS_MASK == _SERVER_STATUS_AUTOCOMMIT:
             return False
     return None
 
 
-#: the MySQL protocol's server status flags
+#: the MySQL protocol's server status flags: a transaction open,
+#: autocommit, more results (statements) to come
 _SERVER_STATUS_IN_TRANS = 0x0001
 _SERVER_STATUS_AUTOCOMMIT = 0x0002
+_SERVER_MORE_RESULTS_EXISTS = 0x0008
+_MYSQL_STATUS_MASK = _SERVER_STATUS_IN_TRANS | _SERVER_STATUS_AUTOCOMMIT | _SERVER_MORE_RESULTS_EXISTS
 
 
 #: dialects whose default isolation level (InnoDB's REPEATABLE READ) takes

@@ -54,7 +54,15 @@ from ._replay import CAPTURE, REPLAY, Capture, Replay
 from ._store import Store, out_of_memory
 from .exc import BackendError, CacheKeyError, ConfigurationError, UnknownRegionError
 from .invalidation import UNKNOWN, VersionKeys, is_pending, new_token, pending_expired, pending_token
-from .keys import ShapeCache, database_id, digest, parameter_values, query_key, table_name
+from .keys import (
+    ShapeCache,
+    database_id,
+    digest,
+    parameter_values,
+    per_thread_database,
+    query_key,
+    table_name,
+)
 from .options import FromCache
 from .serialization import SignedSerializer
 from .stats import Stats
@@ -648,6 +656,8 @@ class OrmCache:
                     self._shard_dbs.setdefault((sid, db))
                 merged_db = "shards:" + digest("\n".join(dbs))
                 group = _ShardGroup(dbs, merged_db, engines[0].dialect, digest(repr(shard_ids)))
+                if any(map(per_thread_database, engines)):
+                    return group  # ids of this thread's databases: not kept
             if len(self._groups) > 1000:
                 self._groups.clear()
             self._groups[memo_key] = group

@@ -341,6 +341,8 @@ def _db(db: str) -> str:
     same name then invalidate each other too, which costs misses only."""
     short = _db_memo.get(db)
     if short is None:
+        if len(_db_memo) > 10000:  # (in-memory databases of threads come and go)
+            _db_memo.clear()
         short = _db_memo[db] = digest(db.partition(SEARCH_PATH_MARK)[0], 8)
     return short
 
@@ -778,9 +780,13 @@ _NOT_CODE = re.compile(
     r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|`(?:[^`]|``)*`|\$(\w*)\$.*?\$\1\$|--[^\n]*|/\*.*?\*/",
     re.DOTALL,
 )
-#: the same, with MySQL's "#" comment to the end of its line (an operator
-#: in PostgreSQL)
-_NOT_CODE_MYSQL = re.compile(_NOT_CODE.pattern + r"|#[^\n]*", re.DOTALL)
+#: the same as MySQL reads them: "#" starts a comment to the end of its
+#: line (an operator in PostgreSQL), "--" only when a space follows (x--1
+#: is x minus -1)
+_NOT_CODE_MYSQL = re.compile(
+    r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|`(?:[^`]|``)*`|\$(\w*)\$.*?\$\1\$|--(?=\s)[^\n]*|/\*.*?\*/|#[^\n]*",
+    re.DOTALL,
+)
 #: what UPDATE may have between its table and SET: an alias, nothing else
 #: (MySQL's UPDATE a, b / UPDATE a JOIN b write several tables)
 _UPDATE_ALIAS = re.compile(rf"^\s*(?:(?:as\s+)?{_IDENT}\s*)?(?:\bset\b|$)", re.IGNORECASE | re.DOTALL)
@@ -802,11 +808,14 @@ def text_tables(sql: str, default_schema: str | None = None) -> set[str] | None:
     # where statements end, read with what cannot end one blanked out (to
     # the same length); each statement is then read as it is written
     code = _NOT_CODE.sub(_blank, body)
-    if "#" in body and _NOT_CODE_MYSQL.sub(_blank, body).count(";") != code.count(";"):
-        return {UNKNOWN}  # a MySQL comment, or a PostgreSQL operator: cannot tell
+    ends = [i for i, c in enumerate(code) if c == ";"]
+    if ("#" in body or "--" in body) and ends != [
+        i for i, c in enumerate(_NOT_CODE_MYSQL.sub(_blank, body)) if c == ";"
+    ]:
+        return {UNKNOWN}  # MySQL and PostgreSQL end the statements elsewhere
     body = _NOT_CODE.sub(_blank_comment, body)
     parts, start = [], 0
-    for end in (i for i, c in enumerate(code) if c == ";"):
+    for end in ends:
         parts.append(body[start:end])
         start = end + 1
     parts.append(body[start:])
@@ -891,8 +900,8 @@ def _written_by(context: Any, statement: str, conn: Connection) -> set[str] | No
             # mapped tables of those names (a textual DELETE, UPDATE or
             # REPLACE: any action, whichever the statement runs)
             for t in _text_cascades(tables, default_schema):
-                name = table_name(t.name, getattr(t, "schema", None), None, default_schema)
-                tables |= {name, bulk_item(name)}
+                child = table_name(t.name, getattr(t, "schema", None), None, default_schema)
+                tables |= {child, bulk_item(child)}
         return tables or None
     stmt = compiled.statement
     found: list[Any] = []

@@ -102,6 +102,12 @@ def database_id(bind: Engine | Connection) -> str:
     return ident.ident  # type: ignore[no-any-return]  # (_PerThread)
 
 
+def per_thread_database(engine: Engine) -> bool:
+    """Whether ``engine`` reaches a database of each thread's own (an
+    in-memory SQLite database on a ``SingletonThreadPool``)."""
+    return isinstance(_engine_ids.get(engine), _PerThread)
+
+
 class _PerThread(threading.local):
     """The id of an in-memory SQLite database on a ``SingletonThreadPool``
     (``create_engine("sqlite://")``'s pool): each thread has a connection,
@@ -379,6 +385,11 @@ _VOLATILE_TEXT = re.compile(
 #: textual SQL that may read tables SQLAlchemy does not see: a subquery
 #: (``id IN (SELECT user_id FROM banned)``, ``TABLE banned``)
 _READS_TABLES = re.compile(r"\b(select|table)\b", re.IGNORECASE)
+#: a locking clause written as SQL (a suffix, a text() fragment)
+_LOCKING_TEXT = re.compile(
+    r"\bfor\s+(?:no\s+key\s+)?(?:update|share|key\s+share)\b|\block\s+in\s+share\s+mode\b",
+    re.IGNORECASE,
+)
 
 
 def _bind_types(cache_key: Any) -> str:
@@ -424,6 +435,9 @@ def _traits(core: Any) -> tuple[bool, bool, bool]:
     for element in visitors.iterate(core):
         if getattr(element, "_for_update_arg", None) is not None:
             locking = True  # FOR UPDATE / FOR SHARE in a subquery or CTE
+        for clause, _ in (*getattr(element, "_prefixes", ()), *getattr(element, "_suffixes", ())):
+            if _LOCKING_TEXT.search(str(getattr(clause, "text", clause))):
+                locking = True  # suffix_with("FOR UPDATE SKIP LOCKED")
         if not opaque and _text_from(element):
             opaque = True  # text() as a FROM (select_from, join): a table by any name
         if isinstance(element, FunctionElement):
@@ -438,6 +452,7 @@ def _traits(core: Any) -> tuple[bool, bool, bool]:
             continue
         volatile = volatile or _VOLATILE_TEXT.search(text) is not None
         opaque = opaque or _READS_TABLES.search(text) is not None
+        locking = locking or _LOCKING_TEXT.search(text) is not None
     return volatile, opaque, locking
 
 

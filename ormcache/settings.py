@@ -635,7 +635,7 @@ def _region_settings(name: str, spec: Any) -> RegionSettings:
 
 #: the backends' own time-to-live arguments, and their largest value
 #: (memcached reads more than 30 days as a date: the item would expire at once)
-_SERVER_TTLS = {"redis_expiration_time": None, "memcached_expire_time": 30 * 24 * 3600}
+_SERVER_TTLS = {"redis_expiration_time": 10**12, "memcached_expire_time": 30 * 24 * 3600}
 
 
 def _server_ttls(region: str, arguments: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -643,7 +643,7 @@ def _server_ttls(region: str, arguments: Mapping[str, Any]) -> Mapping[str, Any]
     seconds (a numeric string from an INI file or ``${NAME}``, a whole
     float, a ``timedelta``): the server refuses anything else on every
     write (Redis's ``SET EX``), or drops the item (memcached)."""
-    found = {k: v for k, v in arguments.items() if k in _SERVER_TTLS}
+    found = {k: v for k, v in arguments.items() if k in _SERVER_TTLS and v is not None}
     if not found:
         return arguments
     checked = dict(arguments)
@@ -655,9 +655,12 @@ def _server_ttls(region: str, arguments: Mapping[str, Any]) -> Mapping[str, Any]
             or seconds is None
             or seconds != int(seconds)
             or seconds < 0
-            or (limit is not None and seconds > limit)
+            or seconds > limit
         ):
-            most = f"to {limit:,} (30 days; memcached reads more as a date)" if limit else "or more"
+            if key == "memcached_expire_time":
+                most = f"to {limit:,} (30 days; memcached reads more as a date)"
+            else:
+                most = f"to {limit:,}"
             raise ConfigurationError(
                 f"must be a whole number of seconds, 0 (no expiry) {most}, not {value!r}",
                 region=region,

@@ -164,3 +164,26 @@ def test_a_locking_select_inside_a_statement_is_never_cached(env: Any, where: st
         with QueryCounter(engine) as counter, maker() as s:
             assert [o.id for o in s.scalars(stmt.options(FromCache()))] == [1]
         assert counter.selects == 1
+
+
+@pytest.mark.parametrize(
+    "how", ["suffix", "text condition", "text subquery", "share mode", "no locking word"]
+)
+def test_a_locking_clause_written_as_sql(how: str) -> None:
+    """A locking clause given as SQL text (a suffix, a ``text()``
+    fragment) makes the statement a locking one too: never cached."""
+    from sqlalchemy import text
+    from sqlalchemy.dialects import postgresql
+
+    from ormcache.keys import _describe
+
+    base = select(Owner).where(Owner.id > 0)
+    stmt = {
+        "suffix": base.suffix_with("FOR UPDATE SKIP LOCKED"),
+        "text condition": select(Owner).where(text("id IN (SELECT id FROM fp_owner FOR NO KEY UPDATE)")),
+        "text subquery": select(Owner).where(text("id IN (SELECT id FROM fp_owner for share)")),
+        "share mode": base.suffix_with("LOCK IN SHARE MODE"),
+        "no locking word": base.suffix_with("-- for the update screen"),
+    }[how]
+    cache_key = stmt._generate_cache_key()
+    assert _describe(stmt, postgresql.dialect(), cache_key).locking is (how != "no locking word")

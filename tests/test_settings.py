@@ -376,9 +376,10 @@ class TestErrors:
             ("redis", "redis_expiration_time", __import__("datetime").timedelta(hours=1), 3600),
             ("memcached", "memcached_expire_time", "600", 600),
             ("memcached", "memcached_expire_time", 2_592_000, 2_592_000),
+            ("redis", "redis_expiration_time", None, None),  # dogpile's "no expiry"
         ],
     )
-    def test_server_ttls_are_whole_seconds(self, backend: str, key: str, value: Any, seconds: int) -> None:
+    def test_server_ttls_are_whole_seconds(self, backend: str, key: str, value: Any, seconds: int | None) -> None:
         settings = load_settings(regions(r={"backend": backend, "arguments": {key: value}}))
         assert settings.region("r").arguments[key] == seconds
 
@@ -388,6 +389,7 @@ class TestErrors:
             ("redis", "redis_expiration_time", 1.5),  # Redis refuses it on every SET EX
             ("redis", "redis_expiration_time", -5),
             ("redis", "redis_expiration_time", "soon"),
+            ("redis", "redis_expiration_time", 10**16),  # Redis: "invalid expire time" on every SET
             ("memcached", "memcached_expire_time", 2_592_001),  # a date in 1970: gone at once
             ("memcached", "memcached_expire_time", True),
         ],

@@ -407,3 +407,47 @@ def test_invalidate_a_shard_id_that_two_factories_share(tmp_path: Any) -> None:
         cache.close()
         for engine in engines:
             engine.dispose()
+
+
+def test_in_memory_shards_of_each_thread(memory_cache: OrmCache) -> None:
+    """``sqlite://`` shards on their default pool: each thread has its own
+    databases, and a statement run on every shard is one entry per
+    thread's databases."""
+    import threading
+
+    engines = {name: create_engine("sqlite://") for name in SHARDS}  # SingletonThreadPool
+    maker = sessionmaker(
+        class_=ShardedSession,
+        shards=engines,
+        shard_chooser=lambda mapper, instance, clause=None: "s0",
+        identity_chooser=lambda mapper, pk, **kw: list(SHARDS),
+        execute_chooser=lambda ctx: list(SHARDS),
+    )
+    memory_cache.attach(maker)
+    stmt = select(Template.name).order_by(Template.name).options(FromCache())
+    seen: dict[str, list[str]] = {}
+    seeded = threading.Barrier(2)
+    a_read = threading.Event()
+
+    def work(tag: str) -> None:
+        for name, engine in engines.items():
+            Base.metadata.create_all(engine)
+            seed(engine, stores=1, per_store=1, prefix=f"{tag}{name}-")
+        seeded.wait(30)  # both threads' databases are written
+        if tag == "b":
+            a_read.wait(30)  # and "a" stored its entry
+        for _ in range(2):
+            with maker() as s:
+                seen[tag] = s.scalars(stmt).all()
+        a_read.set()
+
+    try:
+        threads = [threading.Thread(target=work, args=(tag,)) for tag in ("a", "b")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert seen == {"a": ["as0-1", "as1-1", "as2-1"], "b": ["bs0-1", "bs1-1", "bs2-1"]}
+    finally:
+        for engine in engines.values():
+            engine.dispose()

@@ -67,6 +67,9 @@ CASES = [
     ("SELECT 1 # it's\n; UPDATE b SET y = 2", {"b"}),  # (an unclosed string in PostgreSQL)
     ("SELECT 1 # it's\n; UPDATE b SET y = 'x'", {UNKNOWN}),
     ("SELECT 2 # 3; UPDATE b SET y = 2", {UNKNOWN}),  # one statement in MySQL, two in PostgreSQL
+    ("UPDATE a SET x = 1 # it's\n; UPDATE b SET y = 2 # ';\n;", {UNKNOWN}),  # as many ";", elsewhere
+    ("UPDATE a SET x = x--1; UPDATE b SET y = 2", {UNKNOWN}),  # MySQL: x minus -1, two statements
+    ("UPDATE a SET x = 1; -- done\nUPDATE b SET y = 2", {"a", "b"}),
     # cannot tell which tables: everything
     ("EXPLAIN ANALYZE UPDATE a SET x = 1", {UNKNOWN}),
     ("EXPLAIN (ANALYZE, BUFFERS) DELETE FROM a", {UNKNOWN}),
