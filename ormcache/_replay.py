@@ -122,7 +122,12 @@ class FetchedCursor(ReplayCursor):
 def in_transaction(context: Any) -> bool | None:
     """Whether the DBAPI connection holds an open transaction, or None when
     the driver cannot tell."""
-    dbapi_conn = context.root_connection.connection.dbapi_connection
+    return dbapi_in_transaction(context.root_connection.connection.dbapi_connection)
+
+
+def dbapi_in_transaction(dbapi_conn: Any) -> bool | None:
+    """Whether ``dbapi_conn`` holds an open transaction, or None when its
+    driver cannot tell."""
     if dbapi_conn is None:
         return None
     state = getattr(dbapi_conn, "in_transaction", None)  # sqlite3

@@ -626,8 +626,8 @@ def _settle(info: dict[str, Any]) -> None:
 _committing = threading.local()
 
 
-def _commits() -> dict[int, tuple[Any, dict[str, Any]]]:
-    commits: dict[int, tuple[Any, dict[str, Any]]] | None = getattr(_committing, "by_id", None)
+def _commits() -> dict[int, tuple[Any, dict[str, Any], float]]:
+    commits: dict[int, tuple[Any, dict[str, Any], float]] | None = getattr(_committing, "by_id", None)
     if commits is None:
         commits = _committing.by_id = {}
     return commits
@@ -649,14 +649,22 @@ def _follow_commits(dialect: Any) -> None:
 
     def announcing_commit(dbapi_connection: Any) -> None:
         committing = _commits().pop(id(dbapi_connection), None)
-        do_commit(dbapi_connection)  # (failed: the rollback announces)
+        try:
+            do_commit(dbapi_connection)
+        except BaseException:
+            _commit_failed(committing, dbapi_connection)
+            raise
         _committed(committing, dbapi_connection)
 
     def announcing_commit_twophase(
         connection: Any, xid: Any, is_prepared: bool = True, recover: bool = False
     ) -> None:
         committing = _commits().pop(id(connection), None)
-        do_commit_twophase(connection, xid, is_prepared, recover)
+        try:
+            do_commit_twophase(connection, xid, is_prepared, recover)
+        except BaseException:
+            _commit_failed(committing, connection)
+            raise
         _committed(committing, connection)
 
     dialect._ormcache_do_commit = do_commit
@@ -664,7 +672,7 @@ def _follow_commits(dialect: Any) -> None:
     dialect.do_commit_twophase = announcing_commit_twophase
 
 
-def _committed(committing: tuple[Any, dict[str, Any]] | None, owner: Any) -> None:
+def _committed(committing: tuple[Any, dict[str, Any], float] | None, owner: Any) -> None:
     """The commit of ``owner`` (a pooled DBAPI connection, or for a
     two-phase commit the Connection) returned: announce what it wrote.
     The commit is done: nothing may make it look failed."""
@@ -678,6 +686,34 @@ def _committed(committing: tuple[Any, dict[str, Any]] | None, owner: Any) -> Non
             "connection is used again",
             exc_info=True,
         )
+
+
+def _commit_failed(committing: tuple[Any, dict[str, Any], float] | None, owner: Any) -> None:
+    """The DBAPI commit of ``owner`` raised.  SQLAlchemy sends no rollback
+    event after it, and the transaction may still be open (SQLite keeps it
+    when a deferred constraint fails at COMMIT; a later commit then
+    commits its writes): unless the driver says it has ended, its writes
+    are pending again, until the connection's next commit, rollback or
+    check-in."""
+    if committing is None or committing[0] is not owner:
+        return
+    info = committing[1]
+    try:
+        from ._replay import dbapi_in_transaction
+
+        still_open = dbapi_in_transaction(owner)
+    except Exception:
+        still_open = None
+    if still_open is False:
+        _announce(info)  # ended (rolled back): nothing of it is visible
+        return
+    done = info.pop(_DONE, None)
+    if done:
+        written = info.setdefault(_WRITTEN, {})
+        for db, tables in done.items():
+            written.setdefault(db, set()).update(tables)
+        info.setdefault(_PENDED, committing[2])
+        _dirty.add(id(info))
 
 
 def _on_commit(conn: Connection) -> None:
@@ -700,9 +736,9 @@ def _committing_now(conn: Connection, owner: Any) -> None:
     """``conn``'s transaction is about to commit (``owner``: what the
     dialect's commit is given)."""
     info = conn.info
-    if _WRITTEN in info:
-        _commits()[id(owner)] = (owner, info)
     pended = info.get(_PENDED)
+    if _WRITTEN in info:
+        _commits()[id(owner)] = (owner, info, pended if pended is not None else time.monotonic())
     if pended is not None and time.monotonic() - pended > PENDING_TTL / 2:
         # the pending tokens may have expired while the transaction
         # ran, and readers stored its tables' old rows under tokens of
@@ -894,6 +930,10 @@ def _written_by(context: Any, statement: str, conn: Connection) -> set[str] | No
     default_schema = dialect.default_schema_name
     compiled = context.compiled
     if context.is_text or compiled is None:
+        if _COMMIT_PREPARED.match(statement) and not _own_two_phase_commit(conn):
+            # a prepared transaction of another connection, or process
+            # (recovery: Connection.commit_prepared()): its writes are not known
+            return {UNKNOWN}
         tables = text_tables(statement, default_schema)
         if tables and UNKNOWN not in tables:
             # rows the database changes by itself, as below, for the
@@ -969,6 +1009,16 @@ def _written_by(context: Any, statement: str, conn: Connection) -> set[str] | No
 
 
 _REFERENTIAL = frozenset({"CASCADE", "SET NULL", "SET DEFAULT"})
+#: the commit of a prepared (two-phase) transaction: MySQL's XA COMMIT,
+#: PostgreSQL's COMMIT PREPARED
+_COMMIT_PREPARED = re.compile(r"\s*(?:xa\s+commit|commit\s+prepared)\b", re.IGNORECASE)
+
+
+def _own_two_phase_commit(conn: Connection) -> bool:
+    """Whether ``conn`` is committing its own two-phase transaction (whose
+    writes it recorded as they ran)."""
+    transaction = getattr(conn, "_transaction", None)
+    return type(transaction).__name__ == "TwoPhaseTransaction"
 
 
 def _replaces(stmt: Any) -> bool:

@@ -1098,3 +1098,50 @@ def test_a_key_lookup_with_a_joined_eager_load_of_another_table(env: Any) -> Non
         s.get_one(Template, 2).name = "another row"
         s.commit()
     assert read() == 0
+
+
+def test_a_commit_that_fails_and_leaves_the_transaction_open(tmp_path: Any, memory_cache: OrmCache) -> None:
+    """SQLite keeps the transaction open when a deferred foreign key fails
+    at COMMIT, and SQLAlchemy's ``rollback()`` then sends nothing: a later
+    ``commit()`` commits the earlier writes.  They stay pending until
+    then, and are announced when it returns."""
+    from sqlalchemy import event, update
+
+    from ormcache.testing.fixtures import template_table
+
+    engine = create_engine(f"sqlite:///{tmp_path}/deferred.db")
+    event.listen(engine, "connect", lambda conn, record: conn.execute("PRAGMA foreign_keys=ON"))
+    Base.metadata.create_all(engine)
+    seed(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE child (id INTEGER PRIMARY KEY, "
+            "template_id INTEGER REFERENCES templates(id) DEFERRABLE INITIALLY DEFERRED)"
+        )
+    maker = sessionmaker(engine)
+    memory_cache.attach(maker)
+    stmt = select(Template.name).where(Template.id == 1).options(FromCache())
+
+    def name() -> str:
+        with maker() as s:
+            return s.scalars(stmt).one()
+
+    assert name() == name() == "t1"
+    try:
+        conn = engine.connect()
+        conn.execute(update(template_table).where(template_table.c.id == 1).values(name="new"))
+        conn.exec_driver_sql("INSERT INTO child VALUES (1, 999)")  # breaks the deferred key
+        with pytest.raises(Exception, match="FOREIGN KEY"):
+            conn.commit()
+        conn.rollback()
+        assert conn.connection.dbapi_connection.in_transaction  # still open
+        conn.execute(select(1))
+        with QueryCounter(engine) as counter:
+            assert name() == "t1" and name() == "t1"  # the committed row, never stored
+        assert counter.selects == 2
+        conn.exec_driver_sql("DELETE FROM child")
+        conn.commit()  # commits the update
+        assert name() == "new"
+        conn.close()
+    finally:
+        engine.dispose()

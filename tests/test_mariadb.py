@@ -209,6 +209,40 @@ class TestMariadbMemory(BackendTests):
         finally:
             self.engine.dispose()  # the connection keeps a SESSION level
 
+    @pytest.mark.parametrize("how", ["commit_prepared", "text"])
+    def test_a_prepared_transaction_committed_by_recovery(self, how: str) -> None:
+        """A prepared XA transaction outlives its lost connection; whoever
+        commits it later (a recovery: ``commit_prepared()``, or a textual
+        ``XA COMMIT``) does not know what it wrote: the whole database's
+        results are invalidated when that commit runs."""
+        import uuid
+
+        from sqlalchemy import update
+
+        stmt = select(Template).where(Template.id == 1).options(FromCache("default"))
+        xid = "rec" + uuid.uuid4().hex[:8]
+        assert self.cached_names(stmt) == (["t1"], 1)
+        conn = self.engine.connect()
+        xa = conn.begin_twophase(xid)
+        conn.execute(update(Template).where(Template.id == 1).values(name="prepared"))
+        xa.prepare()
+        conn.invalidate()  # the coordinator lost its connection after PREPARE
+        conn.close()
+        try:
+            assert self.cached_names(stmt)[0] == ["t1"]  # not committed yet
+            assert self.cached_names(stmt) == (["t1"], 0)
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as rec:
+                if how == "commit_prepared":
+                    rec.commit_prepared(xid, recover=True)
+                else:
+                    rec.exec_driver_sql(f"XA COMMIT '{xid}'")
+            xid = ""
+            assert self.cached_names(stmt) == (["prepared"], 1)
+        finally:
+            if xid:
+                with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+                    c.exec_driver_sql(f"XA ROLLBACK '{xid}'")
+
     @pytest.mark.parametrize("end", ["commit", "rollback"])
     def test_a_two_phase_commit_is_announced_when_it_returns(self, end: str) -> None:
         """XA: SQLAlchemy fires ``commit_twophase`` (not ``commit``) and

@@ -315,3 +315,28 @@ class TestPostgresqlRedis(BackendTests):
                     assert counter.selects == selects
         finally:
             lite.dispose()
+
+    def test_a_failed_commit_ends_the_transaction(self) -> None:
+        """A deferred foreign key fails at COMMIT: PostgreSQL ends the
+        transaction, and the driver says so; what it wrote is settled at
+        once (stored again), not left pending for a minute."""
+        from sqlalchemy import update
+
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE TABLE IF NOT EXISTS deferred_child (id INTEGER PRIMARY KEY, template_id INTEGER "
+                "REFERENCES templates(id) DEFERRABLE INITIALLY DEFERRED)"
+            )
+        stmt = select(Template).where(Template.id == 1).options(FromCache("default"))
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(update(Template).where(Template.id == 1).values(name="never"))
+                conn.exec_driver_sql("INSERT INTO deferred_child VALUES (1, 999)")
+                with pytest.raises(Exception, match="foreign key"):
+                    conn.commit()
+                conn.rollback()
+                assert self.cached_names(stmt) == (["t1"], 1)
+                assert self.cached_names(stmt) == (["t1"], 0)  # stored again
+        finally:
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql("DROP TABLE deferred_child")
