@@ -213,6 +213,11 @@ class OrmCache:
         self._databases: dict[str, Any] = {}
         self._groups: dict[Any, _ShardGroup | None] = {}
         self._attached: list[Any] = []
+        #: the listener, one bound method for good: SQLAlchemy's event
+        #: registry loses track of a bound method made anew for each call
+        #: when targets overlap (a sessionmaker and its Session class), and
+        #: detach() would leave it listening
+        self._listener = self._do_orm_execute
         #: close() was called: attach() refuses (writes are no longer followed)
         self._closed = False
         #: (shard id, database id) pairs this process has read from
@@ -356,16 +361,16 @@ class OrmCache:
                 "cannot cache reads again; make a new OrmCache"
             )
         target = _sync_target(target)
-        if not event.contains(target, "do_orm_execute", self._do_orm_execute):
-            event.listen(target, "do_orm_execute", self._do_orm_execute)
+        if not event.contains(target, "do_orm_execute", self._listener):
+            event.listen(target, "do_orm_execute", self._listener)
             self._attached.append(target)
         return self
 
     def detach(self, target: Any) -> None:
         """Undo :meth:`attach`."""
         target = _sync_target(target)
-        if event.contains(target, "do_orm_execute", self._do_orm_execute):
-            event.remove(target, "do_orm_execute", self._do_orm_execute)
+        if event.contains(target, "do_orm_execute", self._listener):
+            event.remove(target, "do_orm_execute", self._listener)
         self._attached = [t for t in self._attached if t is not target]
 
     def close(self) -> None:
@@ -435,7 +440,7 @@ class OrmCache:
             merged = self._sharded(orm_context, option, store, cache_all)
             if merged is not None:
                 return merged
-            _compat.run_after_routing(orm_context, self._do_orm_execute)
+            _compat.run_after_routing(orm_context, self._listener)
             return None
 
         if orm_context.load_options._autoflush:
@@ -673,7 +678,7 @@ class OrmCache:
         statement = orm_context.statement
         pieces = _Pieces(statement)
         if fanout.per_shard:
-            _compat.run_after_routing(orm_context, self._do_orm_execute)
+            _compat.run_after_routing(orm_context, self._listener)
         bind_arguments = orm_context.bind_arguments
         results = []
         for sid in fanout.shard_ids:

@@ -837,6 +837,41 @@ def test_attached_twice_to_one_session(env: Any, second: str) -> None:
     assert _within(10, read) == ("t1", 0)
 
 
+@pytest.mark.parametrize("order", ["class first", "factory first", "scoped"])
+def test_detach_of_overlapping_targets(env: Any, order: str) -> None:
+    """A sessionmaker and its Session class (or a scoped_session over it)
+    both attached, then detached: nothing listens any more, and after
+    close() reads go to the database."""
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session, scoped_session
+
+    engine, _, cache = env
+
+    class AppSession(Session):
+        pass
+
+    maker = sessionmaker(engine, class_=AppSession)
+    other: Any = scoped_session(maker) if order == "scoped" else AppSession
+    cache.attach(maker)
+    cache.attach(other)
+    for target in (other, maker) if order != "factory first" else (maker, other):
+        cache.detach(target)
+    stmt = select(Template.name).where(Template.id == 1).options(FromCache())
+    with maker() as s:
+        assert len(s.dispatch.do_orm_execute) == 0
+    for _ in range(2):
+        with QueryCounter(engine) as counter, maker() as s:
+            assert s.execute(stmt).scalar_one() == "t1"
+        assert counter.selects == 1
+    cache.attach(maker)
+    cache.attach(other)
+    cache.close()
+    assert not any(event.contains(t, "do_orm_execute", cache._do_orm_execute) for t in (maker, AppSession))
+    with QueryCounter(engine) as counter, maker() as s:
+        assert s.execute(stmt).scalar_one() == "t1"
+    assert counter.selects == 1
+
+
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 def test_two_caches_on_one_session_factory(tmp_path: Any, request: Any, backend: str) -> None:
     """Two OrmCache instances attached to one sessionmaker (the same
