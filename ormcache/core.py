@@ -63,7 +63,7 @@ from .keys import (
     query_key,
     table_name,
 )
-from .options import FromCache
+from .options import FromCache, RelationshipCache
 from .serialization import SignedSerializer
 from .stats import Stats
 from .settings import RegionSettings, Settings, load_settings, make_region, settings_from_config
@@ -1146,7 +1146,7 @@ class OrmCache:
             mapper = getattr(prop, "mapper", None)
             if mapper is None:
                 raise ConfigurationError(
-                    f"{target!r} is not a relationship; pass a mapped class, "
+                    f"{target} is not a relationship; pass a mapped class, "
                     "an instance or a statement"
                 )
             tables = _mapper_tables(mapper)
@@ -1189,10 +1189,9 @@ class OrmCache:
         keys += [self._keys.any_bulk(t) for t in tables]
         self._bump(keys)
 
-    def _shard_databases(self, shard: Any) -> list[str]:
-        """The database ids of a shard of the attached ``ShardedSession``
-        factories (several when factories name different databases by the
-        same shard id)."""
+    def _attached_shards(self) -> dict[Any, list[Any]]:
+        """The binds of each shard id of the attached ``ShardedSession``
+        factories."""
         known: dict[Any, list[Any]] = {}
         for target in self._attached:
             shards = getattr(target, "kw", {}).get("shards") or getattr(
@@ -1200,6 +1199,13 @@ class OrmCache:
             ).get("shards")
             for sid, bind in (shards or {}).items():
                 known.setdefault(sid, []).append(bind)
+        return known
+
+    def _shard_databases(self, shard: Any) -> list[str]:
+        """The database ids of a shard of the attached ``ShardedSession``
+        factories (several when factories name different databases by the
+        same shard id)."""
+        known = self._attached_shards()
         binds = known.get(shard)
         if binds:
             return list(dict.fromkeys(database_id(bind) for bind in binds))
@@ -1221,10 +1227,19 @@ class OrmCache:
         bind: Engine | Connection | None = None,
         shard: Any = None,
     ) -> None:
+        with_options = getattr(statement, "_with_options", ())
         options = [
-            opt for opt in getattr(statement, "_with_options", ()) if isinstance(opt, FromCache)
+            opt
+            for opt in with_options
+            if isinstance(opt, FromCache) and not isinstance(opt, RelationshipCache)
         ]
         if not options:
+            if any(isinstance(opt, RelationshipCache) for opt in with_options):
+                raise ConfigurationError(
+                    "this statement carries only RelationshipCache options, which cache "
+                    "the lazy loads of its objects' relationships: invalidate those with "
+                    "invalidate(Parent.relationship)"
+                )
             raise ConfigurationError(
                 "this statement carries no FromCache option: ormcache does not "
                 "know which region it was cached in"
@@ -1250,12 +1265,20 @@ class OrmCache:
                     f"{', '.join(map(repr, unknown))}; its named parameters: "
                     f"{', '.join(map(repr, named)) or 'none'}"
                 )
+        sharded_session = session is not None and _is_sharded(session)
+        if (
+            shard is not None
+            and not sharded_session
+            and self._attached_shards()
+            and not any(sid == shard for sid, _ in list(self._shard_dbs))
+        ):
+            self._shard_databases(shard)  # raises: not a shard of the attached factories
         # (database, shard part of the key, dialect) of each entry to drop
         targets: list[tuple[str, Any, Any]]
         dbs: set[str] | None = None
-        if session is not None and _is_sharded(session):
+        if sharded_session:
             # its shards (the one named by shard=), each entry per shard
-            shards = _compat.shard_binds(session)
+            shards = _compat.shard_binds(session)  # type: ignore[arg-type]
             if shard is not None:
                 if shard not in shards:
                     raise ConfigurationError(

@@ -692,8 +692,32 @@ def test_invalidate_statement_refuses_what_it_cannot_do(env: Any) -> None:
             fresh.invalidate(stmt, bogus=1)
         with pytest.raises(TypeError, match="of a relationship takes no arguments"):
             fresh.invalidate(ormcache.testing.fixtures.Store.templates, shard="x")
+        with pytest.raises(ormcache.ConfigurationError, match=r"^Template.name is not a relationship"):
+            fresh.invalidate(Template.name)
     finally:
         fresh.close()
+
+
+def test_invalidate_a_statement_with_relationship_cache_options(env: Any) -> None:
+    """A RelationshipCache option on a statement names the region of its
+    objects' lazy loads, not the statement's own: invalidate(stmt) drops
+    the statement's FromCache entry whatever the options' order."""
+    from ormcache import RelationshipCache
+    from ormcache.testing.fixtures import Store
+
+    engine, maker, cache = env
+    for first in ("relationship", "statement"):
+        options = [RelationshipCache(Store.templates, "pickled"), FromCache()]
+        stmt = select(Store).where(Store.id == 1).options(*(options if first == "relationship" else options[::-1]))
+        with maker() as s:
+            s.scalars(stmt).one()
+        unseen_write(engine, f"UPDATE {Store.__tablename__} SET name = 'changed {first}'")
+        cache.invalidate(stmt)
+        with maker() as s:
+            assert s.scalars(stmt).one().name == f"changed {first}"
+    only = select(Store).options(RelationshipCache(Store.templates, "pickled"))
+    with pytest.raises(ormcache.ConfigurationError, match=r"invalidate\(Parent.relationship\)"):
+        cache.invalidate(only)
 
 
 def test_backend_error_carries_the_drivers_error(tmp_path: Any) -> None:

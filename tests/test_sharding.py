@@ -451,3 +451,14 @@ def test_in_memory_shards_of_each_thread(memory_cache: OrmCache) -> None:
     finally:
         for engine in engines.values():
             engine.dispose()
+
+
+def test_invalidate_a_statement_on_an_unknown_shard(env: Env) -> None:
+    """shard= naming no shard of the attached factories is refused, as for
+    invalidate(Model, shard=), rather than dropping nothing."""
+    stmt = select(Template).where(Template.id == 1).options(FromCache())
+    with pytest.raises(ConfigurationError, match="unknown shard 'nope'"):
+        env.cache.invalidate(stmt, shard="nope")
+    with pytest.raises(ConfigurationError, match="unknown shard 'nope'"):
+        env.cache.invalidate(stmt, shard="nope", bind=env.engines["s0"])
+    env.cache.invalidate(stmt, shard="s1", bind=env.engines["s1"])
