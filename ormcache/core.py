@@ -400,9 +400,10 @@ class OrmCache:
         option = None
         for opt in _compat.statement_options(orm_context):
             if isinstance(opt, FromCache):
-                option = opt._for_execution(orm_context)
-                if option is not None:
-                    break
+                if opt.region not in self._stores and not orm_context.is_relationship_load:
+                    self._unknown_region(opt.region)  # also a RelationshipCache's: said at the query
+                if option is None:
+                    option = opt._for_execution(orm_context)
         cache_all = False
         if option is None:
             if self._cache_all is None or not orm_context.is_select:
@@ -421,9 +422,10 @@ class OrmCache:
             return None
         store = self._stores.get(option.region)
         if store is None:
-            if any(option.region in c._stores for c in invalidation.caches() if c is not self):
-                return None  # another OrmCache attached to the session declares it
-            raise UnknownRegionError(option.region, self._stores)
+            if orm_context.is_relationship_load:
+                return None  # (a lazy load, maybe in a flush: never failed by the cache)
+            self._unknown_region(option.region)
+            return None  # another OrmCache attached to the session declares it
         session = orm_context.session
         bind_arguments = orm_context.bind_arguments
         statement = orm_context.statement
@@ -485,6 +487,12 @@ class OrmCache:
         else:
             deps = self._keys.deps(option.region, db, tables, shape.opaque)
         return self._lookup(orm_context, store, option, shape, dialect, key, deps, db, fill)
+
+    def _unknown_region(self, region: str) -> None:
+        """Raise :class:`UnknownRegionError`, unless another OrmCache of the
+        process declares ``region`` (two caches on one session factory)."""
+        if not any(region in c._stores for c in invalidation.caches() if c is not self):
+            raise UnknownRegionError(region, self._stores)
 
     def _may_fill(self, session: Session, dbs: Iterable[str], tables: tuple[str, ...]) -> bool | None:
         """Read your own writes: None when the session's transaction wrote

@@ -1204,3 +1204,16 @@ def test_a_commit_that_fails_and_leaves_the_transaction_open(tmp_path: Any, memo
         conn.close()
     finally:
         engine.dispose()
+
+
+def test_a_relationship_cache_of_an_undeclared_region_is_refused_at_the_query(env: Any) -> None:
+    """As FromCache's: said when the statement runs, not later at an
+    attribute access (which may be inside a flush, a write)."""
+    from ormcache import RelationshipCache
+    from ormcache.testing.fixtures import Store
+
+    engine, maker, cache = env
+    stmt = select(Store).where(Store.id == 1).options(RelationshipCache(Store.templates, "typo"))
+    with maker() as s:
+        with pytest.raises(UnknownRegionError, match="'typo'"):
+            s.scalars(stmt).one()
