@@ -265,6 +265,8 @@ class OrmCache:
         is not in-process.  Returns ``self``."""
         from .stats import publish
 
+        if self._closed:
+            raise ConfigurationError("this OrmCache was closed: it publishes nothing any more")
         if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 < interval < float("inf"):
             raise ConfigurationError(
                 f"publish_stats() interval must be a finite number of seconds > 0, not {interval!r}"

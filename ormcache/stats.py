@@ -127,8 +127,13 @@ _publishing: weakref.WeakKeyDictionary[Any, tuple[Any, float]] = weakref.WeakKey
 
 
 def publish(cache: Any, store: Any, interval: float) -> None:
+    """Publish ``cache``'s statistics to ``store`` every ``interval``
+    seconds; called again, the running thread takes the new store and
+    interval from its next wake-up."""
+    running = cache in _publishing
     _publishing[cache] = (store, interval)
-    _start(cache, store, interval)
+    if not running:
+        _start(cache, store, interval)
 
 
 def _start(cache: Any, store: Any, interval: float) -> None:
@@ -139,11 +144,13 @@ def _start(cache: Any, store: Any, interval: float) -> None:
     def loop() -> None:
         while True:
             target = ref()
-            if target is None or target not in _publishing:
+            entry = None if target is None else _publishing.get(target)
+            if entry is None:
                 return  # collected, or closed
-            publish_once(target, store)
+            current, wait = entry
+            publish_once(target, current)
             del target
-            _time.sleep(interval)
+            _time.sleep(wait)
 
     threading.Thread(target=loop, name="ormcache-stats", daemon=True).start()
 

@@ -334,3 +334,25 @@ def test_the_console_script_imports_the_applications_modules(settings_file: Path
     )
     assert proc.returncode == 0, proc.stderr
     assert "invalidated model myapp.models:Template" in proc.stdout
+
+
+def test_publish_stats_again_keeps_one_thread(settings_file: Path) -> None:
+    """Called again, publish_stats() changes what the running thread does;
+    after close() it is refused."""
+    import threading
+
+    from ormcache import ConfigurationError
+
+    def publishers() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "ormcache-stats"}
+
+    before = publishers()
+    cache = OrmCache.from_settings(str(settings_file))
+    try:
+        for interval in (5, 6, 7):
+            cache.publish_stats(interval=interval)
+        assert len(publishers() - before) == 1
+    finally:
+        cache.close()
+    with pytest.raises(ConfigurationError, match="closed"):
+        cache.publish_stats()
