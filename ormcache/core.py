@@ -232,7 +232,12 @@ class OrmCache:
         self._cache_all = (
             FromCache(settings.cache_all) if settings.cache_all is not None else None
         )
-        self._uncached = frozenset(t.lower() for t in settings.uncached_tables)
+        # as written, and without a schema (the default one may or may not
+        # be spelt out: "main.audit_log" names "audit_log" on SQLite); the
+        # name in other schemas is then uncached too, the safe side
+        self._uncached = frozenset(
+            name for t in settings.uncached_tables for name in (t.lower(), t.lower().rpartition(".")[2])
+        )
         invalidation.register(self)
 
     # -- construction ----------------------------------------------------

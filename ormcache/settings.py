@@ -543,10 +543,17 @@ def _parse(tree: Mapping[str, Any]) -> Settings:
         )
     tables = _interpolate(tree.get("uncached_tables", ()), None, "uncached_tables")
     if not isinstance(tables, (list, tuple, set, frozenset)) or not all(
-        isinstance(table, str) and table for table in tables
+        isinstance(table, str) and table.strip() for table in tables
     ):
         raise ConfigurationError(
             f"must be a list of table names, e.g. ['audit_log'], not {tables!r}",
+            key="uncached_tables",
+        )
+    tables = [table.strip() for table in tables]
+    quoted = [t for t in tables if set(t) & set("\"`[]")]
+    if quoted:
+        raise ConfigurationError(
+            f"takes table names as they are, without quotes: {quoted[0]!r}",
             key="uncached_tables",
         )
     namespace = _interpolate(tree.get("namespace", "ormcache"), None, "namespace")

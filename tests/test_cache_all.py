@@ -131,3 +131,28 @@ def test_results_match_uncached(env: Any, tmp_path: Any) -> None:
             s.get(Template, i).name = f"t{i}"
         s.commit()
     assert workload(plain) == cached
+
+
+@pytest.mark.parametrize("spelt", [" tags", "TAGS ", "main.tags"])
+def test_uncached_tables_however_spelt(tmp_path: Any, spelt: str) -> None:
+    """Spaces around a name, its case, and the default schema spelt out
+    (SQLite's "main") name the same table."""
+    engine = create_engine(f"sqlite:///{tmp_path}/db.sqlite")
+    Base.metadata.create_all(engine)
+    seed(engine)
+    cache = OrmCache.from_settings(
+        {
+            "namespace": "ca" + uuid.uuid4().hex[:8],
+            "cache_all": "default",
+            "uncached_tables": [spelt],
+            "regions": {"default": {"backend": "memory"}},
+        }
+    )
+    maker = sessionmaker(engine)
+    cache.attach(maker)
+    try:
+        for _ in range(2):
+            assert selects(engine, maker, lambda s: s.execute(select(Tag).where(Tag.id == 1)).all())[1] == 1
+    finally:
+        cache.close()
+        engine.dispose()

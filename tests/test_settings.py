@@ -407,7 +407,7 @@ class TestErrors:
         assert info.value.key == "regions"
         assert "printable characters" in str(info.value) and repr(name) in str(info.value)
 
-    @pytest.mark.parametrize("tables", ["audit_log", ["ok", 3], [""]])
+    @pytest.mark.parametrize("tables", ["audit_log", ["ok", 3], [""], [" "], ['"audit_log"'], ["`a`"]])
     def test_bad_uncached_tables(self, tables: Any) -> None:
         with pytest.raises(ConfigurationError) as info:
             load_settings(
