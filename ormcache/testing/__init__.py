@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sqlalchemy import event
@@ -36,6 +37,7 @@ class QueryCounter:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.statements: list[str] = []
+        self._entered = 0
 
     def _after(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         context = args[-2]
@@ -49,14 +51,25 @@ class QueryCounter:
 
     @property
     def selects(self) -> int:
-        return sum(1 for s in self.statements if s.lstrip()[:6].upper().startswith(("SELECT", "WITH")))
+        """The statements that read: ``SELECT`` or ``WITH`` first, after
+        any leading comments."""
+        return sum(1 for s in self.statements if _LEADING_COMMENTS.sub("", s)[:6].upper().startswith(("SELECT", "WITH")))
 
     def reset(self) -> None:
         self.statements.clear()
 
     def __enter__(self) -> QueryCounter:
-        event.listen(self.engine, "after_cursor_execute", self._after)
+        if not self._entered:  # (entered again, nested: counts once)
+            event.listen(self.engine, "after_cursor_execute", self._after)
+        self._entered += 1
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        event.remove(self.engine, "after_cursor_execute", self._after)
+        self._entered -= 1
+        if not self._entered:
+            event.remove(self.engine, "after_cursor_execute", self._after)
+
+
+#: whitespace, comments and opening parentheses before a statement's
+#: first word ("(SELECT ...) UNION (SELECT ...)")
+_LEADING_COMMENTS = re.compile(r"^(?:\s+|\(|--[^\n]*(?:\n|$)|/\*.*?\*/)*", re.DOTALL)
