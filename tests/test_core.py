@@ -1217,3 +1217,25 @@ def test_a_relationship_cache_of_an_undeclared_region_is_refused_at_the_query(en
     with maker() as s:
         with pytest.raises(UnknownRegionError, match="'typo'"):
             s.scalars(stmt).one()
+
+
+def test_parameters_without_a_stable_text_form(env: Any) -> None:
+    """A value whose repr shows a memory address cannot make a key that
+    another process agrees on: refused; a string that says " at 0x" is an
+    ordinary value, and cached."""
+    from ormcache.exc import CacheKeyError
+    from ormcache.keys import query_key
+
+    engine, maker, cache = env
+
+    class Thing:
+        pass
+
+    with pytest.raises(CacheKeyError, match="memory address"):
+        query_key("ns", "default", "db", None, None, "SELECT ?", (Thing(),), None)
+    assert query_key("ns", "default", "db", None, None, "SELECT ?", ("located at 0x1F",), None)
+    said = select(Template).where(Template.name == "located at 0x1F").options(FromCache())
+    for expected in (1, 0):
+        with QueryCounter(engine) as counter, maker() as s:
+            s.scalars(said).all()
+        assert counter.selects == expected
