@@ -2,9 +2,10 @@
 
 Every process that writes version tokens to a Redis region publishes them
 on the channel ``<namespace>:inv:<region>``.  A process whose region has an
-L1 in relaxed mode keeps the tokens it has seen in memory and subscribes to
+L1 in relaxed mode keeps the tokens it has read in memory and subscribes to
 that channel: a hit found in its L1 is then validated against those local
-tokens, with no round trip at all.  A result can be served stale for as
+tokens, with no round trip at all, and a message makes it forget the
+tokens of the keys it names (read from Redis again at the next lookup).  A result can be served stale for as
 long as a message takes to arrive (measured in docs/guide.md); whenever the
 subscription is not known to be live (connecting, a dropped connection, a
 server that has not answered a PING for :data:`LIVENESS` seconds), the
@@ -86,10 +87,16 @@ class Subscriber:
                     self.tokens[key] = token
 
     def apply(self, mapping: dict[str, str]) -> None:
-        """Tokens this process or a message wrote: they count at once."""
+        """A message: those version keys moved.  They are forgotten, not
+        set to the tokens it carries, and read from Redis next time:
+        messages of two writers may arrive in another order than their
+        writes (a cluster: SET and PUBLISH are two commands), and a
+        message sent before this process's own write may arrive after it;
+        either would otherwise put back an older token."""
         with self._lock:
             self.generation += 1
-            self.tokens.update(mapping)
+            for key in mapping:
+                self.tokens.pop(key, None)
 
     def drop(self, keys: list[str]) -> None:
         """Tokens this process wrote: read them from the backend next time
