@@ -127,6 +127,10 @@ class OrmCache:
                 "build one from a dict or a TOML file with OrmCache.from_settings(...)"
             )
         self.settings = settings
+        if regions is not None and not isinstance(regions, Mapping):
+            raise ConfigurationError(
+                f"regions= takes a mapping of region names to dogpile CacheRegions, not {regions!r}"
+            )
         built = dict(regions or {})
         for name, given in built.items():
             if name not in settings.regions:
@@ -342,7 +346,7 @@ class OrmCache:
         region name."""
         try:
             return self._regions[name]
-        except KeyError:
+        except (KeyError, TypeError):  # (TypeError: not hashable, so not a name)
             raise UnknownRegionError(name, self._regions) from None
 
     @property
@@ -352,7 +356,7 @@ class OrmCache:
     def _store(self, name: str) -> Store:
         try:
             return self._stores[name]
-        except KeyError:
+        except (KeyError, TypeError):
             raise UnknownRegionError(name, self._stores) from None
 
     # -- sessions --------------------------------------------------------
@@ -375,7 +379,7 @@ class OrmCache:
 
     def detach(self, target: Any) -> None:
         """Undo :meth:`attach`."""
-        target = _sync_target(target)
+        target = _sync_target(target, "detach")
         if event.contains(target, "do_orm_execute", self._listener):
             event.remove(target, "do_orm_execute", self._listener)
         self._attached = [t for t in self._attached if t is not target]
@@ -1262,9 +1266,11 @@ class OrmCache:
         option = options[0]
         store = self._store(option.region)
         if session is not None and not isinstance(session, Session):
-            raise TypeError(f"invalidate(statement, session=...) takes a Session, not {session!r}")
+            hint = " (an AsyncSession's is its .sync_session)" if hasattr(session, "sync_session") else ""
+            raise TypeError(f"invalidate(statement, session=...) takes a Session, not {session!r}{hint}")
         if bind is not None and not isinstance(bind, (Engine, Connection)):
-            raise TypeError(f"invalidate(statement, bind=...) takes an Engine or a Connection, not {bind!r}")
+            hint = " (an AsyncEngine's is its .sync_engine)" if hasattr(bind, "sync_engine") else ""
+            raise TypeError(f"invalidate(statement, bind=...) takes an Engine or a Connection, not {bind!r}{hint}")
         if params is not None and not isinstance(params, Mapping):
             raise TypeError(f"invalidate(statement, params=...) takes a mapping of parameter values, not {params!r}")
         cache_key = _compat.generate_cache_key(statement)
@@ -1412,7 +1418,7 @@ def _byte_count(name: str, value: Any) -> int:
     return value
 
 
-def _sync_target(target: Any) -> Any:
+def _sync_target(target: Any, verb: str = "attach") -> Any:
     """What ``do_orm_execute`` listeners go on for an asyncio target: the
     synchronous ``Session`` (class) that an ``AsyncSession`` runs.  An
     ``async_sessionmaker`` that names no ``sync_session_class`` is given a
@@ -1439,14 +1445,15 @@ def _sync_target(target: Any) -> Any:
         isinstance(target, (Session, sessionmaker, scoped_session))
         or (isinstance(target, type) and issubclass(target, Session))
     ):
+        engine = getattr(target, "sync_engine", target)  # (an AsyncEngine, AsyncConnection)
         hint = (
-            "; attach the sessionmaker bound to it"
-            if isinstance(target, (Engine, Connection))
+            f"; {verb} the sessionmaker bound to it"
+            if isinstance(engine, (Engine, Connection))
             else ""
         )
         raise TypeError(
-            f"cannot attach to {target!r}: pass a Session class, a sessionmaker, "
-            "a scoped_session or a Session (or their asyncio counterparts)" + hint
+            f"cannot {verb} {'to ' if verb == 'attach' else ''}{target!r}: pass a Session class, "
+            "a sessionmaker, a scoped_session or a Session (or their asyncio counterparts)" + hint
         )
     return target
 

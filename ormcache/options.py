@@ -42,7 +42,10 @@ def _expiration(value: Any) -> float | None:
             f"expiration_time must be a number of seconds > 0, a timedelta "
             f"or None, not {value!r} (0 would expire every entry at once)"
         )
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # (an int beyond floats: never expires, as inf)
+        return float("inf")
 
 
 class FromCache(UserDefinedOption):
@@ -135,7 +138,7 @@ class RelationshipCache(FromCache):
         if not isinstance(prop, RelationshipProperty):
             raise sa_exc.ArgumentError(
                 f"RelationshipCache needs a relationship attribute such as "
-                f"Store.templates, not {attribute!r}"
+                f"Store.templates, not {attribute if prop is not None else repr(attribute)}"
             )
         self._relationships: dict[tuple[type, str], RelationshipCache] = {
             (prop.parent.class_, prop.key): self

@@ -291,10 +291,17 @@ def settings_from_config(
         >>> settings.region("local").expiration_time, sorted(settings.uncached_tables)
         (60, ['audit_log', 'sessions'])
     """
+    if not isinstance(config, Mapping):
+        raise ConfigurationError(
+            f"settings_from_config() takes a mapping of prefixed keys "
+            f"({prefix!r}...), not {type(config).__name__}"
+        )
+    if not isinstance(prefix, str):
+        raise ConfigurationError(f"the prefix of settings keys must be a string, not {prefix!r}")
     tree: dict[str, Any] = {}
     regions: dict[str, dict[str, Any]] = {}
     for flat_key, value in config.items():
-        if not flat_key.startswith(prefix):
+        if not isinstance(flat_key, str) or not flat_key.startswith(prefix):
             continue
         rest = flat_key[len(prefix) :]
         if rest in ("cache_all", "namespace", "signing_key"):
@@ -499,9 +506,9 @@ def _read_toml(path: str | os.PathLike[str]) -> Mapping[str, Any]:
             f"cannot read settings file {os.fspath(path)!r}: "
             f"{err.strerror or err}; check the path"
         ) from err
-    except tomllib.TOMLDecodeError as err:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigurationError(
-            f"settings file {os.fspath(path)!r} is not valid TOML: {err}"
+            f"settings file {os.fspath(path)!r} is not valid TOML (UTF-8): {err}"
         ) from err
     table = document.get("ormcache")
     if not isinstance(table, dict):
@@ -706,7 +713,7 @@ def _number(value: Any) -> float | None:
             value = float(value)
         except ValueError:
             return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value):
         return float(value)
     return None
 
@@ -822,6 +829,14 @@ def _is_registered(name: str) -> bool:
     )
 
 
+def _finite(number: float) -> bool:
+    """``math.isfinite``, also of an int too large for a float (False)."""
+    try:
+        return math.isfinite(number)
+    except OverflowError:
+        return False
+
+
 def _expiration_time(region: str, value: Any) -> float | None:
     number: Any = value
     if isinstance(value, datetime.timedelta):
@@ -837,7 +852,7 @@ def _expiration_time(region: str, value: Any) -> float | None:
     if number is None or (
         isinstance(number, (int, float))
         and not isinstance(number, bool)
-        and math.isfinite(number)
+        and _finite(number)
         and number > 0
     ):
         return number

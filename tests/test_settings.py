@@ -898,3 +898,40 @@ def test_regions_given_ready_must_be_configured_regions(given: str) -> None:
     region: Any = make_region() if given == "not configured" else {"backend": "memory"}
     with pytest.raises(ConfigurationError, match="region 'r'.*(not configured yet|not a dogpile CacheRegion)"):
         OrmCache(settings, regions={"r": region})
+
+
+def test_odd_inputs_get_named_errors(tmp_path: Path) -> None:
+    """Inputs that used to escape as a builtin error from deep inside."""
+    from sqlalchemy.exc import ArgumentError
+
+    from ormcache import FromCache, OrmCache, RelationshipCache, UnknownRegionError
+    from ormcache.settings import settings_from_config
+    from ormcache.testing.fixtures import Template
+
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('[ormcache.regions.default]\nbackend = "memory" # caf\xe9\n'.encode("latin-1"))
+    with pytest.raises(ConfigurationError, match="not valid TOML"):
+        OrmCache.from_settings(str(latin1))
+    with pytest.raises(ConfigurationError) as info:
+        load_settings(regions(r={"backend": "memory", "expiration_time": 10**400}))
+    assert info.value.key == "expiration_time"
+    assert FromCache(expiration_time=10**400).expiration_time == float("inf")
+    with pytest.raises(ConfigurationError, match="takes a mapping"):
+        settings_from_config(None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="prefix"):
+        settings_from_config({"ormcache.r.backend": "memory"}, prefix=None)  # type: ignore[arg-type]
+    settings = load_settings(regions(r={"backend": "memory"}))
+    with pytest.raises(ConfigurationError, match="regions= takes a mapping"):
+        OrmCache(settings, regions=5)  # type: ignore[arg-type]
+    cache = OrmCache(settings)
+    try:
+        with pytest.raises(UnknownRegionError):
+            cache.region(["r"])  # type: ignore[arg-type]
+        with pytest.raises(UnknownRegionError):
+            cache.invalidate_region(["r"])  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="cannot detach None"):
+            cache.detach(None)
+    finally:
+        cache.close()
+    with pytest.raises(ArgumentError, match="not Template.name$"):
+        RelationshipCache(Template.name)  # type: ignore[arg-type]
