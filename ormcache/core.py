@@ -412,7 +412,7 @@ class OrmCache:
         for opt in _compat.statement_options(orm_context):
             if isinstance(opt, FromCache):
                 if opt.region not in self._stores and not orm_context.is_relationship_load:
-                    self._unknown_region(opt.region)  # also a RelationshipCache's: said at the query
+                    self._unknown_region(opt.region, orm_context.session)  # a RelationshipCache's too
                 if option is None:
                     option = opt._for_execution(orm_context)
         cache_all = False
@@ -435,7 +435,7 @@ class OrmCache:
         if store is None:
             if orm_context.is_relationship_load:
                 return None  # (a lazy load, maybe in a flush: never failed by the cache)
-            self._unknown_region(option.region)
+            self._unknown_region(option.region, orm_context.session)
             return None  # another OrmCache attached to the session declares it
         session = orm_context.session
         bind_arguments = orm_context.bind_arguments
@@ -499,11 +499,15 @@ class OrmCache:
             deps = self._keys.deps(option.region, db, tables, shape.opaque)
         return self._lookup(orm_context, store, option, shape, dialect, key, deps, db, fill)
 
-    def _unknown_region(self, region: str) -> None:
-        """Raise :class:`UnknownRegionError`, unless another OrmCache of the
-        process declares ``region`` (two caches on one session factory)."""
-        if not any(region in c._stores for c in invalidation.caches() if c is not self):
-            raise UnknownRegionError(region, self._stores)
+    def _unknown_region(self, region: str, session: Session) -> None:
+        """Raise :class:`UnknownRegionError`, unless another OrmCache that
+        listens to ``session`` declares ``region`` (two caches on one
+        session factory: that one caches it)."""
+        listeners = list(session.dispatch.do_orm_execute)
+        for cache in invalidation.caches():
+            if cache is not self and region in cache._stores and cache._listener in listeners:
+                return
+        raise UnknownRegionError(region, self._stores)
 
     def _may_fill(self, session: Session, dbs: Iterable[str], tables: tuple[str, ...]) -> bool | None:
         """Read your own writes: None when the session's transaction wrote

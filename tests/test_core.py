@@ -1239,3 +1239,21 @@ def test_parameters_without_a_stable_text_form(env: Any) -> None:
         with QueryCounter(engine) as counter, maker() as s:
             s.scalars(said).all()
         assert counter.selects == expected
+
+
+def test_a_region_of_a_cache_not_attached_to_the_session(env: Any) -> None:
+    """Another OrmCache of the process declares the region, but does not
+    listen to this session: the region is unknown here, and said so."""
+    engine, maker, cache = env
+    other = OrmCache.from_settings(
+        {"namespace": "o" + uuid.uuid4().hex[:8], "regions": {"elsewhere": {"backend": "memory"}}}
+    )
+    try:
+        with maker() as s:
+            with pytest.raises(UnknownRegionError, match="'elsewhere'"):
+                s.execute(select(Template).where(Template.id == 1).options(FromCache("elsewhere")))
+        other.attach(maker)  # now it does: it caches the statement
+        with maker() as s:
+            s.execute(select(Template).where(Template.id == 1).options(FromCache("elsewhere"))).all()
+    finally:
+        other.close()
