@@ -15,8 +15,7 @@ from ormcache.testing import QueryCounter
 from ormcache.testing.fixtures import Base, Store, Tag, Template, seed
 
 
-@pytest.fixture
-def env(tmp_path: Any) -> Iterator[tuple[Any, Any, OrmCache]]:
+def _env(tmp_path: Any, uncached: str = "tags") -> tuple[Any, Any, OrmCache]:
     engine = create_engine(f"sqlite:///{tmp_path}/db.sqlite")
     Base.metadata.create_all(engine)
     seed(engine)
@@ -24,12 +23,18 @@ def env(tmp_path: Any) -> Iterator[tuple[Any, Any, OrmCache]]:
         {
             "namespace": "ca" + uuid.uuid4().hex[:8],
             "cache_all": "default",
-            "uncached_tables": ["tags"],
+            "uncached_tables": [uncached],
             "regions": {"default": {"backend": "memory"}},
         }
     )
     maker = sessionmaker(engine)
     cache.attach(maker)
+    return engine, maker, cache
+
+
+@pytest.fixture
+def env(tmp_path: Any) -> Iterator[tuple[Any, Any, OrmCache]]:
+    engine, maker, cache = _env(tmp_path)
     yield engine, maker, cache
     cache.close()
     engine.dispose()
@@ -137,19 +142,7 @@ def test_results_match_uncached(env: Any, tmp_path: Any) -> None:
 def test_uncached_tables_however_spelt(tmp_path: Any, spelt: str) -> None:
     """Spaces around a name, its case, and the default schema spelt out
     (SQLite's "main") name the same table."""
-    engine = create_engine(f"sqlite:///{tmp_path}/db.sqlite")
-    Base.metadata.create_all(engine)
-    seed(engine)
-    cache = OrmCache.from_settings(
-        {
-            "namespace": "ca" + uuid.uuid4().hex[:8],
-            "cache_all": "default",
-            "uncached_tables": [spelt],
-            "regions": {"default": {"backend": "memory"}},
-        }
-    )
-    maker = sessionmaker(engine)
-    cache.attach(maker)
+    engine, maker, cache = _env(tmp_path, spelt)
     try:
         for _ in range(2):
             assert selects(engine, maker, lambda s: s.execute(select(Tag).where(Tag.id == 1)).all())[1] == 1
