@@ -68,7 +68,7 @@ OLDEST_VENV ?= .venv-oldest
 OLDEST := SQLAlchemy==2.0.51 dogpile.cache==1.4.1 'redis==5.0.*' 'aiosqlite==0.20.*'
 OLDEST_TESTS ?= tests/test_core.py tests/test_settings.py tests/test_backend_memory.py \
 	tests/test_backend_redis.py tests/test_degradation.py tests/test_async.py \
-	tests/test_sqlite_snapshot.py tests/test_cli.py
+	tests/test_sqlite_snapshot.py tests/test_cli.py tests/test_fast_path.py
 # rotating credentials (StreamingCredentialProvider) exist from redis-py 6
 OLDEST_DESELECT := --deselect tests/test_backend_redis.py::test_rotating_credentials_read_through_the_client
 

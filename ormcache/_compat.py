@@ -20,6 +20,7 @@ __all__ = [
     "autobegins",
     "autoflush",
     "bind_value",
+    "entity_result_metadata",
     "executing_flush",
     "generate_cache_key",
     "fan_out",
@@ -210,6 +211,37 @@ def forget_region_locks(region: Any) -> None:
     registry = getattr(region, "_lock_registry", None)
     if registry is not None:
         region._lock_registry = type(registry)(region._create_mutex)
+
+
+def entity_result_metadata(label: str, cls: type) -> Any:
+    """The metadata of a result of one mapped entity's objects, whose
+    ``unique()`` tells objects apart by identity, as SQLAlchemy's loader
+    makes it (``id``: a class's own ``__eq__``/``__hash__``, or none, as a
+    dataclass's, does not count).  The keyword for the unique filters is
+    ``_create_unique_filters`` from SQLAlchemy 2.1, ``_unique_filters``
+    before."""
+    from sqlalchemy.engine.result import SimpleResultMetaData
+
+    if _UNIQUE_FILTERS_FACTORY:
+        return SimpleResultMetaData([label], extra=[(cls,)], _create_unique_filters=_by_identity)
+    return SimpleResultMetaData([label], extra=[(cls,)], _unique_filters=[id])  # type: ignore[call-arg]
+
+
+def _by_identity(result: Any) -> list[Any]:
+    if getattr(result, "_yield_per", None):
+        raise sa_exc.InvalidRequestError("Can't use the ORM yield_per feature in conjunction with unique()")
+    return [id]
+
+
+def _takes_unique_filters_factory() -> bool:
+    import inspect
+
+    from sqlalchemy.engine.result import SimpleResultMetaData
+
+    return "_create_unique_filters" in inspect.signature(SimpleResultMetaData.__init__).parameters
+
+
+_UNIQUE_FILTERS_FACTORY = _takes_unique_filters_factory()
 
 
 def mapped_metadata() -> list[Any]:

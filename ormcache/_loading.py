@@ -28,15 +28,28 @@ from typing import Any
 
 from sqlalchemy import Column
 from sqlalchemy.engine.cursor import MD_INDEX, MD_PROCESSOR
-from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
+from sqlalchemy.engine.result import IteratorResult
 from sqlalchemy.orm import Mapper, ORMExecuteState, RelationshipProperty
 from sqlalchemy.orm.base import instance_state
 from sqlalchemy.util import immutabledict
 
+from ._compat import entity_result_metadata
+
 __all__ = ["Plan", "eligible_mapper", "make_plan"]
 
-_LAZY_OK = frozenset({"select", True, "raise", "raise_on_sql", "noload", "dynamic", "write_only"})
+#: relationship loaders that leave a new object's attribute unloaded (as
+#: the plan does); "noload" sets it to None, loaded, which the plan does not
+_LAZY_OK = frozenset({"select", True, "raise", "raise_on_sql", "dynamic", "write_only"})
 _ATTRIBUTES = immutabledict({"filtered": True, "is_single_entity": True})
+
+
+def _from_cache() -> Any:
+    from .options import FromCache
+
+    return FromCache
+
+
+_FromCache: Any = _from_cache()
 
 
 def eligible_mapper(statement: Any) -> Mapper[Any] | None:
@@ -101,7 +114,7 @@ class Plan:
     ) -> None:
         self.mapper = mapper
         self.pk = pk
-        self.metadata = SimpleResultMetaData([label], extra=[(mapper.class_,)])
+        self.metadata = entity_result_metadata(label, mapper.class_)
         self._new = mapper.class_manager.new_instance
         self._identity_class = mapper._identity_class
         self._keys = [key for key, _, _ in columns]
@@ -141,6 +154,13 @@ class Plan:
         dispatch = self.mapper.class_manager.dispatch
         if dispatch.load or dispatch.refresh:
             return None  # a listener registered since the plan was made
+        for opt in getattr(orm_context.statement, "_with_options", ()):
+            # user-defined options are not part of SQLAlchemy's cache key,
+            # so not of the statement's shape: one that propagates to the
+            # objects' loads (a tenant filter for their lazy loads) needs
+            # SQLAlchemy's loader to carry it
+            if not isinstance(opt, _FromCache) or opt.propagate_to_loaders:
+                return None
         if token is None:
             token = load_options._identity_token
             if token is None:

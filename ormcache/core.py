@@ -217,11 +217,13 @@ class OrmCache:
         self._databases: dict[str, Any] = {}
         self._groups: dict[Any, _ShardGroup | None] = {}
         self._attached: list[Any] = []
-        #: the listener, one bound method for good: SQLAlchemy's event
-        #: registry loses track of a bound method made anew for each call
-        #: when targets overlap (a sessionmaker and its Session class), and
-        #: detach() would leave it listening
-        self._listener = self._do_orm_execute
+        #: the listener while something is attached, one bound method:
+        #: SQLAlchemy's event registry loses track of a bound method made
+        #: anew for each call when targets overlap (a sessionmaker and its
+        #: Session class), and detach() would leave it listening.  (None
+        #: otherwise: a cache nothing listens through holds no cycle, and
+        #: goes when its last reference does.)
+        self._listener: Any = None
         #: close() was called: attach() refuses (writes are no longer followed)
         self._closed = False
         #: (shard id, database id) pairs this process has read from
@@ -237,8 +239,7 @@ class OrmCache:
             FromCache(settings.cache_all) if settings.cache_all is not None else None
         )
         # as written, and without a schema (the default one may or may not
-        # be spelt out: "main.audit_log" names "audit_log" on SQLite); the
-        # name in other schemas is then uncached too, the safe side
+        # be spelt out: "main.audit_log" names "audit_log" on SQLite)
         self._uncached = frozenset(
             name for t in settings.uncached_tables for name in (t.lower(), t.lower().rpartition(".")[2])
         )
@@ -271,14 +272,20 @@ class OrmCache:
         """Write this process's :meth:`stats` into a shared region every
         ``interval`` seconds (a daemon thread), where ``ormcache stats``
         reads them.  ``region`` defaults to the first region whose backend
-        is not in-process.  Returns ``self``."""
+        is not in-process.  Called again, it publishes at once to the new
+        region, then every new interval.  Returns ``self``."""
         from .stats import publish
 
         if self._closed:
             raise ConfigurationError("this OrmCache was closed: it publishes nothing any more")
-        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 < interval < float("inf"):
+        from .stats import STALE_AFTER
+
+        most = STALE_AFTER / 2
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 < interval <= most:
             raise ConfigurationError(
-                f"publish_stats() interval must be a finite number of seconds > 0, not {interval!r}"
+                f"publish_stats() interval must be a number of seconds > 0 and at most {most:g} "
+                f"(`ormcache stats` takes a process not heard from for {STALE_AFTER:g} s as gone), "
+                f"not {interval!r}"
             )
 
         if region is not None:
@@ -372,6 +379,8 @@ class OrmCache:
                 "cannot cache reads again; make a new OrmCache"
             )
         target = _sync_target(target)
+        if self._listener is None:
+            self._listener = self._do_orm_execute
         if not event.contains(target, "do_orm_execute", self._listener):
             event.listen(target, "do_orm_execute", self._listener)
             self._attached.append(target)
@@ -380,9 +389,12 @@ class OrmCache:
     def detach(self, target: Any) -> None:
         """Undo :meth:`attach`."""
         target = _sync_target(target, "detach")
-        if event.contains(target, "do_orm_execute", self._listener):
-            event.remove(target, "do_orm_execute", self._listener)
+        listener = self._listener or self._do_orm_execute
+        if event.contains(target, "do_orm_execute", listener):
+            event.remove(target, "do_orm_execute", listener)
         self._attached = [t for t in self._attached if t is not target]
+        if not self._attached:
+            self._listener = None
 
     def close(self) -> None:
         """Detach from every session factory, stop following writes, and
@@ -411,10 +423,10 @@ class OrmCache:
         option = None
         for opt in _compat.statement_options(orm_context):
             if isinstance(opt, FromCache):
-                if opt.region not in self._stores and not orm_context.is_relationship_load:
-                    self._unknown_region(opt.region, orm_context.session)  # a RelationshipCache's too
                 if option is None:
                     option = opt._for_execution(orm_context)
+                if opt.region not in self._stores or isinstance(opt, RelationshipCache):
+                    self._check_regions(opt, orm_context)
         cache_all = False
         if option is None:
             if self._cache_all is None or not orm_context.is_select:
@@ -453,7 +465,7 @@ class OrmCache:
             merged = self._sharded(orm_context, option, store, cache_all)
             if merged is not None:
                 return merged
-            _compat.run_after_routing(orm_context, self._listener)
+            _compat.run_after_routing(orm_context, self._listener or self._do_orm_execute)
             return None
 
         if orm_context.load_options._autoflush:
@@ -498,6 +510,21 @@ class OrmCache:
         else:
             deps = self._keys.deps(option.region, db, tables, shape.opaque)
         return self._lookup(orm_context, store, option, shape, dialect, key, deps, db, fill)
+
+    def _check_regions(self, option: FromCache, orm_context: ORMExecuteState) -> None:
+        """Say at the statement the user runs that an option names an
+        undeclared region (a RelationshipCache's, also those it chains
+        with ``and_()``): not at a lazy load, a refresh or the loading of
+        expired attributes, which the option reaches as well (one may run
+        inside a flush, a write, or in a session of another factory)."""
+        if orm_context.is_relationship_load or orm_context.load_options._refresh_state is not None:
+            return
+        regions = {option.region}
+        if isinstance(option, RelationshipCache):
+            regions.update(o.region for o in option._relationships.values())
+        for region in regions:
+            if region not in self._stores:
+                self._unknown_region(region, orm_context.session)
 
     def _unknown_region(self, region: str, session: Session) -> None:
         """Raise :class:`UnknownRegionError`, unless another OrmCache that
@@ -701,7 +728,7 @@ class OrmCache:
         statement = orm_context.statement
         pieces = _Pieces(statement)
         if fanout.per_shard:
-            _compat.run_after_routing(orm_context, self._listener)
+            _compat.run_after_routing(orm_context, self._listener or self._do_orm_execute)
         bind_arguments = orm_context.bind_arguments
         results = []
         for sid in fanout.shard_ids:
@@ -762,7 +789,7 @@ class OrmCache:
                 start += count
         except (TypeError, IndexError, ValueError):
             return None
-        plan: Any = shape.plans.get(id(dialect)) if shape.mapper is not None else False
+        plan: Any = shape.plan(dialect)
         if plan:
             built = [plan.build(orm_context, piece, sid) for sid, piece in pieces] or [
                 plan.build(orm_context, ())
@@ -781,7 +808,7 @@ class OrmCache:
             for sid, piece in pieces
         ]
         if plan is None:
-            shape.plans[id(dialect)] = make_plan(shape.mapper, results[0]) or False
+            shape.set_plan(dialect, make_plan(shape.mapper, results[0]))
         return results[0].merge(*results[1:]) if len(results) > 1 else results[0]
 
     def _lookup_miss(
@@ -904,7 +931,7 @@ class OrmCache:
             pieces = orm_context.execution_options.get(COLLECT)
             if pieces is not None and pieces.statement is orm_context.statement:
                 pieces.add(orm_context.bind_arguments.get("shard_id"), entry[_DESCRIPTION], rows, True)
-        plan: Any = shape.plans.get(id(dialect)) if shape.mapper is not None else False
+        plan: Any = shape.plan(dialect)
         if plan:
             shard = None
             if "shard_id" in orm_context.bind_arguments and _is_sharded(orm_context.session):
@@ -918,7 +945,7 @@ class OrmCache:
             execution_options={REPLAY: Replay(entry[_DESCRIPTION], rows)}
         )
         if plan is None:
-            shape.plans[id(dialect)] = make_plan(shape.mapper, result) or False
+            shape.set_plan(dialect, make_plan(shape.mapper, result))
         return result
 
     def _miss(

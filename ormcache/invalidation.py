@@ -665,11 +665,28 @@ def _follow_commits(dialect: Any) -> None:
         except BaseException:
             _commit_failed(committing, connection)
             raise
+        if committing is None and not _own_two_phase_commit(connection):
+            # Connection.commit_prepared(): a transaction prepared by
+            # another connection, or process (a recovery), committed here
+            # (psycopg2 sends no SQL: the driver's tpc_commit); what it
+            # wrote is not known
+            _written_elsewhere(connection)
         _committed(committing, connection)
 
     dialect._ormcache_do_commit = do_commit
     dialect.do_commit = announcing_commit
     dialect.do_commit_twophase = announcing_commit_twophase
+
+
+def _written_elsewhere(connection: Connection) -> None:
+    """Fresh tokens for the whole database of ``connection``: a commit of
+    writes this process did not see."""
+    try:
+        db = database_id(connection)
+        for cache in list(_caches):
+            cache._post_invalidate(db, {UNKNOWN})
+    except Exception:
+        log.warning("could not announce the commit of a prepared transaction", exc_info=True)
 
 
 def _committed(committing: tuple[Any, dict[str, Any], float] | None, owner: Any) -> None:
@@ -930,7 +947,7 @@ def _written_by(context: Any, statement: str, conn: Connection) -> set[str] | No
     default_schema = dialect.default_schema_name
     compiled = context.compiled
     if context.is_text or compiled is None:
-        if _COMMIT_PREPARED.match(statement) and not _own_two_phase_commit(conn):
+        if _commits_prepared(statement) and not _own_two_phase_commit(conn):
             # a prepared transaction of another connection, or process
             # (recovery: Connection.commit_prepared()): its writes are not known
             return {UNKNOWN}
@@ -1010,8 +1027,16 @@ def _written_by(context: Any, statement: str, conn: Connection) -> set[str] | No
 
 _REFERENTIAL = frozenset({"CASCADE", "SET NULL", "SET DEFAULT"})
 #: the commit of a prepared (two-phase) transaction: MySQL's XA COMMIT,
-#: PostgreSQL's COMMIT PREPARED
-_COMMIT_PREPARED = re.compile(r"\s*(?:xa\s+commit|commit\s+prepared)\b", re.IGNORECASE)
+#: PostgreSQL's COMMIT PREPARED, as a statement of its own (after comments,
+#: or another statement)
+_COMMIT_PREPARED = re.compile(r"(?:^|;)\s*(?:xa\s+commit|commit\s+prepared)\b", re.IGNORECASE)
+
+
+def _commits_prepared(sql: str) -> bool:
+    lowered = sql.lower()
+    if "xa" not in lowered and "prepared" not in lowered:
+        return False
+    return _COMMIT_PREPARED.search(_NOT_CODE.sub(_blank, sql)) is not None
 
 
 def _own_two_phase_commit(conn: Connection) -> bool:

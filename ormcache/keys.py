@@ -227,9 +227,10 @@ class StatementShape:
     tables: tuple[tuple[str, str | None], ...]
     #: the mapper the fast hit path can build (see ``_loading``), or None
     mapper: Any = None
-    #: fast-path plans by dialect: a ``_loading.Plan``, or False when the
-    #: statement turned out not to fit
-    plans: dict[int, Any] = field(default_factory=dict)
+    #: fast-path plans by ``id(dialect)``: (a weak reference to the
+    #: dialect, a ``_loading.Plan`` or False when the statement turned out
+    #: not to fit); see :meth:`plan`
+    plans: dict[int, tuple[Any, Any]] = field(default_factory=dict)
     #: a digest of ``sql``, what keys are made of
     sql_digest: str = ""
     #: ``tables`` resolved by default schema, when no schema_translate_map
@@ -259,6 +260,21 @@ class StatementShape:
 
     def __post_init__(self) -> None:
         self.sql_digest = digest(self.sql)
+
+    def plan(self, dialect: Dialect) -> Any:
+        """The fast-path plan for ``dialect`` (its result processors), False
+        when the statement does not fit, None when not made yet.  Kept by
+        the dialect's id, checked to be that dialect still: a new engine's
+        dialect may take a freed one's address."""
+        if self.mapper is None:
+            return False
+        found = self.plans.get(id(dialect))
+        if found is None or found[0]() is not dialect:
+            return None
+        return found[1]
+
+    def set_plan(self, dialect: Dialect, plan: Any) -> None:
+        self.plans[id(dialect)] = (weakref.ref(dialect), plan or False)
 
     def table_names(
         self,
@@ -593,6 +609,16 @@ def parameter_values(cache_key: Any, parameters: Mapping[str, Any] | None) -> tu
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
 
 
+def _unstable(value: Any) -> bool:
+    """Whether ``value``'s repr shows an object's memory address (a string
+    that says so is an ordinary value)."""
+    if value is None or isinstance(value, (str, bytes, int, float)):
+        return False
+    if isinstance(value, (tuple, list, frozenset, set)):
+        return any(map(_unstable, value))
+    return _ADDRESS.search(repr(value)) is not None
+
+
 def query_key(
     namespace: str,
     region: str,
@@ -617,7 +643,7 @@ def query_key(
         text = repr((region, database, shard, schema, sql, params))
         if variant is not None:
             text += variant
-        if " at 0x" in text and _ADDRESS.search(text):  # (a string may say " at 0x")
+        if " at 0x" in text and any(map(_unstable, (shard, schema, *(params or ())))):
             raise CacheKeyError(
                 "a bound parameter of this statement has no stable text form "
                 f"(its repr shows a memory address): {text[-200:]!r}; pass "

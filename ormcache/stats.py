@@ -126,20 +126,27 @@ _INDEX_ATTEMPTS = 5
 _publishing: weakref.WeakKeyDictionary[Any, tuple[Any, float]] = weakref.WeakKeyDictionary()
 
 
+#: per publishing cache: its thread, and the event that wakes it early
+_threads: weakref.WeakKeyDictionary[Any, tuple[threading.Thread, threading.Event]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def publish(cache: Any, store: Any, interval: float) -> None:
     """Publish ``cache``'s statistics to ``store`` every ``interval``
-    seconds; called again, the running thread takes the new store and
-    interval from its next wake-up."""
-    running = cache in _publishing
+    seconds; called again, the running thread publishes at once to the
+    new store, then every new interval."""
     _publishing[cache] = (store, interval)
-    if not running:
+    running = _threads.get(cache)
+    if running is not None and running[0].is_alive():
+        running[1].set()
+    else:
         _start(cache, store, interval)
 
 
 def _start(cache: Any, store: Any, interval: float) -> None:
-    import time as _time
-
     ref = weakref.ref(cache)
+    wake = threading.Event()
 
     def loop() -> None:
         while True:
@@ -148,16 +155,26 @@ def _start(cache: Any, store: Any, interval: float) -> None:
             if entry is None:
                 return  # collected, or closed
             current, wait = entry
-            publish_once(target, current)
+            try:
+                publish_once(target, current)
+            except Exception:  # (the backend's failures are logged by the store)
+                pass
             del target
-            _time.sleep(wait)
+            wake.wait(wait)
+            wake.clear()
 
-    threading.Thread(target=loop, name="ormcache-stats", daemon=True).start()
+    thread = threading.Thread(target=loop, name="ormcache-stats", daemon=True)
+    _threads[cache] = (thread, wake)
+    thread.start()
+
 
 
 def stop_publishing(cache: Any) -> None:
-    """The cache was closed: its thread ends after its next wake-up."""
+    """The cache was closed: its thread ends at once."""
     _publishing.pop(cache, None)
+    running = _threads.pop(cache, None)
+    if running is not None:
+        running[1].set()
 
 
 def _after_fork_in_child() -> None:

@@ -340,19 +340,36 @@ def test_publish_stats_again_keeps_one_thread(settings_file: Path) -> None:
     """Called again, publish_stats() changes what the running thread does;
     after close() it is refused."""
     import threading
+    import time
 
     from ormcache import ConfigurationError
 
     def publishers() -> set[threading.Thread]:
         return {t for t in threading.enumerate() if t.name == "ormcache-stats"}
 
+    from ormcache.stats import collect, process_id
+
     before = publishers()
     cache = OrmCache.from_settings(str(settings_file))
+    store = cache._stores["default"]
     try:
-        for interval in (5, 6, 7):
+        for interval in (50, 60, 55):
             cache.publish_stats(interval=interval)
         assert len(publishers() - before) == 1
+        # the running thread publishes at once when called again, not
+        # after the 55 s it was sleeping
+        cache._stats.count("default", "Template", "hits", 3)
+        cache.publish_stats(interval=0.05)
+        deadline = time.monotonic() + 5
+        while (collect(cache, store)["regions"].get("default") or {}).get("hits") != 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert process_id() in collect(cache, store)["processes"]
     finally:
         cache.close()
     with pytest.raises(ConfigurationError, match="closed"):
         cache.publish_stats()
+    deadline = time.monotonic() + 5
+    while publishers() - before:  # closed: its thread ends at once
+        assert time.monotonic() < deadline
+        time.sleep(0.01)

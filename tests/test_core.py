@@ -1214,9 +1214,28 @@ def test_a_relationship_cache_of_an_undeclared_region_is_refused_at_the_query(en
 
     engine, maker, cache = env
     stmt = select(Store).where(Store.id == 1).options(RelationshipCache(Store.templates, "typo"))
-    with maker() as s:
-        with pytest.raises(UnknownRegionError, match="'typo'"):
-            s.scalars(stmt).one()
+    chained = RelationshipCache(Store.templates, "default").and_(RelationshipCache(Template.store, "typo"))
+    for statement in (stmt, select(Store).where(Store.id == 1).options(chained)):
+        with maker() as s:
+            with pytest.raises(UnknownRegionError, match="'typo'"):
+                s.scalars(statement).one()
+    # an object that carries the option into a session whose cache does not
+    # declare the region: its expired attributes load all the same
+    other = OrmCache.from_settings({"namespace": "o" + uuid.uuid4().hex[:8], "regions": {"reports": {"backend": "memory"}}})
+    other_maker = sessionmaker(engine)
+    other.attach(other_maker)
+    try:
+        with maker() as s:
+            store = s.scalars(
+                select(Store).where(Store.id == 1).options(RelationshipCache(Store.templates, "default"))
+            ).one()
+            s.expunge(store)
+        with other_maker() as s:
+            s.add(store)
+            s.expire(store, ["name"])
+            assert store.name == "store1"
+    finally:
+        other.close()
 
 
 def test_parameters_without_a_stable_text_form(env: Any) -> None:
@@ -1234,6 +1253,10 @@ def test_parameters_without_a_stable_text_form(env: Any) -> None:
     with pytest.raises(CacheKeyError, match="memory address"):
         query_key("ns", "default", "db", None, None, "SELECT ?", (Thing(),), None)
     assert query_key("ns", "default", "db", None, None, "SELECT ?", ("located at 0x1F",), None)
+    logged = "<app.Thing object at 0x7f3a>"  # a repr, logged as a string
+    assert query_key("ns", "default", "db", None, None, "SELECT ?", ((logged, 1),), None)
+    with pytest.raises(CacheKeyError, match="memory address"):
+        query_key("ns", "default", "db", None, None, "SELECT ?", ((logged, Thing()),), None)
     said = select(Template).where(Template.name == "located at 0x1F").options(FromCache())
     for expected in (1, 0):
         with QueryCounter(engine) as counter, maker() as s:
@@ -1257,3 +1280,52 @@ def test_a_region_of_a_cache_not_attached_to_the_session(env: Any) -> None:
             s.execute(select(Template).where(Template.id == 1).options(FromCache("elsewhere"))).all()
     finally:
         other.close()
+
+
+def test_commit_prepared_without_sql_invalidates_the_database(env: Any, monkeypatch: Any) -> None:
+    """``Connection.commit_prepared()`` of a transaction prepared elsewhere
+    (a recovery): psycopg2 commits it with the driver's ``tpc_commit``, no
+    SQL to see; the commit's return makes every result of the database
+    stale-proof (the dialect's two-phase commit stands in for it here)."""
+    from ormcache import invalidation
+
+    engine, maker, cache = env
+    stmt = select(Template.name).where(Template.id == 1).options(FromCache())
+    dialect = engine.dialect
+    monkeypatch.setattr(dialect, "do_commit_twophase", lambda connection, xid, is_prepared=True, recover=False: None)
+    monkeypatch.delitem(dialect.__dict__, "_ormcache_do_commit", raising=False)
+    invalidation._follow_commits(dialect)
+
+    def selects() -> int:
+        with QueryCounter(engine) as counter, maker() as s:
+            assert s.scalars(stmt).one() == "t1"
+        return counter.selects
+
+    assert [selects(), selects()] == [1, 0]
+    with engine.connect() as conn:
+        conn.commit_prepared("recovered-xid", recover=True)
+    assert [selects(), selects()] == [1, 0]
+
+
+def test_a_cache_nothing_listens_through_goes_with_its_last_reference(tmp_path: Any) -> None:
+    """Detached (or never attached), a dropped OrmCache is freed at once,
+    not at the cycle collector's next run: until then it would go on
+    writing fresh tokens for every commit of the process."""
+    import gc
+    import weakref
+
+    engine = create_engine(f"sqlite:///{tmp_path}/gone.db")
+    maker = sessionmaker(engine)
+    gc.disable()
+    try:
+        for attach in (False, True):
+            cache = OrmCache.from_settings({"regions": {"default": {"backend": "memory"}}})
+            if attach:
+                cache.attach(maker)
+                cache.detach(maker)
+            ref = weakref.ref(cache)
+            del cache
+            assert ref() is None, attach
+    finally:
+        gc.enable()
+        engine.dispose()

@@ -10,10 +10,13 @@ from typing import Any
 
 import pytest
 from sqlalchemy import ForeignKey, String, TypeDecorator, create_engine, event, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 from ormcache import FromCache, OrmCache
 from ormcache.testing import QueryCounter
+
+
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
 
 
 class Base(DeclarativeBase):
@@ -33,6 +36,9 @@ class NoneAsEmpty(TypeDecorator[str]):
 class Owner(Base):
     __tablename__ = "fp_owner"
     id: Mapped[int] = mapped_column(primary_key=True)
+    profiles: Mapped[list["Profile"]] = relationship(order_by="Profile.id")
+    # (noload is deprecated in SQLAlchemy 2.1, and still works)
+    quiet: Mapped[list["Profile"]] = relationship(lazy="noload", viewonly=True)
 
 
 class Profile(Base):
@@ -187,3 +193,117 @@ def test_a_locking_clause_written_as_sql(how: str) -> None:
     }[how]
     cache_key = stmt._generate_cache_key()
     assert _describe(stmt, postgresql.dialect(), cache_key).locking is (how != "no locking word")
+
+
+class Tagged(Base):
+    """Equal by value, as some applications make their classes."""
+
+    __tablename__ = "fp_tagged"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    label: Mapped[str]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tagged) and self.label.lower() == other.label.lower()
+
+    def __hash__(self) -> int:
+        return hash(self.label.lower())
+
+
+def test_unique_tells_objects_apart_by_identity(tmp_path: Any) -> None:
+    """``unique()`` (and legacy ``Query.all()``, which applies it) keeps
+    distinct objects that compare equal, as SQLAlchemy's loader does."""
+    engine = create_engine(f"sqlite:///{tmp_path}/unique.db")
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([Tagged(id=1, label="x"), Tagged(id=2, label="X")])
+        s.commit()
+    cache = OrmCache.from_settings({"namespace": "fu" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}})
+    maker = sessionmaker(engine)
+    cache.attach(maker)
+    try:
+        for _ in range(HITS):
+            with maker() as s:
+                assert [t.id for t in s.query(Tagged).options(FromCache()).order_by(Tagged.id).all()] == [1, 2]
+            with maker() as s:
+                stmt = select(Tagged).order_by(Tagged.id).options(FromCache())
+                assert [t.id for t in s.scalars(stmt).unique()] == [1, 2]
+    finally:
+        cache.close()
+        engine.dispose()
+
+
+def test_a_noload_relationship_is_loaded_empty(env: Any) -> None:
+    """``lazy="noload"``: SQLAlchemy's loader sets the attribute (None, or
+    an empty collection) as loaded; a hit's object is the same."""
+    from sqlalchemy import inspect
+
+    engine, maker = env
+    with Session(engine) as s:
+        plain = s.get_one(Owner, 1)
+        expected = inspect(plain).unloaded
+    for _ in range(HITS):
+        with maker() as s:
+            owner = s.scalars(select(Owner).where(Owner.id == 1).options(FromCache())).one()
+            assert inspect(owner).unloaded == expected and owner.quiet == []
+
+
+def test_a_propagating_option_of_the_application_reaches_lazy_loads(tmp_path: Any) -> None:
+    """A user-defined option that propagates to loaders (a tenant filter
+    for lazy loads) is not part of SQLAlchemy's cache key, so not of the
+    statement's shape: when one is given, SQLAlchemy's loader builds the
+    objects and carries it to their lazy loads."""
+    from sqlalchemy.orm.interfaces import UserDefinedOption
+
+    class Tenant(UserDefinedOption):
+        propagate_to_loaders = True
+
+    cache = OrmCache.from_settings({"namespace": "fo" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}})
+    engines, makers = [], []
+    for name in ("a", "b"):  # two databases of one kind of dialect share shapes
+        engine = create_engine(f"sqlite:///{tmp_path}/{name}.db")
+        Base.metadata.create_all(engine)
+        with Session(engine) as s:
+            s.add_all([Owner(id=1), Profile(id=10, owner_id=1, note="n")])
+            s.commit()
+        maker = sessionmaker(engine)
+        cache.attach(maker)
+        engines.append(engine)
+        makers.append(maker)
+    carried: list[bool] = []
+
+    @event.listens_for(makers[1], "do_orm_execute")
+    def lazy_loads(orm_context: Any) -> None:
+        if orm_context.is_relationship_load:
+            carried.append(any(isinstance(o, Tenant) for o in orm_context.user_defined_options))
+
+    stmt = select(Owner).where(Owner.id == 1)
+    try:
+        for _ in range(HITS):  # without the option: the shape's fast path
+            with makers[0]() as s:
+                s.scalars(stmt.options(FromCache())).one()
+        for _ in range(HITS):
+            with makers[1]() as s:
+                owner = s.scalars(stmt.options(FromCache(), Tenant())).one()
+                assert [p.id for p in owner.profiles] == [10]
+        assert carried == [True] * HITS
+    finally:
+        cache.close()
+        for engine in engines:
+            engine.dispose()
+
+
+def test_a_plan_is_for_its_own_dialect() -> None:
+    """Plans are kept by the dialect's id, which a new engine's dialect may
+    take after a freed one: a plan is only used for its own dialect."""
+    import weakref
+
+    from sqlalchemy.dialects import sqlite
+
+    from ormcache.keys import StatementShape
+
+    shape = StatementShape(sql="SELECT 1", tables=(), mapper=object())
+    first, second = sqlite.dialect(), sqlite.dialect()
+    shape.set_plan(first, "plan of the first")
+    assert shape.plan(first) == "plan of the first" and shape.plan(second) is None
+    shape.plans[id(second)] = (weakref.ref(first), "plan of the first")  # as after id reuse
+    assert shape.plan(second) is None
