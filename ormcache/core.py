@@ -31,6 +31,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import threading
 import time
 import uuid
 import zlib
@@ -224,6 +225,7 @@ class OrmCache:
         #: otherwise: a cache nothing listens through holds no cycle, and
         #: goes when its last reference does.)
         self._listener: Any = None
+        self._attach_lock = threading.Lock()
         #: close() was called: attach() refuses (writes are no longer followed)
         self._closed = False
         #: (shard id, database id) pairs this process has read from
@@ -373,35 +375,37 @@ class OrmCache:
         subclass, a ``sessionmaker``, a ``scoped_session`` or one
         ``Session``, or their asyncio counterparts (``async_sessionmaker``,
         ``async_scoped_session``, an ``AsyncSession``).  Returns ``self``."""
-        if self._closed:
-            raise ConfigurationError(
-                "this OrmCache was closed: it no longer follows writes, so it "
-                "cannot cache reads again; make a new OrmCache"
-            )
         target = _sync_target(target)
-        if self._listener is None:
-            self._listener = self._do_orm_execute
-        if not event.contains(target, "do_orm_execute", self._listener):
-            event.listen(target, "do_orm_execute", self._listener)
-            self._attached.append(target)
+        with self._attach_lock:
+            if self._closed:
+                raise ConfigurationError(
+                    "this OrmCache was closed: it no longer follows writes, so it "
+                    "cannot cache reads again; make a new OrmCache"
+                )
+            listener = self._listener = self._listener or self._do_orm_execute
+            if not event.contains(target, "do_orm_execute", listener):
+                event.listen(target, "do_orm_execute", listener)
+                self._attached.append(target)
         return self
 
     def detach(self, target: Any) -> None:
         """Undo :meth:`attach`."""
         target = _sync_target(target, "detach")
-        listener = self._listener or self._do_orm_execute
-        if event.contains(target, "do_orm_execute", listener):
-            event.remove(target, "do_orm_execute", listener)
-        self._attached = [t for t in self._attached if t is not target]
-        if not self._attached:
-            self._listener = None
+        with self._attach_lock:
+            listener = self._listener or self._do_orm_execute
+            if event.contains(target, "do_orm_execute", listener):
+                event.remove(target, "do_orm_execute", listener)
+            self._attached = [t for t in self._attached if t is not target]
+            if not self._attached:
+                self._listener = None
 
     def close(self) -> None:
         """Detach from every session factory, stop following writes, and
         give the connections Redis regions keep for reads back to their
         pools.  The regions and their backends stay usable; :meth:`attach`
         refuses from now on (writes are no longer followed)."""
-        self._closed = True
+        with self._attach_lock:
+            self._closed = True
         for target in list(self._attached):
             self.detach(target)
         invalidation.unregister(self)
@@ -517,7 +521,11 @@ class OrmCache:
         with ``and_()``): not at a lazy load, a refresh or the loading of
         expired attributes, which the option reaches as well (one may run
         inside a flush, a write, or in a session of another factory)."""
-        if orm_context.is_relationship_load or orm_context.load_options._refresh_state is not None:
+        if (
+            not orm_context.is_select  # (DML: its load options cannot be asked for; never failed)
+            or orm_context.is_relationship_load
+            or orm_context.load_options._refresh_state is not None
+        ):
             return
         regions = {option.region}
         if isinstance(option, RelationshipCache):

@@ -852,6 +852,8 @@ def text_tables(sql: str, default_schema: str | None = None) -> set[str] | None:
     ``{UNKNOWN}`` when it may write and its targets cannot be told (several
     statements in one string are looked at one by one)."""
     body = sql.strip().rstrip(";")
+    if "/*!" in body or "/*M!" in body:
+        return {UNKNOWN}  # MySQL's executable comments: their SQL runs
     if ";" not in body:
         return _statement_tables(body, default_schema)
     if "\\" in body:

@@ -616,6 +616,8 @@ def _unstable(value: Any) -> bool:
         return False
     if isinstance(value, (tuple, list, frozenset, set)):
         return any(map(_unstable, value))
+    if isinstance(value, dict):  # (a JSON value)
+        return any(map(_unstable, value)) or any(map(_unstable, value.values()))
     return _ADDRESS.search(repr(value)) is not None
 
 

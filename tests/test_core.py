@@ -1257,6 +1257,9 @@ def test_parameters_without_a_stable_text_form(env: Any) -> None:
     assert query_key("ns", "default", "db", None, None, "SELECT ?", ((logged, 1),), None)
     with pytest.raises(CacheKeyError, match="memory address"):
         query_key("ns", "default", "db", None, None, "SELECT ?", ((logged, Thing()),), None)
+    assert query_key("ns", "default", "db", None, None, "SELECT ?", ({"note": logged},), None)
+    with pytest.raises(CacheKeyError, match="memory address"):
+        query_key("ns", "default", "db", None, None, "SELECT ?", ({"thing": Thing()},), None)
     said = select(Template).where(Template.name == "located at 0x1F").options(FromCache())
     for expected in (1, 0):
         with QueryCounter(engine) as counter, maker() as s:
@@ -1329,3 +1332,24 @@ def test_a_cache_nothing_listens_through_goes_with_its_last_reference(tmp_path: 
     finally:
         gc.enable()
         engine.dispose()
+
+
+def test_dml_with_loader_options_of_the_cache(env: Any) -> None:
+    """An ORM UPDATE/DELETE/INSERT ... RETURNING carrying cache options (a
+    RelationshipCache for the objects RETURNING gives back, a FromCache):
+    the write runs, never failed by the cache, even for a region that no
+    cache declares."""
+    from sqlalchemy import delete, insert, update
+
+    from ormcache import RelationshipCache
+    from ormcache.testing.fixtures import Store
+
+    engine, maker, cache = env
+    for region in ("default", "typo"):
+        options = (RelationshipCache(Store.templates, region), FromCache(region))
+        with maker() as s:
+            created = s.scalars(insert(Store).values(id=90, name="new").returning(Store).options(*options)).one()
+            assert created.name == "new"
+            s.execute(update(Store).where(Store.id == 90).values(name="renamed").options(*options))
+            s.execute(delete(Store).where(Store.id == 90).options(*options))
+            s.commit()
