@@ -31,6 +31,7 @@ __all__ = [
     "on_client_created",
     "pool_ends_transactions",
     "query_statement",
+    "refuse_pickled_values",
     "run_after_routing",
     "serialized_payload",
     "session_connection",
@@ -188,6 +189,30 @@ def fan_out(orm_context: Any) -> tuple[Any, ...] | None:
 def shard_binds(session: Any) -> Mapping[Any, Any]:
     """A ``ShardedSession``'s shard id -> engine mapping."""
     return session._ShardedSession__shards  # type: ignore[no-any-return]
+
+
+def refuse_pickled_values(backend: Any) -> None:
+    """Have dogpile's pylibmc ``backend`` make clients that never unpickle:
+    pylibmc unpickles a value stored with its pickle flag inside ``get``,
+    before ormcache (and a ``signing_key``) could refuse it, so anyone who
+    can write to memcached could run code in every reader.  A signed
+    region writes bytes (and a lock's counters): such a value is a miss."""
+    import pylibmc
+
+    class Client(pylibmc.Client):  # type: ignore[misc]
+        def deserialize(self, value: Any, flags: int) -> Any:
+            if flags & _PYLIBMC_PICKLED:
+                return None
+            return super().deserialize(value, flags)
+
+    def create() -> Any:
+        return Client(backend.url, binary=backend.binary, behaviors=backend.behaviors)
+
+    backend._create_client = create
+
+
+#: pylibmc's flag of a pickled value
+_PYLIBMC_PICKLED = 1
 
 
 def on_client_created(backend: Any, callback: Callable[[Any], None]) -> None:

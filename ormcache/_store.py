@@ -243,6 +243,13 @@ class Store:
         if type(backend).__module__ == "dogpile.cache.backends.memcached" and not getattr(
             backend, "_ormcache_tracked", False
         ):
+            if type(backend).__name__ == "PylibmcBackend" and getattr(
+                region, "_user_defined_serializer", None
+            ):
+                # a signed region writes bytes only: never let pylibmc
+                # unpickle what someone else wrote (unsigned regions store
+                # values pylibmc pickles itself)
+                _compat.refuse_pickled_values(backend)
             _compat.on_client_created(backend, _thread_client)
             backend._ormcache_tracked = True
 
@@ -428,10 +435,17 @@ class Store:
         raw = self._fetch(keys)
         head = raw[0]
         if self._serialized:
-            entry = self.region._parse_serialized_from_backend(head)
+            try:
+                entry = self.region._parse_serialized_from_backend(head)
+            except Exception as err:
+                # corrupt or truncated (its metadata, or an unsigned pickle):
+                # a miss, refilled; not a failure of the backend, which answered
+                self._undecodable(err)
+                entry = NO_VALUE
         else:
             entry = NO_VALUE if head is None else head
-        values = [NO_VALUE if entry is NO_VALUE else entry.payload]
+        payload = getattr(entry, "payload", NO_VALUE)
+        values = [NO_VALUE if entry is NO_VALUE else payload]
         if self._serialized:
             values.extend(
                 [
@@ -442,6 +456,18 @@ class Store:
         else:
             values.extend([NO_VALUE if t is None else t for t in raw[1:]])
         return values
+
+    def _undecodable(self, err: Exception) -> None:
+        now = time.monotonic()
+        if now - self._last_warning >= 10.0:
+            self._last_warning = now
+            log.warning(
+                "cache region %r: an entry could not be decoded, a miss: %s: %s",
+                self.name,
+                type(err).__name__,
+                err,
+                extra=_fields(self.name, "undecodable"),
+            )
 
     def get_values(self, keys: Sequence[str]) -> list[Any] | None:
         """Payloads of values dogpile's region wrote (``set``)."""

@@ -88,10 +88,13 @@ _IMMUTABLE = (
     uuid.UUID,
 )
 
-#: entry layout: (created, tokens, description, rows, encoding), and for a
-#: result merged from several shards, the (shard index, row count) of each
-#: shard that returned rows
-_CREATED, _TOKENS, _DESCRIPTION, _ROWS, _ENCODING, _BOUNDS = range(6)
+#: entry layout: (created, tokens, description, rows, encoding, bounds,
+#: key): bounds, for a result merged from several shards, the (shard
+#: index, row count) of each shard that returned rows, else None; key, the
+#: key the entry was stored under (an entry copied to another key, by
+#: anyone who can write to the backend, is never served there)
+_CREATED, _TOKENS, _DESCRIPTION, _ROWS, _ENCODING, _BOUNDS, _KEY = range(7)
+_ENTRY_LENGTH = 7
 #: execution option of a shard's statement run to fill a merged entry: the
 #: :class:`_Pieces` that collects its rows, whether from the cache or not
 COLLECT = "_ormcache_collect"
@@ -858,7 +861,9 @@ class OrmCache:
                 if store.stale_while_revalidate:
                     # someone is refreshing it: an expired (not invalidated)
                     # entry is served meanwhile
-                    stale = self._serve(orm_context, store, option, shape, dialect, values, True, fanout)
+                    stale = self._serve(
+                        orm_context, store, option, shape, dialect, values, True, fanout, key
+                    )
                     if stale is not None:
                         return stale, True
                 if not _compat.in_event_loop():
@@ -885,7 +890,7 @@ class OrmCache:
             again = store.get_many([key, *deps])
             if again is None:
                 return self._miss(orm_context, store, key, deps, values, db, False, shape.label, fanout), False
-            served = self._serve(orm_context, store, option, shape, dialect, again, fanout=fanout)
+            served = self._serve(orm_context, store, option, shape, dialect, again, fanout=fanout, key=key)
             if served is not None:
                 return served, True
             return self._miss(
@@ -914,20 +919,26 @@ class OrmCache:
         rows decoded in the region's L1 when they are plain values."""
         entry = values[0]
         if entry is NO_VALUE or not self._valid(
-            store, option, entry, values[1:], time.time(), allow_expired
+            store, option, entry, values[1:], time.time(), allow_expired, key
         ):
             return None
+        if shape.width and len(entry[_DESCRIPTION]) != shape.width:
+            return None  # (not this statement's columns: never replayed into its loading)
         rows = entry[_ROWS]
         encoding = entry[_ENCODING]
         if encoding:
-            if encoding == _COMPRESSED:
-                rows = zlib.decompress(rows)
-            elif encoding == _ZSTD:
-                rows = _zstd_decompress(rows)
-                if rows is None:
-                    return None  # written by a process with zstandard: a miss
-            pickled = len(rows)
-            rows = pickle.loads(rows)
+            try:
+                if encoding == _COMPRESSED:
+                    rows = zlib.decompress(rows)
+                elif encoding == _ZSTD:
+                    rows = _zstd_decompress(rows)
+                    if rows is None:
+                        return None  # written by a process with zstandard: a miss
+                pickled = len(rows)
+                rows = pickle.loads(rows)
+            except Exception as err:  # corrupt: a miss, refilled
+                log.warning("cache region %r: an entry could not be decoded: %s: %s", store.name, type(err).__name__, err)
+                return None
             if key is not None and store.l1 is not None and _plain(rows):
                 # later hits of this process's copy skip decoding: plain
                 # values can be shared, as a memory region shares them
@@ -1029,9 +1040,7 @@ class OrmCache:
                 log.info("not caching a result of %s: %s: %s", label, type(err).__name__, err)
                 return result
             if encoding == _AS_IS or len(rows_value) <= self._max_entry_bytes:
-                entry: tuple[Any, ...] = (now, tuple(current), capture.description, rows_value, encoding)
-                if bounds is not None:
-                    entry += (bounds,)
+                entry = (now, tuple(current), capture.description, rows_value, encoding, bounds, key)
                 if store.set(key, entry, unlock):
                     self._stats.count(store.name, label, "fills")
                     if encoding != _AS_IS:
@@ -1116,12 +1125,16 @@ class OrmCache:
         tokens: list[Any],
         now: float,
         allow_expired: bool = False,
+        key: str | None = None,
     ) -> bool:
-        try:
-            created = entry[_CREATED]
-            if tuple(tokens) != entry[_TOKENS]:
-                return False
-        except (TypeError, IndexError):
+        if type(entry) is not tuple or len(entry) != _ENTRY_LENGTH:
+            return False  # not an entry of this version (or of ormcache)
+        if key is not None and entry[_KEY] != key:
+            return False  # copied from another key
+        if tuple(tokens) != entry[_TOKENS]:
+            return False
+        created = entry[_CREATED]
+        if not isinstance(created, (int, float)):
             return False
         expiration = option.expiration_time
         if expiration is None:

@@ -114,11 +114,22 @@ def pending_token(ttl: float | None = None) -> str:
 
 
 def is_pending(token: str) -> bool:
-    return token[0] == "p"
+    return token[:1] == "p"
 
 
 def pending_expired(token: str, now: float) -> bool:
-    return float(token.rpartition(":")[2]) <= now
+    """Whether a pending token is past its time; one whose time cannot be
+    read, or lies beyond any writer's (``p:inf``, written by hand), is
+    taken as past, and replaced."""
+    try:
+        until = float(token.rpartition(":")[2])
+    except ValueError:
+        return True
+    return not now < until <= now + _PENDING_AT_MOST  # (nan: past too)
+
+
+#: no pending token is honoured for longer than this (seconds)
+_PENDING_AT_MOST = 24 * 3600.0
 
 
 class VersionKeys:

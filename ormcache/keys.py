@@ -257,6 +257,9 @@ class StatementShape:
     #: a SELECT in it locks rows (``with_for_update()`` in a subquery or a
     #: CTE): never served from the cache, as a locking statement is not
     locking: bool = False
+    #: the number of columns its compiled SQL selects (0: not known, as for
+    #: textual SQL): an entry of another width is never replayed
+    width: int = 0
 
     def __post_init__(self) -> None:
         self.sql_digest = digest(self.sql)
@@ -360,8 +363,10 @@ def _describe(statement: Any, dialect: Dialect, cache_key: Any = None) -> Statem
     )
     from ._loading import eligible_mapper
 
-    volatile, opaque, locking = _traits(core)
+    volatile, opaque, locking, textual = _traits(core)
     shape = StatementShape(
+        # (textual SQL may select more than it names: "*", "SELECT ... ")
+        width=0 if textual else len(getattr(compiled, "_result_columns", None) or ()),
         sql=str(compiled) + _bind_types(cache_key),
         tables=tuple(tables),
         mapper=eligible_mapper(statement),
@@ -442,12 +447,13 @@ def _text_from(element: Any) -> bool:
     return False
 
 
-def _traits(core: Any) -> tuple[bool, bool, bool]:
+def _traits(core: Any) -> tuple[bool, bool, bool, bool]:
     """Whether the statement is volatile (see :attr:`StatementShape.volatile`),
     whether textual SQL in it (``text()``, ``literal_column()``) may
     read tables that its known tables do not include (``opaque``), and
-    whether a SELECT in it locks rows (``locking``)."""
-    volatile = opaque = locking = False
+    whether a SELECT in it locks rows (``locking``), and whether it holds
+    textual SQL at all (``textual``)."""
+    volatile = opaque = locking = textual = False
     for element in visitors.iterate(core):
         if getattr(element, "_for_update_arg", None) is not None:
             locking = True  # FOR UPDATE / FOR SHARE in a subquery or CTE
@@ -466,10 +472,11 @@ def _traits(core: Any) -> tuple[bool, bool, bool]:
             text = str(element.name)
         else:
             continue
+        textual = True
         volatile = volatile or _VOLATILE_TEXT.search(text) is not None
         opaque = opaque or _READS_TABLES.search(text) is not None
         locking = locking or _LOCKING_TEXT.search(text) is not None
-    return volatile, opaque, locking
+    return volatile, opaque, locking, textual
 
 
 def _describe_get(

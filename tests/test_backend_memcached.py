@@ -587,3 +587,76 @@ def test_table_names_with_control_characters(memcached_url: str, tmp_path: Any, 
         faulthandler.cancel_dump_traceback_later()
         cache.close()
         engine.dispose()
+
+
+_UNPICKLED: list[str] = []
+
+
+def _ran(what: str) -> str:
+    _UNPICKLED.append(what)
+    return what
+
+
+class _Runs:
+    """What unpickling it would do: run code (here, note that it ran)."""
+
+    def __reduce__(self) -> Any:
+        return (_ran, ("code ran in the reader",))
+
+
+def test_a_signed_region_never_lets_pylibmc_unpickle(memcached_url: str, tmp_path: Any, monkeypatch: Any) -> None:
+    """pylibmc unpickles a value stored with its pickle flag inside get(),
+    before a signature could be checked: on a signed region, whose own
+    values are bytes, such a value (written by anyone who can reach
+    memcached) is a miss, never unpickled."""
+    import pickle
+    import uuid
+
+    import pylibmc
+    from sqlalchemy import create_engine, select
+    from sqlalchemy.orm import sessionmaker
+
+    from ormcache import FromCache, OrmCache
+    from ormcache.testing import QueryCounter
+    from ormcache.testing.fixtures import Base, Template, seed
+
+    engine = create_engine(f"sqlite:///{tmp_path}/signed.db")
+    Base.metadata.create_all(engine)
+    seed(engine)
+    ns = "sg" + uuid.uuid4().hex[:8]
+    cache = OrmCache.from_settings(
+        {
+            "namespace": ns,
+            "signing_key": "a signing key of enough length",
+            "regions": {"r": {"backend": "memcached", "arguments": {"url": [memcached_url]}, "backend_timeout": 0.25}},
+        }
+    )
+    maker = sessionmaker(engine)
+    cache.attach(maker)
+    stmt = select(Template.name).where(Template.id == 1).options(FromCache("r"))
+    from ormcache._store import Store
+
+    written: list[str] = []
+    set_entry = Store.set
+
+    def recording(self: Any, key: str, value: Any, unlock: Any = None) -> Any:
+        written.append(key)
+        return set_entry(self, key, value, unlock)
+
+    monkeypatch.setattr(Store, "set", recording)
+    try:
+        with maker() as s:
+            s.scalars(stmt).one()
+        monkeypatch.undo()
+        raw = pylibmc.Client([memcached_url])  # the stock client: pickles objects, flag 1
+        for key in (written[0], cache._keys.region("r")):  # an entry, a version key
+            raw.set(key, _Runs())
+            with QueryCounter(engine) as counter, maker() as s:
+                assert s.scalars(stmt).one() == "t1"
+            assert counter.selects == 1
+        assert _UNPICKLED == []
+        pickle.loads(pickle.dumps(_Runs()))  # what it would have done
+        assert _UNPICKLED == ["code ran in the reader"]
+    finally:
+        cache.close()
+        engine.dispose()

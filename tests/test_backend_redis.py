@@ -1387,3 +1387,50 @@ def test_relaxed_l1_message_arriving_late_puts_back_no_token(redis_url: str) -> 
         assert key not in subscriber.tokens
     finally:
         cache.close()
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_a_corrupt_entry_is_a_miss_not_an_outage(redis_url: str, tmp_path: Any, signed: bool) -> None:
+    """An entry whose bytes were damaged (its metadata cut, an unsigned
+    pickle truncated): a miss that the next fill replaces; the backend
+    answered, so nothing counts against it (three such reads used to open
+    the region's circuit)."""
+    import uuid
+
+    from sqlalchemy import create_engine, select
+    from sqlalchemy.orm import sessionmaker
+
+    from ormcache import FromCache, OrmCache
+    from ormcache.testing import QueryCounter
+    from ormcache.testing.fixtures import Base, Template, seed
+
+    engine = create_engine(f"sqlite:///{tmp_path}/corrupt.db")
+    Base.metadata.create_all(engine)
+    seed(engine)
+    ns = "cr" + uuid.uuid4().hex[:8]
+    settings: dict[str, Any] = {"namespace": ns, "regions": {"r": {"backend": "redis", "arguments": {"url": redis_url}}}}
+    if signed:
+        settings["signing_key"] = "a signing key of enough length"
+    cache = OrmCache.from_settings(settings)
+    maker = sessionmaker(engine)
+    cache.attach(maker)
+    client = cache.region("r").backend.writer_client
+    stmt = select(Template).where(Template.id == 1).options(FromCache("r"))
+
+    def selects() -> int:
+        with QueryCounter(engine) as counter, maker() as s:
+            assert s.scalars(stmt).one().name == "t1"
+        return counter.selects
+
+    try:
+        assert selects() == 1
+        (key,) = [k for k in client.keys(f"{ns}:q:*")]
+        for _ in range(4):
+            client.set(key, client.get(key)[3:] if signed else client.get(key)[:-5])
+            assert selects() == 1
+        assert selects() == 0  # stored again
+        assert cache.stats()["regions"]["r"]["errors"] == 0
+        assert not cache._stores["r"]._open_until
+    finally:
+        cache.close()
+        engine.dispose()

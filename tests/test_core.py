@@ -1353,3 +1353,54 @@ def test_dml_with_loader_options_of_the_cache(env: Any) -> None:
             s.execute(update(Store).where(Store.id == 90).values(name="renamed").options(*options))
             s.execute(delete(Store).where(Store.id == 90).options(*options))
             s.commit()
+
+
+def test_entries_that_are_not_this_keys(env: Any) -> None:
+    """Someone who can write to the backend copies an entry onto another
+    key (another query's), or writes something that is no entry at all:
+    a miss, refilled, never another query's rows nor an error."""
+    engine, maker, cache = env
+    store = cache.region("pickled").backend._cache  # type: ignore[attr-defined]
+    one = select(Template).where(Template.name == "t1").options(FromCache("pickled"))
+    two = select(Template).where(Template.name == "t2").options(FromCache("pickled"))
+    ids = select(Template.id).where(Template.name == "t3").options(FromCache("pickled"))
+
+    def names(stmt: Any) -> tuple[list[Any], int]:
+        with QueryCounter(engine) as counter, maker() as s:
+            got = [getattr(r, "name", r) for r in s.scalars(stmt)]
+        return got, counter.selects
+
+    keys = []
+    for stmt in (one, two, ids):
+        before = set(store)
+        names(stmt)
+        keys.append((set(store) - before - {k for k in store if ":v:" in k}).pop())
+    one_key, two_key, ids_key = keys
+    store[two_key] = store[one_key]  # t1's entry under t2's key
+    assert names(two) == (["t2"], 1)
+    store[two_key] = store[ids_key]  # an entry of one column under a key of five
+    assert names(two) == (["t2"], 1)
+    for junk in ({"stats": 1}, ("short",), b"\\x80garbage"):
+        store[two_key] = junk if not isinstance(junk, bytes) else junk
+        assert names(two) == (["t2"], 1)
+    assert names(two) == (["t2"], 0)  # stored again
+    assert cache.stats()["regions"]["pickled"]["errors"] == 0
+
+
+@pytest.mark.parametrize("token", ["", "p", "pxyz", "p:inf", "p:nan", "p:1e18"])
+def test_version_tokens_that_are_not_tokens(env: Any, token: str) -> None:
+    """A version key holding what ormcache never writes: a read goes to the
+    database, replaces the token, and is stored again; never an error."""
+    engine, maker, cache = env
+    stmt = select(Template).where(Template.id == 1).options(FromCache())
+    with maker() as s:
+        s.scalars(stmt).one()
+    items = cache.region("default").backend._cache  # type: ignore[attr-defined]
+    for key in [k for k in items if ":v:" in k]:
+        items[key] = token
+    for _ in range(3):
+        with maker() as s:
+            assert s.scalars(stmt).one().name == "t1"
+    with QueryCounter(engine) as counter, maker() as s:
+        assert s.scalars(stmt).one().name == "t1"
+    assert counter.selects == 0
