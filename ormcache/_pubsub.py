@@ -5,8 +5,9 @@ on the channel ``<namespace>:inv:<region>``.  A process whose region has an
 L1 in relaxed mode keeps the tokens it has read in memory and subscribes to
 that channel: a hit found in its L1 is then validated against those local
 tokens, with no round trip at all, and a message makes it forget the
-tokens of the keys it names (read from Redis again at the next lookup).  A result can be served stale for as
-long as a message takes to arrive (measured in docs/guide.md); whenever the
+tokens of the keys it names (read from Redis again at the next lookup).  A
+result can be served stale for as long as a message takes to arrive
+(measured in docs/guide.md); whenever the
 subscription is not known to be live (connecting, a dropped connection, a
 server that has not answered a PING for :data:`LIVENESS` seconds), the
 local tokens are forgotten and hits are validated against Redis as in the

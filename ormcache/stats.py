@@ -168,7 +168,6 @@ def _start(cache: Any, store: Any, interval: float) -> None:
     thread.start()
 
 
-
 def stop_publishing(cache: Any) -> None:
     """The cache was closed: its thread ends at once."""
     _publishing.pop(cache, None)
