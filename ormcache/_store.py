@@ -130,6 +130,12 @@ if hasattr(os, "register_at_fork"):
 __all__ = ["Store"]
 
 
+#: what a version key holding something ormcache never writes (an int a
+#: memcached client stored, say) reads as: a pending token whose time cannot
+#: be read, so taken as past, and replaced by the next miss
+_NOT_A_TOKEN = "p"
+
+
 class Store:
     """The ormcache view of one dogpile region."""
 
@@ -426,7 +432,9 @@ class Store:
     def _token(raw: Any) -> Any:
         if raw is None or raw is NO_VALUE:
             return NO_VALUE
-        return raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw
+        if type(raw) is str:
+            return raw
+        return raw.decode("ascii", "replace") if isinstance(raw, bytes) else _NOT_A_TOKEN
 
     def _read_tokens(self, keys: Sequence[str]) -> list[Any]:
         return [self._token(t) for t in self._fetch(keys)]
@@ -449,12 +457,12 @@ class Store:
         if self._serialized:
             values.extend(
                 [
-                    t.decode("ascii", "replace") if type(t) is bytes else (NO_VALUE if t is None else t)
+                    t.decode("ascii", "replace") if type(t) is bytes else self._token(t)
                     for t in raw[1:]
                 ]
             )
         else:
-            values.extend([NO_VALUE if t is None else t for t in raw[1:]])
+            values.extend([t if type(t) is str else self._token(t) for t in raw[1:]])
         return values
 
     def _undecodable(self, err: Exception) -> None:

@@ -858,13 +858,24 @@ _DML_WORD = re.compile(r"\b(?:insert|update|delete|merge|replace|truncate)\b", r
 _EXPLAIN_WRITE = re.compile(r"\banaly[sz]e\b.*\b(?:insert|update|delete|merge)\b", re.IGNORECASE | re.DOTALL)
 
 
+_EXECUTABLE_COMMENT = re.compile(r"/\*M?!\d*(.*?)\*/", re.DOTALL)
+
+
+def unwrap_executable_comments(sql: str) -> str:
+    """``sql`` with MySQL's executable comments (``/*!40001 ... */``,
+    MariaDB's ``/*M!100101 ... */``) replaced by what they hold, which
+    MySQL runs: read as SQL, as MySQL reads it (elsewhere they are
+    comments; reading them as SQL there can only find more writes)."""
+    return _EXECUTABLE_COMMENT.sub(lambda m: f" {m.group(1)} ", sql)
+
+
 def text_tables(sql: str, default_schema: str | None = None) -> set[str] | None:
     """The tables a textual statement writes: an empty set for a read,
     ``{UNKNOWN}`` when it may write and its targets cannot be told (several
     statements in one string are looked at one by one)."""
     body = sql.strip().rstrip(";")
     if "/*!" in body or "/*M!" in body:
-        return {UNKNOWN}  # MySQL's executable comments: their SQL runs
+        body = unwrap_executable_comments(body).strip().rstrip(";")
     if ";" not in body:
         return _statement_tables(body, default_schema)
     if "\\" in body:
@@ -960,6 +971,8 @@ def _written_by(context: Any, statement: str, conn: Connection) -> set[str] | No
     default_schema = dialect.default_schema_name
     compiled = context.compiled
     if context.is_text or compiled is None:
+        if "/*!" in statement or "/*M!" in statement:
+            statement = unwrap_executable_comments(statement)
         if _commits_prepared(statement) and not _own_two_phase_commit(conn):
             # a prepared transaction of another connection, or process
             # (recovery: Connection.commit_prepared()): its writes are not known

@@ -1387,8 +1387,8 @@ def test_entries_that_are_not_this_keys(env: Any) -> None:
     assert cache.stats()["regions"]["pickled"]["errors"] == 0
 
 
-@pytest.mark.parametrize("token", ["", "p", "pxyz", "p:inf", "p:nan", "p:1e18"])
-def test_version_tokens_that_are_not_tokens(env: Any, token: str) -> None:
+@pytest.mark.parametrize("token", ["", "p", "pxyz", "p:inf", "p:nan", "p:1e18", 7, 3.5, None.__class__])
+def test_version_tokens_that_are_not_tokens(env: Any, token: Any) -> None:
     """A version key holding what ormcache never writes: a read goes to the
     database, replaces the token, and is stored again; never an error."""
     engine, maker, cache = env

@@ -70,8 +70,10 @@ CASES = [
     ("UPDATE a SET x = 1 # it's\n; UPDATE b SET y = 2 # ';\n;", {UNKNOWN}),  # as many ";", elsewhere
     ("UPDATE a SET x = x--1; UPDATE b SET y = 2", {UNKNOWN}),  # MySQL: x minus -1, two statements
     ("UPDATE a SET x = 1; -- done\nUPDATE b SET y = 2", {"a", "b"}),
-    ("/*!40000 DELETE FROM a */", {UNKNOWN}),  # MySQL runs an executable comment
-    ("/*M!100000 XA COMMIT 'x' */", {UNKNOWN}),
+    # MySQL runs what an executable comment holds
+    ("/*!40000 DELETE FROM a */", {"a"}),
+    ("SELECT /*!40001 SQL_NO_CACHE */ id FROM other", set()),
+    ("/*!40101 SET NAMES utf8 */; /*M!100000 UPDATE b SET y = 2 */", {"b"}),
     # cannot tell which tables: everything
     ("EXPLAIN ANALYZE UPDATE a SET x = 1", {UNKNOWN}),
     ("EXPLAIN (ANALYZE, BUFFERS) DELETE FROM a", {UNKNOWN}),
