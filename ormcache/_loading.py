@@ -34,6 +34,7 @@ from sqlalchemy.orm.base import instance_state
 from sqlalchemy.util import immutabledict
 
 from ._compat import entity_result_metadata
+from .options import FromCache
 
 __all__ = ["Plan", "eligible_mapper", "make_plan"]
 
@@ -43,13 +44,13 @@ _LAZY_OK = frozenset({"select", True, "raise", "raise_on_sql", "dynamic", "write
 _ATTRIBUTES = immutabledict({"filtered": True, "is_single_entity": True})
 
 
-def _from_cache() -> Any:
-    from .options import FromCache
-
-    return FromCache
-
-
-_FromCache: Any = _from_cache()
+def _plain_options(options: Any) -> bool:
+    """Whether ``options`` are ormcache's own ``FromCache`` options only,
+    none propagating to the loaded objects' loads."""
+    for opt in options:
+        if not isinstance(opt, FromCache) or opt.propagate_to_loaders:
+            return False
+    return True
 
 
 def eligible_mapper(statement: Any) -> Mapper[Any] | None:
@@ -60,11 +61,8 @@ def eligible_mapper(statement: Any) -> Mapper[Any] | None:
         descriptions = statement.column_descriptions
     except AttributeError:
         return None
-    from .options import FromCache
-
-    for opt in options:
-        if not isinstance(opt, FromCache) or opt.propagate_to_loaders:
-            return None
+    if not _plain_options(options):
+        return None
     if len(descriptions) != 1:
         return None
     entity = descriptions[0].get("entity")
@@ -154,13 +152,12 @@ class Plan:
         dispatch = self.mapper.class_manager.dispatch
         if dispatch.load or dispatch.refresh:
             return None  # a listener registered since the plan was made
-        for opt in getattr(orm_context.statement, "_with_options", ()):
+        if not _plain_options(getattr(orm_context.statement, "_with_options", ())):
             # user-defined options are not part of SQLAlchemy's cache key,
             # so not of the statement's shape: one that propagates to the
             # objects' loads (a tenant filter for their lazy loads) needs
             # SQLAlchemy's loader to carry it
-            if not isinstance(opt, _FromCache) or opt.propagate_to_loaders:
-                return None
+            return None
         if token is None:
             token = load_options._identity_token
             if token is None:

@@ -840,17 +840,12 @@ _COMMENT = re.compile(r"^\s*(?:--[^\n]*\n|/\*.*?\*/)", re.DOTALL)
 #: comments, literals and quoted names, for telling statements apart:
 #: strings ('it''s'), double-quoted names (strings in MySQL), backquoted
 #: names, PostgreSQL dollar quoting ($$...$$, $f$...$f$), comments
-_NOT_CODE = re.compile(
-    r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|`(?:[^`]|``)*`|\$(\w*)\$.*?\$\1\$|--[^\n]*|/\*.*?\*/",
-    re.DOTALL,
-)
+_QUOTED = r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|`(?:[^`]|``)*`|\$(\w*)\$.*?\$\1\$"
+_NOT_CODE = re.compile(_QUOTED + r"|--[^\n]*|/\*.*?\*/", re.DOTALL)
 #: the same as MySQL reads them: "#" starts a comment to the end of its
 #: line (an operator in PostgreSQL), "--" only when a space follows (x--1
 #: is x minus -1)
-_NOT_CODE_MYSQL = re.compile(
-    r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|`(?:[^`]|``)*`|\$(\w*)\$.*?\$\1\$|--(?=\s)[^\n]*|/\*.*?\*/|#[^\n]*",
-    re.DOTALL,
-)
+_NOT_CODE_MYSQL = re.compile(_QUOTED + r"|--(?=\s)[^\n]*|/\*.*?\*/|#[^\n]*", re.DOTALL)
 #: what UPDATE may have between its table and SET: an alias, nothing else
 #: (MySQL's UPDATE a, b / UPDATE a JOIN b write several tables)
 _UPDATE_ALIAS = re.compile(rf"^\s*(?:(?:as\s+)?{_IDENT}\s*)?(?:\bset\b|$)", re.IGNORECASE | re.DOTALL)
@@ -1059,10 +1054,12 @@ _COMMIT_PREPARED = re.compile(r"(?:^|;)\s*(?:xa\s+commit|commit\s+prepared)\b", 
 
 
 def _commits_prepared(sql: str) -> bool:
-    lowered = sql.lower()
-    if "xa" not in lowered and "prepared" not in lowered:
+    if _MAYBE_PREPARED.search(sql) is None:  # (most statements: no copy made)
         return False
     return _COMMIT_PREPARED.search(_NOT_CODE.sub(_blank, sql)) is not None
+
+
+_MAYBE_PREPARED = re.compile(r"xa|prepared", re.IGNORECASE)
 
 
 def _own_two_phase_commit(conn: Connection) -> bool:
