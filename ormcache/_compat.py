@@ -197,18 +197,31 @@ def refuse_pickled_values(backend: Any) -> None:
     before ormcache (and a ``signing_key``) could refuse it, so anyone who
     can write to memcached could run code in every reader.  A signed
     region writes bytes (and a lock's counters): such a value is a miss."""
-    import pylibmc
-
-    class Client(pylibmc.Client):  # type: ignore[misc]
-        def deserialize(self, value: Any, flags: int) -> Any:
-            if flags & _PYLIBMC_PICKLED:
-                return None
-            return super().deserialize(value, flags)
 
     def create() -> Any:
-        return Client(backend.url, binary=backend.binary, behaviors=backend.behaviors)
+        return no_pickle_client(backend.url, binary=backend.binary, behaviors=backend.behaviors)
 
     backend._create_client = create
+
+
+def no_pickle_client(*args: Any, **kw: Any) -> Any:
+    """A pylibmc client whose reads of a value stored with pylibmc's
+    pickle flag give None (see :func:`refuse_pickled_values`)."""
+    global _NoPickleClient
+    if _NoPickleClient is None:
+        import pylibmc
+
+        class Client(pylibmc.Client):  # type: ignore[misc]
+            def deserialize(self, value: Any, flags: int) -> Any:
+                if flags & _PYLIBMC_PICKLED:
+                    return None
+                return super().deserialize(value, flags)
+
+        _NoPickleClient = Client
+    return _NoPickleClient(*args, **kw)
+
+
+_NoPickleClient: Any = None
 
 
 #: pylibmc's flag of a pickled value

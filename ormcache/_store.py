@@ -36,6 +36,7 @@ from dogpile.cache.region import CacheRegion
 from dogpile.util import NameRegistry
 
 from . import _compat
+from .invalidation import MAX_PENDING, MERGE_LUA, merge_token
 from .settings import DEFAULT_REPLY_POLL
 
 log = logging.getLogger("ormcache")
@@ -152,6 +153,7 @@ class Store:
         "_set_unlocking",
         "_lock_adding",
         "_one_redis",
+        "_lua",
         "_mget",
         "_last_warning",
         "last_error",
@@ -160,6 +162,7 @@ class Store:
         "_retry",
         "_lost",
         "_lost_all",
+        "_lost_writers",
         "_lost_fallback",
         "_lost_releases",
         "_releases_lock",
@@ -174,6 +177,7 @@ class Store:
         "_local_locks",
         "_replaying",
         "_replayed",
+        "_merging",
         "__weakref__",
     )
 
@@ -199,6 +203,8 @@ class Store:
         self._open_until = 0.0
         self._retry = self.retry_after
         self._lost: set[str] = set()
+        #: writers whose fresh tokens were lost, by key (see _remember_lost)
+        self._lost_writers: dict[str, set[str]] = {}
         self._lost_all = False
         #: distributed locks whose release failed: (deadline, release)
         self._lost_releases: list[tuple[float, Callable[[], Any]]] = []
@@ -225,6 +231,9 @@ class Store:
         self._add = _adder(region)
         #: a Redis region on one server: several commands go in one pipeline
         self._one_redis = _single_redis(region)
+        #: a Redis region: its server merges version tokens (MERGE_LUA),
+        #: until it refuses scripts
+        self._lua = _redis_module(region)
         #: MGET without redis-py's client layer (see :class:`_RedisReader`)
         self._mget = _RedisReader.for_region(region)
         #: writes version tokens with a longer timeout (see use_write_timeout)
@@ -244,6 +253,9 @@ class Store:
         self._replaying = threading.Lock()
         #: moves each time lost invalidations were written
         self._replayed = 0
+        #: held while version keys are read, merged and written (backends
+        #: that do not merge them: see _write_tokens)
+        self._merging = threading.Lock()
         _all_stores.add(self)
         backend = region.backend
         if type(backend).__module__ == "dogpile.cache.backends.memcached" and not getattr(
@@ -287,6 +299,7 @@ class Store:
         """In a forked child (see :func:`_after_fork_in_child`)."""
         self._forked()
         self._replaying = threading.Lock()
+        self._merging = threading.Lock()
         self._releases_lock = threading.Lock()
         self._lost_releases = []  # the parent's locks: the parent releases them
         # the keys' locks, maybe held by the parent's threads filling them
@@ -487,14 +500,14 @@ class Store:
             self.failed("read", err)
             return None
 
-    def _write_or_drop(self, mapping: Mapping[str, str]) -> None:
+    def _write_or_drop(self, mapping: Mapping[str, str], writer: str | None = None) -> None:
         """:meth:`_write_tokens`; when the backend refuses for want of memory
         (a full Redis with ``noeviction``, a full memcached with ``-M``),
         which it does for writes but not for deletes: delete the version
         keys instead.  A missing token validates nothing, so the
         invalidation holds; the tokens are made again by the next fill."""
         try:
-            self._write_tokens(mapping)
+            self._write_tokens(mapping, writer)
         except Exception as err:
             if not out_of_memory(err):
                 raise
@@ -519,11 +532,63 @@ class Store:
                     extra=_fields(self.name, "out_of_memory"),
                 )
 
-    def _write_tokens(self, mapping: Mapping[str, str]) -> None:
+    def _write_tokens(self, mapping: Mapping[str, str], writer: str | None = None) -> None:
+        """Write version tokens as :func:`~.invalidation.merge_token` says:
+        a pending token joins the writers pending on its key, a fresh one
+        (``writer`` finishing, or an invalidation) leaves another writer's
+        pending entry in place.  A Redis server merges each key itself, in
+        a script; elsewhere the keys are read, merged and written under a
+        lock of this process, which makes it atomic for the in-process
+        memory backend, and for backends other processes share leaves a
+        window of one round trip in which two processes' writes to one key
+        can still replace each other (docs/consistency.md, "Limits")."""
+        if self._lua:
+            try:
+                self._put_tokens(mapping, writer)
+                return
+            except Exception as err:
+                if not _no_lua(err) and type(err).__name__ != "NoPermissionError":
+                    raise
+                self._lua = False
+                log.warning(
+                    "cache region %r: the Redis server runs no scripts (%s: %s); version "
+                    "tokens are merged by reading and writing them, and concurrent "
+                    "writers of one table may replace each other's pending tokens",
+                    self.name,
+                    type(err).__name__,
+                    err,
+                    extra=_fields(self.name, "no_scripts", error=type(err).__name__),
+                )
+        with self._merging:
+            current = self._read_to_merge(list(mapping))
+            now = time.time()
+            merged = {}
+            for (key, token), value in zip(mapping.items(), current):
+                new = merge_token(value, token, writer, now)
+                if new is not None:
+                    merged[key] = new
+            if merged:
+                self._put_tokens(merged)
+
+    def _read_to_merge(self, keys: list[str]) -> list[Any]:
+        """Version tokens read before a write merges with them: on the
+        connections that write them (with their longer timeout) where
+        there are such."""
+        token_writer = self._token_writer
+        if token_writer is not None and not self._open_until:
+            mangler = self.region.key_mangler
+            raw = token_writer.read([mangler(k) for k in keys] if mangler is not None else keys)
+            if raw is not None:
+                return [self._token(value) for value in raw]
+        return self._read_tokens(keys)
+
+    def _put_tokens(self, mapping: Mapping[str, str], writer: str | None = None) -> None:
         """Version tokens go to the backend as they are: raw strings (bytes
         for serializing backends), not dogpile's pickled ``CachedValue``, so
-        that reading them costs no deserialization."""
+        that reading them costs no deserialization.  On Redis (``_lua``),
+        the server merges them (``writer``: see :meth:`_write_tokens`)."""
         region = self.region
+        lua = self._lua
         # (announced and known in this process by ormcache's own names: a
         # relaxed L1 looks its tokens up by those)
         tokens = dict(mapping)
@@ -534,13 +599,15 @@ class Store:
         published = False
         if self._serialized:
             payload = {k: v.encode("ascii") for k, v in mapping.items()}
-            writer = self._token_writer
+            token_writer = self._token_writer
             done = None
-            if writer is not None and not self._open_until:
+            if token_writer is not None and not self._open_until:
                 # (while the circuit is open, the client's short timeout)
                 from ._pubsub import message
 
-                done = writer(payload, channel, message(tokens) if channel is not None else None)
+                done = token_writer(
+                    payload, channel, message(tokens) if channel is not None else None, lua, writer
+                )
             if done is not None:
                 # written (and announced, or the announcement's error)
                 published = channel is not None
@@ -552,7 +619,7 @@ class Store:
 
                 backend = region.backend
                 pipe = backend.writer_client.pipeline(transaction=False)  # type: ignore[attr-defined]
-                _queue(pipe, _set_commands(backend.redis_expiration_time, payload))  # type: ignore[attr-defined]
+                _queue(pipe, _token_commands(_redis_ttl(backend), payload, lua, writer))
                 pipe.publish(channel, message(tokens))
                 *stored, announced = pipe.execute(raise_on_error=False)
                 for result in stored:
@@ -561,11 +628,15 @@ class Store:
                 published = True
                 if isinstance(announced, Exception):
                     self._cannot_publish(announced)
+            elif lua:
+                pipe = region.backend.writer_client.pipeline(transaction=False)  # type: ignore[attr-defined]
+                _queue(pipe, _token_commands(_redis_ttl(region.backend), payload, lua, writer))
+                _raise_first(pipe.execute(raise_on_error=False))
             else:
                 region.backend.set_serialized_multi(payload)
         else:
-            writer = self._token_writer
-            if writer is None or self._open_until or writer(mapping, None, None) is None:
+            token_writer = self._token_writer
+            if token_writer is None or self._open_until or token_writer(mapping, None, None) is None:
                 region.backend.set_multi(mapping)
         if self.subscriber is not None:
             # this process's own writes count at once, not when their
@@ -642,21 +713,22 @@ class Store:
             return False
         return True
 
-    def set_many(self, mapping: Mapping[str, Any], versions: bool = True) -> bool:
+    def set_many(self, mapping: Mapping[str, Any], versions: bool = True, writer: str | None = None) -> bool:
         """Write ``mapping`` (see :meth:`_set_many`); True when written."""
         if self._pid != os.getpid():
             self._forked()
-        return self._set_many(mapping, versions)
+        return self._set_many(mapping, versions, writer)
 
-    def _set_many(self, mapping: Mapping[str, Any], versions: bool = True) -> bool:
-        """Write ``mapping``.  Version tokens (``versions``: invalidations)
-        are tried even while the circuit is open, since other processes may
-        reach the backend; those that cannot be written are remembered and
-        retried in the background until they are."""
+    def _set_many(self, mapping: Mapping[str, Any], versions: bool = True, writer: str | None = None) -> bool:
+        """Write ``mapping``.  Version tokens (``versions``: invalidations,
+        merged as :meth:`_write_tokens` says, ``writer`` the one whose
+        tokens they are) are tried even while the circuit is open, since
+        other processes may reach the backend; those that cannot be written
+        are remembered and retried in the background until they are."""
         if versions or not (self._open_until and not self.available):
             try:
                 if versions:
-                    self._write_or_drop(mapping)
+                    self._write_or_drop(mapping, writer)
                 else:
                     self.region.set_multi(mapping)
                 if self._failures:
@@ -666,7 +738,7 @@ class Store:
             else:
                 return True
         if versions:
-            self._remember_lost(mapping)
+            self._remember_lost(mapping, writer)
             self._start_retrying()
         return False
 
@@ -736,12 +808,19 @@ class Store:
             self.failed("write", err)
         return not (self._lost or self._lost_all)
 
-    def _remember_lost(self, keys: Any) -> None:
+    def _remember_lost(self, keys: Any, writer: str | None = None) -> None:
+        """``keys`` were not written; ``writer``: whose pending tokens they
+        settle (written again as that writer's, else a settled key would
+        keep its pending entry until it expires)."""
         if self._lost_all:
             return
         self._lost.update(keys)
+        if writer is not None:
+            for key in keys:
+                self._lost_writers.setdefault(key, set()).add(writer)
         if len(self._lost) > self.max_lost and self._lost_fallback is not None:
             self._lost.clear()
+            self._lost_writers.clear()
             self._lost_all = True
 
     def _recovered(self) -> bool:
@@ -800,15 +879,25 @@ class Store:
     def _write_lost(self) -> bool:
         if not (self._lost or self._lost_all) or self._fresh_token is None:
             return False
-        lost, lost_all = self._lost, self._lost_all
-        self._lost, self._lost_all = set(), False
+        lost, lost_all, writers = self._lost, self._lost_all, self._lost_writers
+        self._lost, self._lost_all, self._lost_writers = set(), False, {}
         keys = list(lost)
         if lost_all and self._lost_fallback is not None:
             keys = [self._lost_fallback]
+        by_writer: dict[str | None, list[str]] = {}
+        for key in keys:
+            for writer in writers.get(key) or (None,):
+                by_writer.setdefault(writer, []).append(key)
+        token = self._fresh_token()
+        done: list[str | None] = []
         try:
-            self._write_or_drop(dict.fromkeys(keys, self._fresh_token()))
+            for writer, written in by_writer.items():
+                self._write_or_drop(dict.fromkeys(written, token), writer)
+                done.append(writer)
         except BaseException:
-            self._remember_lost(keys)
+            for writer, written in by_writer.items():
+                if writer not in done:
+                    self._remember_lost(written, writer)
             raise
         self._replayed += 1
         log.warning(
@@ -1537,9 +1626,16 @@ class _TokenWriter:
             return cls(region, seconds, None)
         return None
 
-    def __call__(self, payload: Mapping[str, Any], channel: str | None, message: Any) -> Any:
+    def __call__(
+        self,
+        payload: Mapping[str, Any],
+        channel: str | None,
+        message: Any,
+        lua: bool = False,
+        writer: str | None = None,
+    ) -> Any:
         if self._redis is not None:
-            commands = _set_commands(self._backend.redis_expiration_time, payload)
+            commands = _token_commands(_redis_ttl(self._backend), payload, lua, writer)
             if channel is not None:
                 commands.append(("PUBLISH", channel, message))
             # (sent again after a reconnect: the same tokens, and a second
@@ -1552,23 +1648,35 @@ class _TokenWriter:
                 return True
             _raise_first(replies[:-1])
             return replies[-1] if isinstance(replies[-1], Exception) else True
+        failed = self._client().set_multi(dict(payload), **self._backend.set_arguments)
+        if failed:
+            raise RuntimeError(f"memcached stored {len(failed)} of {len(payload)} version tokens")
+        return True
+
+    def read(self, keys: Sequence[str]) -> list[Any] | None:
+        """The raw values of ``keys`` (None where absent), on this writer's
+        connections; None when no connection is free (read them as usual)."""
+        if self._redis is not None:
+            return self._redis(keys)
+        found = self._client().get_multi(list(keys))
+        return [found.get(key) for key in keys]
+
+    def _client(self) -> Any:
+        """This thread's pylibmc client."""
         client = getattr(self._local, "client", None)
         if client is None or self._local.pid != os.getpid():
-            import pylibmc
-
             if client is not None:
                 # a forked child: freeing the parent's client would send
                 # "quit" on the socket the parent still uses
                 _inherited.append(client)
             backend = self._backend
-            client = pylibmc.Client(backend.url, binary=backend.binary, behaviors=self._behaviors)
+            # (version tokens are strings: a value pylibmc would unpickle
+            # is nothing ormcache wrote, and is never unpickled)
+            client = _compat.no_pickle_client(backend.url, binary=backend.binary, behaviors=self._behaviors)
             self._local.client, self._local.pid = client, os.getpid()
             with self._lock:
                 self._clients.append((os.getpid(), client))
-        failed = client.set_multi(dict(payload), **self._backend.set_arguments)
-        if failed:
-            raise RuntimeError(f"memcached stored {len(failed)} of {len(payload)} version tokens")
-        return True
+        return client
 
     def close(self) -> None:
         """Give the connections back (they reconnect when used again)."""
@@ -1598,6 +1706,39 @@ def _set_commands(ttl: Any, mapping: Mapping[str, bytes]) -> list[tuple[Any, ...
         ttl = _seconds(ttl)
         return [("SET", key, value, "EX", ttl) for key, value in mapping.items()]
     return [("MSET", *[part for item in mapping.items() for part in item])]
+
+
+#: MERGE_LUA as sent (without its indentation)
+_MERGE_SCRIPT = "\n".join(line.strip() for line in MERGE_LUA.strip().splitlines())
+
+
+def _token_commands(ttl: Any, mapping: Mapping[str, bytes], lua: bool, writer: str | None) -> list[tuple[Any, ...]]:
+    """Writes of version tokens: merged by the server (``lua``, see
+    :func:`~.invalidation.merge_token`; one script call per key, so that
+    a cluster runs each on its key's node), else as :func:`_set_commands`."""
+    if not lua:
+        return _set_commands(ttl, mapping)
+    expiry = str(_seconds(ttl)) if ttl else ""
+    now = repr(time.time())
+    return [
+        ("EVAL", _MERGE_SCRIPT, 1, key, value, writer or "", now, expiry, MAX_PENDING)
+        for key, value in mapping.items()
+    ]
+
+
+def _redis_ttl(backend: Any) -> Any:
+    return getattr(backend, "redis_expiration_time", 0) or getattr(backend, "valkey_expiration_time", 0)
+
+
+def _redis_module(region: CacheRegion) -> bool:
+    """A region on a Redis (or Valkey) backend dogpile or ormcache
+    provides: its version tokens are merged by the server."""
+    backend = region.backend
+    return region.serializer is not None and type(backend).__module__ in (
+        "dogpile.cache.backends.redis",
+        "dogpile.cache.backends.valkey",
+        "ormcache.backends",
+    )
 
 
 def _raise_first(replies: Sequence[Any]) -> None:

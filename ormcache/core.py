@@ -1163,18 +1163,23 @@ class OrmCache:
 
     # -- invalidation ----------------------------------------------------
 
-    def _pre_invalidate(self, db: str, tables: Iterable[str]) -> None:
+    def _pre_invalidate(self, db: str, tables: Iterable[str], writer: str | None = None) -> None:
+        """``writer`` (a transaction) has changes to ``tables`` of ``db``
+        that are not committed yet: its pending token joins those of the
+        other writers of these tables (see ``invalidation.merge_token``)."""
         keys = self._keys.written(db, tables)
-        token = pending_token()
+        token = pending_token(writer=writer)
         mapping = dict.fromkeys(keys, token)
         for store in self._stores.values():
-            store.set_many(mapping)
+            store.set_many(mapping, writer=writer)
 
-    def _post_invalidate(self, db: str, tables: Iterable[str]) -> None:
+    def _post_invalidate(self, db: str, tables: Iterable[str], writer: str | None = None) -> None:
+        """``writer``'s changes to ``tables`` are committed (or rolled
+        back): fresh tokens, where no other writer is still pending."""
         keys = self._keys.written(db, tables)
         mapping = dict.fromkeys(keys, new_token())
         for store in self._stores.values():
-            if store.set_many(mapping):
+            if store.set_many(mapping, writer=writer):
                 self._stats.count(store.name, "*", "invalidations")
 
     def _bump(self, keys: Iterable[str], stores: Iterable[Store] | None = None) -> None:

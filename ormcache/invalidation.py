@@ -32,6 +32,9 @@ The protocol, for a writer W and a reader R:
    token with a fresh one.  A process that dies in between leaves the
    pending token, which stops being honoured at its deadline; readers then
    replace it, and nothing made before it was written is ever valid again.
+   Pending tokens name their writer, and a key lists every writer pending
+   on it: a fresh token takes the key only when no other writer is left
+   (:func:`merge_token`).
 3. R reads the tokens in the same backend round trip as the entry.  On a
    miss it queries, and stores the rows under the tokens it read before
    the query, only if none was pending or missing, the query's snapshot
@@ -90,9 +93,14 @@ UNKNOWN = "*"
 #: seconds a pending token is honoured when its writer never finishes
 PENDING_TTL = 60.0
 
+#: no pending token is honoured for longer than this (seconds; MERGE_LUA
+#: spells it out: 86400)
+_PENDING_AT_MOST = 24 * 3600.0
+
 _WRITTEN = "ormcache.written"  # conn.info: {db: set of tables}, this transaction
 _DONE = "ormcache.done"  # conn.info: {db: set of tables} committed, not yet announced
 _PENDED = "ormcache.pended"  # conn.info: time.monotonic() of this transaction's first pending token
+_WRITER = "ormcache.writer"  # conn.info: the id of this connection's pending tokens (new_writer())
 
 #: ids of the connection ``info`` dicts that hold either: while it is empty,
 #: which is always the case in a process that only reads, the transaction
@@ -105,31 +113,125 @@ def new_token() -> str:
     return os.urandom(8).hex()
 
 
-def pending_token(ttl: float | None = None) -> str:
-    """A pending token, honoured until ``ttl`` seconds from now (default
-    :data:`PENDING_TTL`)."""
+def new_writer() -> str:
+    """An id for one writer's pending tokens (12 hex digits)."""
+    return os.urandom(6).hex()
+
+
+def pending_token(ttl: float | None = None, writer: str | None = None) -> str:
+    """A pending token of ``writer`` (default: a new id), honoured until
+    ``ttl`` seconds from now (default :data:`PENDING_TTL`)."""
     if ttl is None:
         ttl = PENDING_TTL
-    return f"p{os.urandom(6).hex()}:{time.time() + ttl:.3f}"
+    return f"p{writer or new_writer()}:{time.time() + ttl:.3f}"
 
 
 def is_pending(token: str) -> bool:
     return token[:1] == "p"
 
 
+def _live(token: str, now: float, drop: str | None = None) -> list[str]:
+    """The writers' entries (``id:deadline``) of a pending value that are
+    still honoured, but ``drop``'s."""
+    live = []
+    for part in token[1:].split(","):
+        writer, _, until = part.partition(":")
+        if writer == drop:
+            continue
+        try:
+            if now < float(until) <= now + _PENDING_AT_MOST:  # (nan, inf: past)
+                live.append(part)
+        except ValueError:
+            pass
+    return live
+
+
 def pending_expired(token: str, now: float) -> bool:
-    """Whether a pending token is past its time; one whose time cannot be
-    read, or lies beyond any writer's (``p:inf``, written by hand), is
-    taken as past, and replaced."""
-    try:
-        until = float(token.rpartition(":")[2])
-    except ValueError:
-        return True
-    return not now < until <= now + _PENDING_AT_MOST  # (nan: past too)
+    """Whether every writer of a pending value is past its time; one whose
+    time cannot be read, or lies beyond any writer's (``p:inf``, written by
+    hand), is taken as past."""
+    return not _live(token, now)
 
 
-#: no pending token is honoured for longer than this (seconds)
-_PENDING_AT_MOST = 24 * 3600.0
+def merge_token(current: Any, token: str, writer: str | None, now: float) -> str | None:
+    """What a version key holding ``current`` (a string, or anything else
+    for "no token") becomes when ``token`` is written, or None for "leave
+    it": several writers may have a table's changes pending at once, and
+    one writer's tokens must not undo another's.
+
+    * a pending token (``p<writer>:<deadline>``) joins the writers pending
+      there, replacing its own writer's earlier entry;
+    * a fresh token, written as ``writer`` finishes (or, with no
+      ``writer``, by an explicit invalidation or a reader replacing
+      expired pending tokens), takes the key only when no other writer
+      is still pending there; else the others' entries stay, and the
+      last of them to finish (or to expire) writes the fresh token.
+
+    A pending value lists at most :data:`MAX_PENDING` writers; beyond that
+    the earliest deadlines give way (so the key stays pending until the
+    latest).  ``MERGE_LUA`` is the same for Redis, run by the server."""
+    if not isinstance(current, str) or current[:1] != "p":
+        return token
+    if token[:1] == "p":
+        mine = token[1:]
+        live = _live(current, now, mine.partition(":")[0])
+        if len(live) >= MAX_PENDING:
+            live.sort(key=lambda part: float(part.partition(":")[2]))
+            del live[: len(live) - MAX_PENDING + 1]
+        live.append(mine)
+        return "p" + ",".join(live)
+    live = _live(current, now, writer)
+    if not live:
+        return token
+    merged = "p" + ",".join(live)
+    return None if merged == current else merged
+
+
+#: writers a pending value lists at most (see :func:`merge_token`)
+MAX_PENDING = 64
+
+#: :func:`merge_token` as a Redis script: KEYS[1] the version key; ARGV:
+#: the token written, the writer ("" for none), the time (seconds since
+#: the epoch, the writers' clock), the key's TTL in seconds ("" for none),
+#: the most writers listed; returns 1 when it wrote, 0 when it left the key
+MERGE_LUA = """
+local token, writer, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local current = redis.call('GET', KEYS[1])
+local value = token
+if current and string.sub(current, 1, 1) == 'p' then
+  local pending = string.sub(token, 1, 1) == 'p'
+  if pending then writer = string.match(token, '^p([^:,]*)') end
+  local live, untils = {}, {}
+  for part in string.gmatch(string.sub(current, 2), '[^,]+') do
+    local id, untilt = string.match(part, '^([^:]*):(.*)$')
+    local u = untilt and tonumber(untilt)
+    if id and id ~= writer and u and now < u and u <= now + 86400 then
+      live[#live + 1] = part
+      untils[part] = u
+    end
+  end
+  if pending then
+    local most = tonumber(ARGV[5])
+    if #live >= most then
+      table.sort(live, function(a, b) return untils[a] < untils[b] end)
+      local kept = {}
+      for i = #live - most + 2, #live do kept[#kept + 1] = live[i] end
+      live = kept
+    end
+    live[#live + 1] = string.sub(token, 2)
+    value = 'p' .. table.concat(live, ',')
+  elseif #live > 0 then
+    value = 'p' .. table.concat(live, ',')
+    if value == current then return 0 end
+  end
+end
+if ARGV[4] ~= '' then
+  redis.call('SET', KEYS[1], value, 'EX', ARGV[4])
+else
+  redis.call('SET', KEYS[1], value)
+end
+return 1
+"""
 
 
 class VersionKeys:
@@ -550,8 +652,9 @@ def _record(conn: Connection, context: Any, tables: set[str], before: bool = Fal
     if new:
         seen |= new
         info.setdefault(_PENDED, time.monotonic())
+        writer = _writer(info)
         for cache in list(_caches):
-            cache._pre_invalidate(db, new)
+            cache._pre_invalidate(db, new, writer)
     if context is None or before:
         return
     from ._replay import in_transaction
@@ -619,6 +722,16 @@ def _on_row_write(mapper: Mapper[Any], connection: Connection, target: Any) -> N
             for ident in idents:
                 items.add(row_item(tname, pk_text([ident[i] for i in positions])))
     _record(connection, None, items)
+
+
+def _writer(info: dict[str, Any]) -> str:
+    """The id of the pending tokens of the connection whose ``info`` this
+    is: one per connection, kept for its life (its transactions come one
+    after another, and each settles its tokens before the next pends)."""
+    writer: str | None = info.get(_WRITER)
+    if writer is None:
+        writer = info[_WRITER] = new_writer()
+    return writer
 
 
 def _settle(info: dict[str, Any]) -> None:
@@ -771,9 +884,10 @@ def _committing_now(conn: Connection, owner: Any) -> None:
         # the pending tokens may have expired while the transaction
         # ran, and readers stored its tables' old rows under tokens of
         # their own: pending again, until the commit is announced
+        writer = _writer(info)
         for db, tables in (info.get(_WRITTEN) or {}).items():
             for cache in list(_caches):
-                cache._pre_invalidate(db, tables)
+                cache._pre_invalidate(db, tables, writer)
     _settle(info)
 
 
@@ -810,9 +924,10 @@ def _announce(info: dict[str, Any]) -> None:
         _dirty.discard(id(info))
     if not done:
         return
+    writer = info.get(_WRITER)
     for cache in list(_caches):
         for db, tables in done.items():
-            cache._post_invalidate(db, tables)
+            cache._post_invalidate(db, tables, writer)
 
 
 _TEXT_READ = frozenset(

@@ -236,12 +236,12 @@ def test_checker_detects_late_invalidation(
     from ormcache.core import OrmCache as Core
 
     post = Core._post_invalidate
-    monkeypatch.setattr(Core, "_pre_invalidate", lambda self, db, tables: None)
+    monkeypatch.setattr(Core, "_pre_invalidate", lambda self, db, tables, writer=None: None)
     monkeypatch.setattr(
         Core,
         "_post_invalidate",
-        lambda self, db, tables: threading.Timer(
-            0.003, post, (self, db, tables)
+        lambda self, db, tables, writer=None: threading.Timer(
+            0.003, post, (self, db, tables, writer)
         ).start(),
     )
     spec = make_spec(

@@ -495,6 +495,26 @@ class BackendTests:
             s.rollback()
         assert self.cached_names(stmt)[0] == ["t1"]
 
+    def test_a_writer_finishing_leaves_another_writers_pending_tokens(self) -> None:
+        """Two transactions write one table; the second commits first.  Its
+        fresh tokens must not end the first one's pending state: were that
+        one to die between its commit and its own fresh tokens, results
+        stored in between would be stale until they expire."""
+        from ..keys import database_id
+
+        stmt = select(Template).where(Template.name == "t1").options(FromCache())
+        db = database_id(self.engine)
+        self.cache._pre_invalidate(db, {"templates"}, "writer-a")
+        self.cache._pre_invalidate(db, {"templates"}, "writer-b")
+        self.cache._post_invalidate(db, {"templates"}, "writer-b")
+        assert self.cached_names(stmt) == (["t1"], 1)
+        assert self.cached_names(stmt) == (["t1"], 1)  # stored nothing: a is pending
+        self.cache.invalidate(Template)  # an explicit invalidation ends nothing either
+        assert self.cached_names(stmt) == (["t1"], 1)
+        self.cache._post_invalidate(db, {"templates"}, "writer-a")
+        assert self.cached_names(stmt) == (["t1"], 1)  # stored now
+        assert self.cached_names(stmt) == (["t1"], 0)
+
     def test_explicit_invalidation(self) -> None:
         stmt = select(Template).where(Template.id == 1).options(FromCache())
         for invalidate in (
