@@ -14,7 +14,9 @@
 The settings file may also be named by ``$ORMCACHE_SETTINGS``.
 
 Exit codes: 0 done; 1 a cache backend failed (nothing can be assumed
-invalidated); 2 bad arguments or settings.
+invalidated), or for ``warm`` a statement failed; 2 bad arguments or
+settings (for ``invalidate`` and ``warm``, a region in-process memory:
+another process cannot reach it).
 """
 
 from __future__ import annotations
@@ -151,8 +153,21 @@ def _invalidate(args: argparse.Namespace) -> int:
         if not table.strip():
             raise ConfigurationError(f"--table {table!r}: give a table name")
     cache = _load(args.settings)
-    for region in args.region:
-        cache._store(region)  # unknown names are usage errors
+    try:
+        for region in args.region:
+            cache._store(region)  # unknown names are usage errors
+        local = _in_process(cache)
+        named = [r for r in args.region if r in local]
+        if named:
+            raise ConfigurationError(_unreachable(named))
+        if local and (models or args.table or args.all) and not _reached(cache):
+            raise ConfigurationError(_unreachable(local))
+    except BaseException:
+        cache.close()
+        raise
+    if local and (models or args.table or args.all):
+        # the shared regions are invalidated; say what is not
+        print(f"ormcache: {_unreachable(local)}", file=sys.stderr)
     steps: list[tuple[str, Any]] = [(f"model {spec}", partial(cache.invalidate, m)) for spec, m in models]
     steps += [(f"table {t}", partial(cache.invalidate_table, t)) for t in args.table]
     steps += [(f"region {r}", partial(cache.invalidate_region, r)) for r in args.region]
@@ -172,6 +187,33 @@ def _invalidate(args: argparse.Namespace) -> int:
     finally:
         cache.close()
     return status
+
+
+def _in_process(cache: Any) -> list[str]:
+    """The regions whose entries live in each process's memory (dogpile's
+    memory backends): a command in another process cannot reach them."""
+    return [
+        name
+        for name, region in cache.regions.items()
+        if type(region.backend).__module__ == "dogpile.cache.backends.memory"
+    ]
+
+
+def _reached(cache: Any) -> bool:
+    """Whether any region holds entries other processes read."""
+    return any(store.shared for store in cache._stores.values())
+
+
+def _unreachable(
+    names: Sequence[str],
+    advice: str = "invalidate from the application (cache.invalidate...), or restart it",
+) -> str:
+    listed = ", ".join(repr(n) for n in names)
+    return (
+        f"region{'s' if len(names) > 1 else ''} {listed}: in-process (memory backend), "
+        "each process keeps its own entries, which a command in another process "
+        f"cannot reach; {advice}"
+    )
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -232,11 +274,17 @@ def _warm(args: argparse.Namespace) -> int:
                 raise ConfigurationError(
                     f"warm target {args.target!r} raised {type(err).__name__}: {err}"
                 ) from err
-            uncached = sum(
-                1
+            regions = [
+                {o.region for o in getattr(stmt, "_with_options", ()) if isinstance(o, FromCache)}
                 for stmt in statements
-                if not any(isinstance(o, FromCache) for o in getattr(stmt, "_with_options", ()))
-            )
+            ]
+            local = sorted(set(_in_process(cache)).intersection(set().union(*regions)))
+            if local:
+                raise ConfigurationError(
+                    f"warm target {args.target!r}: "
+                    + _unreachable(local, "warm them from the application")
+                )
+            uncached = sum(1 for r in regions if not r)
             if uncached:
                 print(
                     f"ormcache: {uncached} of {len(statements)} statements carry no FromCache "

@@ -124,6 +124,42 @@ def test_stats_of_an_in_process_region(tmp_path: Path, capsys: Any) -> None:
     assert "region 'local' is in-process" in capsys.readouterr().err
 
 
+def test_invalidate_and_warm_refuse_in_process_regions(tmp_path: Path, redis_url: str, capsys: Any) -> None:
+    """A command cannot reach the memory regions of the application's
+    processes: saying "invalidated" or "warmed" would be false."""
+    url = f"sqlite:///{tmp_path}/db.sqlite"
+    engine = create_engine(url)
+    Base.metadata.create_all(engine)
+    seed(engine)
+    engine.dispose()
+    local = tmp_path / "local.toml"
+    local.write_text('[ormcache.regions.default]\nbackend = "memory"\n')
+    for argv in (
+        ["invalidate", "ormcache.testing.fixtures:Template"],
+        ["invalidate", "--all"],
+        ["invalidate", "--table", "templates"],
+        ["invalidate", "--region", "default"],
+        ["warm", "warmup_queries:QUERIES", "--database-url", url],
+    ):
+        assert main([*argv, "--settings", str(local)]) == 2, argv
+        captured = capsys.readouterr()
+        assert "region 'default': in-process" in captured.err, argv
+        assert "invalidated" not in captured.out and "warmed" not in captured.out, argv
+    # with a shared region too: that one is invalidated, the other named
+    mixed = tmp_path / "mixed.toml"
+    mixed.write_text(
+        f'[ormcache]\nnamespace = "cli{uuid.uuid4().hex[:8]}"\n'
+        '[ormcache.regions.default]\nbackend = "memory"\n'
+        f'[ormcache.regions.shared]\nbackend = "redis"\narguments = {{ url = "{redis_url}" }}\n'
+    )
+    assert main(["invalidate", "--all", "--settings", str(mixed)]) == 0
+    captured = capsys.readouterr()
+    assert "invalidated everything" in captured.out
+    assert "region 'default': in-process" in captured.err
+    assert main(["invalidate", "--region", "default", "--settings", str(mixed)]) == 2
+    assert main(["invalidate", "--region", "shared", "--settings", str(mixed)]) == 0
+
+
 def test_warm_with_the_backend_down(tmp_path: Path, capsys: Any) -> None:
     url = f"sqlite:///{tmp_path}/db.sqlite"
     engine = create_engine(url)
