@@ -1343,6 +1343,17 @@ class OrmCache:
                     f"{', '.join(map(repr, unknown))}; its named parameters: "
                     f"{', '.join(map(repr, named)) or 'none'}"
                 )
+        missing = sorted(
+            {str(bp.key) for bp in cache_key.bindparams if bp.required and bp.key not in (params or {})}
+        )
+        if missing:
+            # (the key would be that of the statement run with None)
+            raise ConfigurationError(
+                f"invalidate(statement): no value for the statement's parameter"
+                f"{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}; pass "
+                f"params={{{', '.join(f'{n!r}: ...' for n in missing)}}} with the values the "
+                "cached execution was given"
+            )
         sharded_session = session is not None and _is_sharded(session)
         if (
             shard is not None

@@ -682,6 +682,8 @@ def test_invalidate_statement_refuses_what_it_cannot_do(env: Any) -> None:
         fresh.invalidate(stmt, params={"sid": 1}, bind=engine)
         with pytest.raises(ormcache.ConfigurationError, match=r"no parameter 'sdi'; its named parameters: 'sid'"):
             fresh.invalidate(stmt, params={"sdi": 1}, bind=engine)
+        with pytest.raises(ormcache.ConfigurationError, match=r"no value for the statement's parameter 'sid'; pass params=\{'sid': ...\}"):
+            fresh.invalidate(stmt, bind=engine)  # (would drop the entry of sid=None)
         with pytest.raises(TypeError, match="params=.*mapping"):
             fresh.invalidate(stmt, params="x", bind=engine)  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="session=.*takes a Session"):
