@@ -304,6 +304,12 @@ def settings_from_config(
         if not isinstance(flat_key, str) or not flat_key.startswith(prefix):
             continue
         rest = flat_key[len(prefix) :]
+        if rest[:1] == "." and prefix and prefix[-1] != ".":
+            raise ConfigurationError(
+                f"setting {flat_key!r}: the prefix is {prefix!r}, without the dot that "
+                f"follows it in the keys; pass prefix={prefix + '.'!r}",
+                key=flat_key,
+            )
         if rest in ("cache_all", "namespace", "signing_key"):
             tree[rest] = value
             continue
@@ -375,6 +381,16 @@ def make_region(
             arguments=arguments,
         )
     except PluginNotFound as err:
+        full = SHORT_BACKEND_NAMES.get(spec.backend) if isinstance(spec.backend, str) else None
+        if full is not None:
+            # a RegionSettings made by hand: short names are load_settings()'s
+            raise ConfigurationError(
+                f"backend {spec.backend!r} is a short name, which load_settings() "
+                f"(OrmCache.from_settings()) translates; a RegionSettings made "
+                f"directly takes dogpile's name, {full!r}",
+                region=spec.name,
+                key="backend",
+            ) from err
         raise ConfigurationError(
             f"dogpile.cache has no backend {spec.backend!r}; use one of "
             f"{_short_names()} or a registered dogpile backend name",

@@ -769,6 +769,18 @@ def test_from_config_takes_every_region_setting() -> None:
         settings_from_config({"ormcache.r.l2.max_entries": "1"})
 
 
+def test_from_config_names_a_prefix_without_its_dot() -> None:
+    with pytest.raises(ConfigurationError, match=r"prefix is 'ormcache', without the dot.*prefix='ormcache\.'"):
+        settings_from_config({"ormcache.r.backend": "memory"}, prefix="ormcache")
+
+
+def test_a_region_settings_made_by_hand_names_dogpiles_backend_name() -> None:
+    from ormcache.settings import RegionSettings, make_region
+
+    with pytest.raises(ConfigurationError, match=r"'memory' is a short name.*'dogpile\.cache\.memory'"):
+        make_region(RegionSettings("d", "memory", None))
+
+
 def test_signing_key_from_the_environment_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     from ormcache import OrmCache
 
