@@ -575,7 +575,7 @@ class Store:
         connections that write them (with their longer timeout) where
         there are such."""
         token_writer = self._token_writer
-        if token_writer is not None and not self._open_until:
+        if token_writer is not None:
             mangler = self.region.key_mangler
             raw = token_writer.read([mangler(k) for k in keys] if mangler is not None else keys)
             if raw is not None:
@@ -601,8 +601,12 @@ class Store:
             payload = {k: v.encode("ascii") for k, v in mapping.items()}
             token_writer = self._token_writer
             done = None
-            if token_writer is not None and not self._open_until:
-                # (while the circuit is open, the client's short timeout)
+            if token_writer is not None:
+                # (also while the circuit is open: the reads that opened it
+                # may have left the region's client refusing every command
+                # for a while, as libmemcached does, while the server
+                # answers; a hung server costs one write timeout, after
+                # which invalidations wait for the retry thread: _set_many)
                 from ._pubsub import message
 
                 done = token_writer(
@@ -636,7 +640,7 @@ class Store:
                 region.backend.set_serialized_multi(payload)
         else:
             token_writer = self._token_writer
-            if token_writer is None or self._open_until or token_writer(mapping, None, None) is None:
+            if token_writer is None or token_writer(mapping, None, None) is None:
                 region.backend.set_multi(mapping)
         if self.subscriber is not None:
             # this process's own writes count at once, not when their
@@ -724,8 +728,15 @@ class Store:
         merged as :meth:`_write_tokens` says, ``writer`` the one whose
         tokens they are) are tried even while the circuit is open, since
         other processes may reach the backend; those that cannot be written
-        are remembered and retried in the background until they are."""
-        if versions or not (self._open_until and not self.available):
+        are remembered and retried in the background until they are.  While
+        the circuit is open and some are waiting for the retry thread (the
+        backend failed three times, invalidations among them), new ones
+        join them without a try of their own: on a hung server each try
+        would cost a commit the write timeout (0.25 s), several times per
+        commit, and the retry thread writes them all within a second of the
+        backend answering."""
+        queued = versions and self._open_until and (self._lost or self._lost_all or self._replaying.locked())
+        if not queued and (versions or not self._open_until):
             try:
                 if versions:
                     self._write_or_drop(mapping, writer)

@@ -19,7 +19,7 @@ from dogpile.cache.proxy import ProxyBackend
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import sessionmaker
 
-from ormcache import FromCache, OrmCache, load_settings
+from ormcache import FromCache, OrmCache, invalidation, load_settings
 from ormcache.testing import QueryCounter
 from ormcache.testing.fixtures import Base, Template, seed
 from ormcache._store import _retries
@@ -666,6 +666,91 @@ def test_an_invalidation_waits_out_a_pause_that_a_read_does_not(kind: str) -> No
             assert not store._lost and not store._lost_all
         finally:
             cache.close()
+
+
+@pytest.mark.parametrize("kind", ["redis", "memcached"])
+def test_invalidations_reach_a_server_that_answers_while_the_circuit_is_open(kind: str, tmp_path: Any) -> None:
+    """Reads that timed out while the server paused opened the writer's
+    circuit; the server answers again.  The writer's next commit must
+    reach it at once: other processes, whose clients are fine, would
+    otherwise serve what it changed.  (libmemcached refuses every command
+    of the client whose reads timed out for a second: invalidations go
+    through connections of their own, circuit open or not.)"""
+    import os
+    import signal
+    import time
+
+    engine = create_engine(f"sqlite:///{tmp_path}/db.sqlite")
+    Base.metadata.create_all(engine)
+    seed(engine)
+    with _private_server(kind) as (proc, address):
+        url = f"redis://{address}/0" if kind == "redis" else [address]
+        settings = {
+            "namespace": "ci" + uuid.uuid4().hex[:8],
+            "regions": {"r": {"backend": "redis" if kind == "redis" else "memcached", "arguments": {"url": url}}},
+        }
+        writer, reader = OrmCache.from_settings(settings), OrmCache.from_settings(settings)
+        Writes, Reads = sessionmaker(engine), sessionmaker(engine)
+        writer.attach(Writes)
+        reader.attach(Reads)
+        get = {"options": [FromCache("r")]}
+
+        def read() -> tuple[str, int]:
+            with QueryCounter(engine) as c, Reads() as s:
+                name = s.get_one(Template, 1, **get).name
+            return name, c.selects
+
+        try:
+            assert (read(), read()) == (("t1", 1), ("t1", 0))
+            store = writer._stores["r"]
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                for _ in range(10):  # (libmemcached's first timeout reads as a miss)
+                    store.get_many(["ormcache-test-read"])  # times out
+                    if not store.available:
+                        break
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+            assert not store.available  # the circuit is open
+            time.sleep(0.05)
+            # (every cache of a process writes that process's invalidations:
+            # the reader stands for another process, and must not)
+            invalidation.unregister(reader)
+            with Writes() as s:
+                s.get_one(Template, 1).name = "changed"
+                s.commit()
+            invalidation.register(reader)
+            assert read() == ("changed", 1)
+        finally:
+            writer.close()
+            reader.close()
+            engine.dispose()
+
+
+def test_a_hung_backend_costs_commits_nothing_once_the_circuit_is_open(env: Any) -> None:
+    """Invalidations that fail are retried by a thread of their own; once
+    the circuit is open, new ones join them without trying the backend
+    (each try would cost a commit the write timeout), and are all written
+    when it answers."""
+    engine, maker, cache, switch = env
+    store = cache._stores["default"]
+    store.retry_after = 30.0  # (no probe or retry while the test looks)
+    store.max_lost_retry_after = 30.0
+    assert name_and_selects(engine, maker) == ("t1", 1)
+    switch.down = True
+    for name in ("a", "b", "c"):
+        with maker() as s:
+            s.get_one(Template, 2).name = name
+            s.commit()
+    assert not store.available and store._lost
+    calls = switch.calls
+    with maker() as s:
+        s.get_one(Template, 1).name = "while down"
+        s.commit()
+    assert switch.calls == calls  # not tried
+    switch.down = False
+    assert store.flush_lost()
+    assert name_and_selects(engine, maker) == ("while down", 1)
 
 
 def test_lost_invalidations_are_retried_at_least_every_second(env: Any, monkeypatch: Any) -> None:
