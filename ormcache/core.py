@@ -1288,10 +1288,15 @@ class OrmCache:
         seen = [db for sid, db in list(self._shard_dbs) if sid == shard]
         if seen:
             return seen
-        listing = ", ".join(repr(k) for k in sorted(known, key=str)) or "none"
+        if known:
+            listing = ", ".join(repr(k) for k in sorted(known, key=str))
+            raise ConfigurationError(
+                f"unknown shard {shard!r}: not a shard of the attached ShardedSession "
+                f"factories; their shards: {listing}"
+            )
         raise ConfigurationError(
             f"unknown shard {shard!r}: attach the ShardedSession's sessionmaker "
-            f"before invalidating by shard; known shards: {listing}"
+            "before invalidating by shard (none is attached)"
         )
 
     def _invalidate_statement(

@@ -168,7 +168,10 @@ def test_invalidate_model_and_one_shard(env: Env) -> None:
     assert run() == {"s0": 0, "s1": 0, "s2": 1}
     env.cache.invalidate(Template)
     assert run() == {"s0": 1, "s1": 1, "s2": 1}
-    with pytest.raises(ConfigurationError, match="unknown shard 's9'"):
+    with pytest.raises(ConfigurationError, match="unknown shard 's9': not a shard of the attached.*'s0', 's1', 's2'"):
+        env.cache.invalidate(Template, shard="s9")
+    env.cache.detach(env.cached)
+    with pytest.raises(ConfigurationError, match=r"unknown shard 's9': attach.*\(none is attached\)"):
         env.cache.invalidate(Template, shard="s9")
 
 
