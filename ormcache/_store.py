@@ -633,8 +633,9 @@ class Store:
                 if isinstance(announced, Exception):
                     self._cannot_publish(announced)
             elif lua:
+                # (a cluster, or a region whose backend is not plain Redis's)
                 pipe = region.backend.writer_client.pipeline(transaction=False)  # type: ignore[attr-defined]
-                _queue(pipe, _token_commands(_redis_ttl(region.backend), payload, lua, writer))
+                _queue(pipe, _token_commands(_redis_ttl(region.backend), payload, lua, writer, per_key=True))
                 _raise_first(pipe.execute(raise_on_error=False))
             else:
                 region.backend.set_serialized_multi(payload)
@@ -1723,17 +1724,27 @@ def _set_commands(ttl: Any, mapping: Mapping[str, bytes]) -> list[tuple[Any, ...
 _MERGE_SCRIPT = "\n".join(line.strip() for line in MERGE_LUA.strip().splitlines())
 
 
-def _token_commands(ttl: Any, mapping: Mapping[str, bytes], lua: bool, writer: str | None) -> list[tuple[Any, ...]]:
+def _token_commands(
+    ttl: Any, mapping: Mapping[str, bytes], lua: bool, writer: str | None, per_key: bool = False
+) -> list[tuple[Any, ...]]:
     """Writes of version tokens: merged by the server (``lua``, see
-    :func:`~.invalidation.merge_token`; one script call per key, so that
-    a cluster runs each on its key's node), else as :func:`_set_commands`."""
+    :func:`~.invalidation.merge_token`), one script call for the keys that
+    take one token (``per_key``: one call per key, for a cluster, where
+    the keys of a call must share a hash slot), else as
+    :func:`_set_commands`."""
     if not lua:
         return _set_commands(ttl, mapping)
     expiry = str(_seconds(ttl)) if ttl else ""
     now = repr(time.time())
+    by_token: dict[bytes, list[str]] = {}
+    for key, value in mapping.items():
+        by_token.setdefault(value, []).append(key)
+    groups = [([key], value) for value, keys in by_token.items() for key in keys] if per_key else [
+        (keys, value) for value, keys in by_token.items()
+    ]
     return [
-        ("EVAL", _MERGE_SCRIPT, 1, key, value, writer or "", now, expiry, MAX_PENDING)
-        for key, value in mapping.items()
+        ("EVAL", _MERGE_SCRIPT, len(keys), *keys, value, writer or "", now, expiry, MAX_PENDING)
+        for keys, value in groups
     ]
 
 

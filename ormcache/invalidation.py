@@ -136,14 +136,15 @@ def _live(token: str, now: float, drop: str | None = None) -> list[str]:
     live = []
     for part in token[1:].split(","):
         writer, _, until = part.partition(":")
-        if writer == drop:
+        if writer == drop or not _DEADLINE.match(until):
             continue
-        try:
-            if now < float(until) <= now + _PENDING_AT_MOST:  # (nan, inf: past)
-                live.append(part)
-        except ValueError:
-            pass
+        if now < float(until) <= now + _PENDING_AT_MOST:
+            live.append(part)
     return live
+
+
+#: a deadline as pending_token() writes it (MERGE_LUA reads the same)
+_DEADLINE = re.compile(r"[0-9]+\.?[0-9]*\Z")
 
 
 def pending_expired(token: str, now: float) -> bool:
@@ -190,47 +191,54 @@ def merge_token(current: Any, token: str, writer: str | None, now: float) -> str
 #: writers a pending value lists at most (see :func:`merge_token`)
 MAX_PENDING = 64
 
-#: :func:`merge_token` as a Redis script: KEYS[1] the version key; ARGV:
-#: the token written, the writer ("" for none), the time (seconds since
-#: the epoch, the writers' clock), the key's TTL in seconds ("" for none),
-#: the most writers listed; returns 1 when it wrote, 0 when it left the key
+#: :func:`merge_token` as a Redis script, for every key of KEYS (all in one
+#: hash slot on a cluster): ARGV are the token written, the writer ("" for
+#: none), the time (seconds since the epoch, the writers' clock), the keys'
+#: TTL in seconds ("" for none), the most writers listed; returns how many
+#: keys it wrote
 MERGE_LUA = """
-local token, writer, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local current = redis.call('GET', KEYS[1])
-local value = token
-if current and string.sub(current, 1, 1) == 'p' then
-  local pending = string.sub(token, 1, 1) == 'p'
-  if pending then writer = string.match(token, '^p([^:,]*)') end
-  local live, untils = {}, {}
-  for part in string.gmatch(string.sub(current, 2), '[^,]+') do
-    local id, untilt = string.match(part, '^([^:]*):(.*)$')
-    local u = untilt and tonumber(untilt)
-    if id and id ~= writer and u and now < u and u <= now + 86400 then
-      live[#live + 1] = part
-      untils[part] = u
+local token, now, ttl, most = ARGV[1], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+local pending = string.sub(token, 1, 1) == 'p'
+local drop = ARGV[2] ~= '' and ARGV[2]
+if pending then drop = string.match(token, '^p([^:,]*)') end
+local written = 0
+for _, key in ipairs(KEYS) do
+  local current = redis.call('GET', key)
+  local value = token
+  if current and string.sub(current, 1, 1) == 'p' then
+    local live, untils = {}, {}
+    for part in string.gmatch(string.sub(current, 2), '[^,]+') do
+      local id, untilt = string.match(part, '^([^:]*):(%d+%.?%d*)$')
+      local u = untilt and tonumber(untilt)
+      if id and (not drop or id ~= drop) and u and now < u and u <= now + 86400 then
+        live[#live + 1] = part
+        untils[part] = u
+      end
+    end
+    if pending then
+      if #live >= most then
+        table.sort(live, function(a, b) return untils[a] < untils[b] end)
+        local kept = {}
+        for i = #live - most + 2, #live do kept[#kept + 1] = live[i] end
+        live = kept
+      end
+      live[#live + 1] = string.sub(token, 2)
+      value = 'p' .. table.concat(live, ',')
+    elseif #live > 0 then
+      value = 'p' .. table.concat(live, ',')
+      if value == current then value = nil end
     end
   end
-  if pending then
-    local most = tonumber(ARGV[5])
-    if #live >= most then
-      table.sort(live, function(a, b) return untils[a] < untils[b] end)
-      local kept = {}
-      for i = #live - most + 2, #live do kept[#kept + 1] = live[i] end
-      live = kept
+  if value then
+    if ttl ~= '' then
+      redis.call('SET', key, value, 'EX', ttl)
+    else
+      redis.call('SET', key, value)
     end
-    live[#live + 1] = string.sub(token, 2)
-    value = 'p' .. table.concat(live, ',')
-  elseif #live > 0 then
-    value = 'p' .. table.concat(live, ',')
-    if value == current then return 0 end
+    written = written + 1
   end
 end
-if ARGV[4] ~= '' then
-  redis.call('SET', KEYS[1], value, 'EX', ARGV[4])
-else
-  redis.call('SET', KEYS[1], value)
-end
-return 1
+return written
 """
 
 

@@ -44,6 +44,8 @@ MERGE_CASES: list[tuple[Any, str, str | None]] = [
     ("p", "feedfacecafebeef", None),  # malformed
     ("p:inf,b:nan,c,:", pend("d"), "d"),
     ("pa:1e99", "feedfacecafebeef", "x"),
+    (f"pa:0x{int(NOW + 60):x},b:{NOW + 60:_}, c:{NOW + 60}", pend("d"), "d"),  # spellings no writer uses
+    ("pa:1:2,b::" + pend("c")[1:], "feedfacecafebeef", None),
 ]
 
 
@@ -125,8 +127,21 @@ def test_redis_merges_as_merge_token(redis_url: str) -> None:
                 else:
                     assert got == expected, (current, token, writer)
                 assert 0 < client.ttl(key) <= 60
+        # one call for several keys, as a commit's keys go
+        currents = [None, pend("a"), pend("a") + "," + pend("b")[1:], "0123456789abcdef"]
+        keys = [f"{prefix}:m{i}" for i in range(len(currents))]
+        for key, current in zip(keys, currents):
+            if current is not None:
+                client.set(key, current)
+        for token, writer in ((pend("b", 30), "b"), ("feedfacecafebeef", "b")):
+            expected = [merge_token(client.get(k) and client.get(k).decode(), token, writer, NOW) for k in keys]
+            wrote = client.eval(MERGE_LUA, len(keys), *keys, token, writer, repr(NOW), "", MAX_PENDING)
+            assert wrote == sum(e is not None for e in expected)
+            for key, value in zip(keys, expected):
+                if value is not None:
+                    assert client.get(key).decode() == value and client.ttl(key) == -1
     finally:
-        client.delete(*[f"{prefix}:{i}" for i in range(len(cases))])
+        client.delete(*[f"{prefix}:{i}" for i in range(len(cases))], *[f"{prefix}:m{i}" for i in range(4)])
         client.close()
 
 
