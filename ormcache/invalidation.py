@@ -100,7 +100,7 @@ _PENDING_AT_MOST = 24 * 3600.0
 _WRITTEN = "ormcache.written"  # conn.info: {db: set of tables}, this transaction
 _DONE = "ormcache.done"  # conn.info: {db: set of tables} committed, not yet announced
 _PENDED = "ormcache.pended"  # conn.info: time.monotonic() of this transaction's first pending token
-_WRITER = "ormcache.writer"  # conn.info: the id of this connection's pending tokens (new_writer())
+_WRITER = "ormcache.writer"  # conn.info: (pid, id) of this connection's pending tokens (new_writer())
 
 #: ids of the connection ``info`` dicts that hold either: while it is empty,
 #: which is always the case in a process that only reads, the transaction
@@ -735,11 +735,13 @@ def _on_row_write(mapper: Mapper[Any], connection: Connection, target: Any) -> N
 def _writer(info: dict[str, Any]) -> str:
     """The id of the pending tokens of the connection whose ``info`` this
     is: one per connection, kept for its life (its transactions come one
-    after another, and each settles its tokens before the next pends)."""
-    writer: str | None = info.get(_WRITER)
-    if writer is None:
-        writer = info[_WRITER] = new_writer()
-    return writer
+    after another, and each settles its tokens before the next pends), and
+    a new one in a forked child (whose copy of the info is not the
+    parent's connection: two writers must never share an id)."""
+    held = info.get(_WRITER)
+    if held is None or held[0] != os.getpid():
+        held = info[_WRITER] = (os.getpid(), new_writer())
+    return held[1]  # type: ignore[no-any-return]
 
 
 def _settle(info: dict[str, Any]) -> None:
@@ -932,7 +934,8 @@ def _announce(info: dict[str, Any]) -> None:
         _dirty.discard(id(info))
     if not done:
         return
-    writer = info.get(_WRITER)
+    held = info.get(_WRITER)  # (whatever process pended them)
+    writer = held[1] if held is not None else None
     for cache in list(_caches):
         for db, tables in done.items():
             cache._post_invalidate(db, tables, writer)

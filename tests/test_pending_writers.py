@@ -242,3 +242,27 @@ def test_a_writer_that_dies_after_its_commit_leaves_nothing_stale(
         a.close()  # (a failed test must not leave its row locked for the next)
         cache.close()
         engine.dispose()
+
+
+def test_a_forked_child_writes_under_an_id_of_its_own() -> None:
+    """A connection's info copied into a forked child must not give the
+    child the parent's writer id: the first to finish would remove the
+    other's pending entry."""
+    import os
+
+    info: dict[str, Any] = {}
+    parent = invalidation._writer(info)
+    assert invalidation._writer(info) == parent  # kept for the connection's life
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        try:
+            os.write(write, invalidation._writer(info).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    child = os.read(read, 100).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child and child != parent
+    assert invalidation._writer(info) == parent
