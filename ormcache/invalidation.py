@@ -100,7 +100,8 @@ _PENDING_AT_MOST = 24 * 3600.0
 _WRITTEN = "ormcache.written"  # conn.info: {db: set of tables}, this transaction
 _DONE = "ormcache.done"  # conn.info: {db: set of tables} committed, not yet announced
 _PENDED = "ormcache.pended"  # conn.info: time.monotonic() of this transaction's first pending token
-_WRITER = "ormcache.writer"  # conn.info: (pid, id) of this connection's pending tokens (new_writer())
+_WRITER = "ormcache.writer"  # conn.info: (pid, id) of this transaction's pending tokens (new_writer())
+_DONE_WRITERS = "ormcache.done_writers"  # conn.info: the ids of the pending tokens _DONE settles
 
 #: ids of the connection ``info`` dicts that hold either: while it is empty,
 #: which is always the case in a process that only reads, the transaction
@@ -733,11 +734,11 @@ def _on_row_write(mapper: Mapper[Any], connection: Connection, target: Any) -> N
 
 
 def _writer(info: dict[str, Any]) -> str:
-    """The id of the pending tokens of the connection whose ``info`` this
-    is: one per connection, kept for its life (its transactions come one
-    after another, and each settles its tokens before the next pends), and
-    a new one in a forked child (whose copy of the info is not the
-    parent's connection: two writers must never share an id)."""
+    """The id of the pending tokens of the transaction under way on the
+    connection whose ``info`` this is: a new one for each transaction (a
+    fresh token of an earlier one, lost and written later, must not remove
+    this one's pending entry), and in a forked child (whose copy of the
+    info is not the parent's connection: two writers never share an id)."""
     held = info.get(_WRITER)
     if held is None or held[0] != os.getpid():
         held = info[_WRITER] = (os.getpid(), new_writer())
@@ -746,13 +747,17 @@ def _writer(info: dict[str, Any]) -> str:
 
 def _settle(info: dict[str, Any]) -> None:
     """The transaction ended (committed or rolled back): what it wrote is
-    due for fresh tokens."""
+    due for fresh tokens, as its writer's; the next transaction will be
+    another writer."""
     info.pop(_PENDED, None)
+    held = info.pop(_WRITER, None)
     written = info.pop(_WRITTEN, None)
     if written:
         done = info.setdefault(_DONE, {})
         for db, tables in written.items():
             done.setdefault(db, set()).update(tables)
+        if held is not None:
+            info.setdefault(_DONE_WRITERS, []).append(held)
 
 
 #: the connections whose commit is under way in this thread (several, with
@@ -859,10 +864,15 @@ def _commit_failed(committing: tuple[Any, dict[str, Any], float] | None, owner: 
         _announce(info)  # ended (rolled back): nothing of it is visible
         return
     done = info.pop(_DONE, None)
+    writers = info.pop(_DONE_WRITERS, None)
     if done:
         written = info.setdefault(_WRITTEN, {})
         for db, tables in done.items():
             written.setdefault(db, set()).update(tables)
+        if writers:
+            # (the failed commit's; an earlier transaction's entries, had
+            # its announcement failed too, expire)
+            info[_WRITER] = writers[-1]
         info.setdefault(_PENDED, committing[2])
         _dirty.add(id(info))
 
@@ -930,15 +940,17 @@ def _on_checkin(dbapi_connection: Any, connection_record: Any) -> None:
 
 def _announce(info: dict[str, Any]) -> None:
     done = info.pop(_DONE, None)
+    writers = info.pop(_DONE_WRITERS, None)
     if _WRITTEN not in info:
         _dirty.discard(id(info))
     if not done:
         return
-    held = info.get(_WRITER)  # (whatever process pended them)
-    writer = held[1] if held is not None else None
-    for cache in list(_caches):
-        for db, tables in done.items():
-            cache._post_invalidate(db, tables, writer)
+    # (as each writer: several when an earlier announcement failed; pended
+    # by whatever process)
+    for writer in [held[1] for held in writers] if writers else [None]:
+        for cache in list(_caches):
+            for db, tables in done.items():
+                cache._post_invalidate(db, tables, writer)
 
 
 _TEXT_READ = frozenset(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -145,14 +146,12 @@ def test_redis_merges_as_merge_token(redis_url: str) -> None:
         client.close()
 
 
-def test_a_lost_fresh_token_is_written_again_as_its_writers(tmp_path: Any) -> None:
-    """A writer's fresh tokens that the backend refused are written when it
-    answers again, still as that writer's: its pending entry goes (else its
-    tables would stay uncached until the entry expired)."""
+@pytest.fixture
+def switched(tmp_path: Any) -> Iterator[tuple[Any, OrmCache, Any]]:
+    """A SQLite file, and a cache whose backend can be switched off."""
     from dogpile.cache import make_region
     from test_degradation import Switch
 
-    from ormcache.keys import database_id
     from ormcache.settings import load_settings
 
     engine = create_engine(f"sqlite:///{tmp_path}/db.sqlite")
@@ -162,21 +161,65 @@ def test_a_lost_fresh_token_is_written_again_as_its_writers(tmp_path: Any) -> No
     region = make_region().configure("dogpile.cache.memory_pickle", wrap=[switch])
     settings = load_settings({"namespace": "pw" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}})
     cache = OrmCache(settings, regions={"default": region})
+    cache._stores["default"].retry_after = 30.0  # (the test replays them)
+    cache._stores["default"].max_lost_retry_after = 30.0
+    yield engine, cache, switch
+    cache.close()
+    engine.dispose()
+
+
+def test_a_lost_fresh_token_is_written_again_as_its_writers(switched: Any) -> None:
+    """A writer's fresh tokens that the backend refused are written when it
+    answers again, still as that writer's: its pending entry goes (else its
+    tables would stay uncached until the entry expired)."""
+    from ormcache.keys import database_id
+
+    engine, cache, switch = switched
     store = cache._stores["default"]
-    store.retry_after = 0.0
-    try:
-        db = database_id(engine)
-        cache._pre_invalidate(db, {"templates"}, "writer-a")
+    db = database_id(engine)
+    cache._pre_invalidate(db, {"templates"}, "writer-a")
+    switch.down = True
+    cache._post_invalidate(db, {"templates"}, "writer-a")
+    switch.down = False
+    assert store.flush_lost()
+    key = cache._keys.table(db, "templates")
+    token = store.get_many([key, key])
+    assert token is not None and token[1] is not None and not str(token[1]).startswith("p")
+
+
+def test_a_late_fresh_token_of_a_connections_last_transaction_leaves_its_next_ones_pending(
+    switched: Any,
+) -> None:
+    """Transaction 1's fresh tokens are lost (the backend did not answer its
+    commit); transaction 2, on the same pooled connection, writes the same
+    table, and its pending tokens bring the backend back, which writes
+    transaction 1's lost ones.  Those must not end transaction 2's pending
+    state: were its writer to die after its commit, results read meanwhile
+    (in other processes) would be stale until they expired."""
+    from ormcache.keys import database_id
+
+    engine, cache, switch = switched
+    store = cache._stores["default"]
+    Session = sessionmaker(engine)
+    cache.attach(Session)
+    key = cache._keys.table(database_id(engine), "templates")
+
+    with Session() as s:
+        s.get_one(Template, 1).name = "one"
+        s.flush()
         switch.down = True
-        cache._post_invalidate(db, {"templates"}, "writer-a")
-        switch.down = False
-        assert store.flush_lost()
-        key = cache._keys.table(db, "templates")
-        token = store.get_many([key, key])
-        assert token is not None and token[1] is not None and not str(token[1]).startswith("p")
-    finally:
-        cache.close()
-        engine.dispose()
+        s.commit()  # (fresh tokens lost)
+    switch.down = False
+    assert store._lost
+    with Session() as second:
+        second.get_one(Template, 1).name = "two"
+        second.flush()  # pending; the backend answers: the lost ones are written
+        assert not store._lost
+        token = store.get_many([key, key])[1]  # type: ignore[index]
+        assert token.startswith("p")  # still transaction 2's
+        second.commit()
+    token = store.get_many([key, key])[1]  # type: ignore[index]
+    assert not token.startswith("p")
 
 
 @pytest.mark.parametrize("kind", ["memory", "redis", "memcached"])
