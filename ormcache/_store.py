@@ -547,7 +547,7 @@ class Store:
                 self._put_tokens(mapping, writer)
                 return
             except Exception as err:
-                if not _no_lua(err) and type(err).__name__ != "NoPermissionError":
+                if not _no_lua(err):
                     raise
                 self._lua = False
                 log.warning(
@@ -978,11 +978,16 @@ class Store:
         and use in-process locks from now on, rather than leave every
         waiter for this key waiting until the lock expires."""
         backend = self.region.backend
+        was = backend.distributed_lock
         backend.distributed_lock = False
+        # (the keys' Redis locks made so far: in-process ones from now on)
+        _compat.forget_region_locks(self.region)
         try:
             backend.writer_client.delete(mutex.mutex.name)
         except Exception:
             pass
+        if not was:
+            return  # (said once: a lock made before is released after)
         log.warning(
             "cache region %r: the backend cannot release a distributed lock (%s); "
             "using in-process locks",
@@ -1961,8 +1966,11 @@ _LOCK_GONE = ("LockNotOwnedError", "LockError")
 
 
 def _no_lua(err: Exception) -> bool:
-    """The server runs no Lua script (fakeredis without ``lupa``)."""
-    return type(err).__name__ == "ResponseError" and "unknown command" in str(err).lower()
+    """The server runs no Lua script for us: fakeredis without ``lupa``, a
+    server with scripting disabled, an ACL user without ``EVAL`` /
+    ``EVALSHA`` (NOPERM)."""
+    name = type(err).__name__
+    return name == "NoPermissionError" or (name == "ResponseError" and "unknown command" in str(err).lower())
 
 
 def _backend_failure(err: Exception) -> bool:

@@ -1434,3 +1434,65 @@ def test_a_corrupt_entry_is_a_miss_not_an_outage(redis_url: str, tmp_path: Any, 
     finally:
         cache.close()
         engine.dispose()
+
+
+def test_an_acl_user_without_scripts_keeps_caching_and_invalidating(tmp_path: Any, caplog: Any) -> None:
+    """A Redis user refused EVAL and EVALSHA (NOPERM): dogpile's lock cannot
+    be released by redis-py's script, and version tokens cannot be merged by
+    ormcache's.  Neither is an outage: in-process locks and tokens merged by
+    reading and writing them, one warning each, and writes still seen."""
+    import logging
+    import uuid
+
+    import redis
+    from sqlalchemy import create_engine, select
+    from sqlalchemy.orm import sessionmaker
+    from test_degradation import _private_server
+
+    from ormcache import FromCache, OrmCache
+    from ormcache.testing import QueryCounter
+    from ormcache.testing.fixtures import Base, Template, seed
+
+    engine = create_engine(f"sqlite:///{tmp_path}/db.sqlite")
+    Base.metadata.create_all(engine)
+    seed(engine)
+    with _private_server("redis") as (_, address):
+        admin = redis.Redis.from_url(f"redis://{address}/0")
+        admin.execute_command("ACL", "SETUSER", "noscripts", "on", ">pw", "~*", "&*", "+@all", "-eval", "-evalsha")
+        admin.close()
+        cache = OrmCache.from_settings(
+            {
+                "namespace": "acl" + uuid.uuid4().hex[:8],
+                "regions": {"r": {"backend": "redis", "arguments": {"url": f"redis://noscripts:pw@{address}/0"}}},
+            }
+        )
+        Session = sessionmaker(engine)
+        cache.attach(Session)
+        stmt = select(Template).where(Template.name.like("t%")).order_by(Template.id).options(FromCache("r"))
+
+        def names() -> tuple[list[str], int]:
+            with QueryCounter(engine) as counter, Session() as s:
+                found = [t.name for t in s.scalars(stmt)]
+            return found, counter.selects
+
+        try:
+            with caplog.at_level(logging.WARNING, logger="ormcache"):
+                first, _ = names()
+                assert names() == (first, 0)
+                for i in range(3):
+                    with Session() as s:
+                        s.get_one(Template, 1).name = f"t1-{i}"
+                        s.commit()
+                    assert names() == ([f"t1-{i}", *first[1:]], 1)
+                    assert names()[1] == 0
+                cache.invalidate(Template)
+                assert names()[1] == 1
+            store = cache._stores["r"]
+            assert store.available and store._failures == 0 and not store._lost and not store._lost_releases
+            warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+            assert len(warnings) == 2, warnings
+            assert any("cannot release a distributed lock" in w for w in warnings), warnings
+            assert any("runs no scripts" in w for w in warnings), warnings
+        finally:
+            cache.close()
+            engine.dispose()
