@@ -178,7 +178,7 @@ def merge_token(current: Any, token: str, writer: str | None, now: float) -> str
         mine = token[1:]
         live = _live(current, now, mine.partition(":")[0])
         if len(live) >= MAX_PENDING:
-            live.sort(key=lambda part: float(part.partition(":")[2]))
+            live.sort(key=lambda part: (float(part.partition(":")[2]), part))  # (as MERGE_LUA)
             del live[: len(live) - MAX_PENDING + 1]
         live.append(mine)
         return "p" + ",".join(live)
@@ -218,7 +218,10 @@ for _, key in ipairs(KEYS) do
     end
     if pending then
       if #live >= most then
-        table.sort(live, function(a, b) return untils[a] < untils[b] end)
+        table.sort(live, function(a, b)
+          if untils[a] ~= untils[b] then return untils[a] < untils[b] end
+          return a < b
+        end)
         local kept = {}
         for i = #live - most + 2, #live do kept[#kept + 1] = live[i] end
         live = kept
