@@ -45,13 +45,17 @@ def publish(client: Any, channel: str, mapping: dict[str, str]) -> None:
 class Subscriber:
     """Follows one channel in a daemon thread and keeps ``tokens`` current."""
 
-    def __init__(self, client: Any, channel: str) -> None:
+    def __init__(self, client: Any, channel: str, max_tokens: int = 100_000) -> None:
         #: the redis client, or a function that returns it (asked in the
         #: thread, so that a server that is down delays nothing else)
         self.client = client
         self.channel = channel
         #: version key -> token, as last published or read
         self.tokens: dict[str, str] = {}
+        #: past this many, ``tokens`` starts again from none (each version
+        #: key of every row read would otherwise stay for the process's
+        #: life; a forgotten token is read from Redis at its next use)
+        self.max_tokens = max_tokens
         #: moves on every message: a read that began before a message must
         #: not put its (maybe older) tokens into ``tokens``
         self.generation = 0
@@ -83,6 +87,8 @@ class Subscriber:
         with self._lock:
             if not self.healthy or generation != self.generation:
                 return
+            if len(self.tokens) + len(keys) > self.max_tokens:
+                self.tokens.clear()
             for key, token in zip(keys, tokens):
                 if isinstance(token, str):
                     self.tokens[key] = token

@@ -101,11 +101,34 @@ def out_of_memory(err: BaseException) -> bool:
     )
 
 
+#: the process this module's state is for: moved in a forked child, by the
+#: fork hooks or, without them, by the first call that notices (see
+#: _check_fork)
+_owner_pid = os.getpid()
+
+
+def _check_fork() -> None:
+    """Called when a Store sees another pid than its own: forked without
+    Python's fork hooks (a C library's ``fork()``, as uWSGI's default), the
+    child hooks of every module run now, once: the stores' clients and
+    locks, the relaxed L1s' subscriptions (else their tokens, which no
+    thread updates in the child, would be trusted for good) and the
+    statistics publisher."""
+    if _owner_pid == os.getpid():
+        return
+    from . import _pubsub, stats
+
+    _after_fork_in_child()
+    _pubsub._after_fork_in_child()
+    stats._after_fork_in_child()
+
+
 def _after_fork_in_child() -> None:
     """A forked child inherits the parent's locks as they were, maybe held
     by a thread it does not have (a replay waiting on a dead backend), and
     no retry thread: fresh locks, and the lost keys are retried anew."""
-    global _retry_lock, _readers_lock, _fork_kept
+    global _retry_lock, _readers_lock, _fork_kept, _owner_pid
+    _owner_pid = os.getpid()
     _inherited.extend(_fork_kept)
     _fork_kept = []
     _thread_clients.clear()
@@ -334,7 +357,9 @@ class Store:
         tokens (``keys[1:]``, raw strings), ``NO_VALUE`` where absent;
         ``None`` when the backend failed or the circuit is open."""
         if self._pid != os.getpid():
-            self._forked()
+            _check_fork()  # (resets every store: this one's pid is then ours)
+            if self._pid != os.getpid():
+                self._forked()
         if self._open_until and not self.available:
             return None
         try:
@@ -364,7 +389,9 @@ class Store:
         from ._pubsub import Subscriber
 
         backend = self.region.backend
-        self.subscriber = Subscriber(lambda: backend.writer_client, channel)
+        # (an L1 entry depends on a handful of version keys, many shared)
+        limit = max(10_000, 8 * self.l1.max_entries) if self.l1 is not None else 100_000
+        self.subscriber = Subscriber(lambda: backend.writer_client, channel, limit)
 
     def use_write_timeout(self, seconds: float) -> None:
         """Write version tokens (invalidations) with connections of their
@@ -683,11 +710,12 @@ class Store:
         """Write one version token (see :meth:`set_many`)."""
         return self.set_many({key: token})
 
-    def set(self, key: str, value: Any, unlock: Any = None) -> bool:
+    def set(self, key: str, value: Any, unlock: Any = None, l1: bool = True) -> bool:
         """Store ``value``.  ``unlock``: a lock of :meth:`mutex`, held, whose
         distributed part is released in the same round trip when the
-        backend can (Redis); its holder still calls ``release()``."""
-        if self.l1 is not None:
+        backend can (Redis); its holder still calls ``release()``.  ``l1``:
+        keep it in the region's L1 too (not what no query reads)."""
+        if self.l1 is not None and l1:
             self.l1[key] = value
         if self._open_until and not self.available:
             return False
@@ -721,7 +749,9 @@ class Store:
     def set_many(self, mapping: Mapping[str, Any], versions: bool = True, writer: str | None = None) -> bool:
         """Write ``mapping`` (see :meth:`_set_many`); True when written."""
         if self._pid != os.getpid():
-            self._forked()
+            _check_fork()  # (resets every store: this one's pid is then ours)
+            if self._pid != os.getpid():
+                self._forked()
         return self._set_many(mapping, versions, writer)
 
     def _set_many(self, mapping: Mapping[str, Any], versions: bool = True, writer: str | None = None) -> bool:
@@ -1088,7 +1118,7 @@ class L1:
 
     def _evict(self) -> None:
         while len(self._data) > self.max_entries or (
-            self.max_bytes is not None and self.bytes > self.max_bytes and len(self._data) > 1
+            self.max_bytes is not None and self.bytes > self.max_bytes and self._data
         ):
             _, (_, dropped) = self._data.popitem(last=False)
             self.bytes -= dropped

@@ -96,7 +96,7 @@ def publish_once(cache: Any, store: Any) -> bool:
     ns = cache.settings.namespace
     now = _time.time()
     process = process_id()
-    if not store.set(process_key(ns, process), {"at": now, "stats": cache.stats()}):
+    if not store.set(process_key(ns, process), {"at": now, "stats": cache.stats()}, l1=False):
         return False
     # the index is read, changed and written back: processes publishing at
     # the same moment overwrite each other's change.  Read it back, and
@@ -111,7 +111,7 @@ def publish_once(cache: Any, store: Any) -> bool:
                 return True
             index = {p: t for p, t in values[0].items() if now - t < STALE_AFTER}
         index[process] = now
-        if not store.set(index_key(ns), index):
+        if not store.set(index_key(ns), index, l1=False):
             return False
     values = store.get_values([index_key(ns)])
     return bool(values and isinstance(values[0], dict) and values[0].get(process) == now)

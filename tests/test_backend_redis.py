@@ -266,6 +266,137 @@ def test_relaxed_l1_follows_the_channel_again_after_fork(redis_url: str) -> None
         cache.close()
 
 
+def test_a_child_forked_without_the_hooks_follows_the_channel_too(redis_url: str, monkeypatch: Any) -> None:
+    """A C library's fork() (uWSGI's default) runs none of Python's fork
+    hooks: the first read of the child notices the new pid and does what
+    they would have done, else the relaxed L1's copied tokens, which no
+    thread of the child moves, would be trusted for good.  (Played here
+    by making the module state and the store another process's: a real
+    fork() from C, with this process's threads, may leave the child
+    waiting for a GIL a thread of the parent held.)"""
+    import os
+    import time
+    import uuid
+
+    from ormcache import OrmCache, _store
+
+    cache = OrmCache.from_settings(
+        {
+            "namespace": "hf" + uuid.uuid4().hex[:8],
+            "regions": {
+                "r": {"backend": "redis", "l1": {"max_entries": 10, "mode": "relaxed"}, "arguments": {"url": redis_url}}
+            },
+        }
+    )
+    store = cache._stores["r"]
+    subscriber = store.subscriber
+    try:
+        deadline = time.monotonic() + 5
+        while not subscriber.healthy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert subscriber.healthy
+        subscriber.tokens["k"] = "t"
+        thread = subscriber._thread
+        monkeypatch.setattr(_store, "_owner_pid", -1)
+        store._pid = -1
+        store.get_many(["some-entry", "k"])
+        assert _store._owner_pid == os.getpid() and store._pid == os.getpid()
+        assert subscriber.tokens.get("k") != "t"  # forgotten
+        assert subscriber._thread is not thread and subscriber._thread.is_alive()  # following again
+    finally:
+        cache.close()
+
+
+def test_relaxed_l1_tokens_are_bounded(redis_url: str, tmp_path: Any) -> None:
+    """The tokens a relaxed L1 keeps (every version key read: rows have
+    their own) are forgotten past a bound, not kept for the process's life."""
+    import time
+    import uuid
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import sessionmaker
+
+    from ormcache import FromCache, OrmCache
+    from ormcache.testing.fixtures import Base, Template, seed
+
+    engine = create_engine(f"sqlite:///{tmp_path}/db.sqlite")
+    Base.metadata.create_all(engine)
+    seed(engine, stores=4, per_store=10)
+    cache = OrmCache.from_settings(
+        {
+            "namespace": "tb" + uuid.uuid4().hex[:8],
+            "regions": {
+                "r": {"backend": "redis", "l1": {"max_entries": 5, "mode": "relaxed"}, "arguments": {"url": redis_url}}
+            },
+        }
+    )
+    store = cache._stores["r"]
+    subscriber = store.subscriber
+    assert subscriber.max_tokens == 10_000  # (at least that many, 8 per L1 entry above)
+    subscriber.max_tokens = 12
+    Session = sessionmaker(engine)
+    cache.attach(Session)
+    try:
+        deadline = time.monotonic() + 5
+        while not subscriber.healthy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        most = 0
+        for tid in range(1, 41):
+            with Session() as s:
+                s.get_one(Template, tid, options=[FromCache("r")])
+            most = max(most, len(subscriber.tokens))
+        assert 0 < most <= 12
+    finally:
+        cache.close()
+        engine.dispose()
+
+
+def test_l1_max_bytes_bounds_one_entry_too() -> None:
+    from ormcache._store import L1
+
+    l1 = L1(10, max_bytes=1000)
+    l1["small"] = (0, (), None, b"x" * 100)
+    l1["big"] = (0, (), None, b"x" * 5000)
+    assert l1.get("big") is None and l1.bytes <= 1000
+    assert l1.get("small") is None or l1.bytes <= 1000
+
+
+def test_published_statistics_stay_out_of_the_l1(redis_url: str, tmp_path: Any) -> None:
+    import uuid
+
+    from sqlalchemy import create_engine, select
+    from sqlalchemy.orm import sessionmaker
+
+    from ormcache import FromCache, OrmCache
+    from ormcache.stats import publish_once
+    from ormcache.testing.fixtures import Base, Template, seed
+
+    engine = create_engine(f"sqlite:///{tmp_path}/db.sqlite")
+    Base.metadata.create_all(engine)
+    seed(engine)
+    cache = OrmCache.from_settings(
+        {
+            "namespace": "sl" + uuid.uuid4().hex[:8],
+            "regions": {"r": {"backend": "redis", "l1": {"max_entries": 3}, "arguments": {"url": redis_url}}},
+        }
+    )
+    store = cache._stores["r"]
+    Session = sessionmaker(engine)
+    cache.attach(Session)
+    try:
+        for tid in (1, 2, 3):
+            with Session() as s:
+                s.scalars(select(Template).where(Template.id == tid).options(FromCache("r"))).one()
+        assert store.l1 is not None
+        before = list(store.l1._data)
+        assert len(before) == 3
+        assert publish_once(cache, store)
+        assert list(store.l1._data) == before
+    finally:
+        cache.close()
+        engine.dispose()
+
+
 def test_only_a_refused_publish_turns_announcing_off(redis_url: str) -> None:
     """A user without channel permission (NOPERM) or a disabled command
     stops a region's announcements; a server that is merely busy, read-only
