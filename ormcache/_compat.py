@@ -165,6 +165,19 @@ def run_after_routing(orm_context: Any, listener: Any) -> None:
     orm_context._events_todo.append(listener)
 
 
+#: execution options SQLAlchemy turns into the ORM's load options
+LOAD_OPTION_KEYS = frozenset({"populate_existing", "autoflush", "yield_per", "identity_token"})
+
+
+def options_from_listeners(orm_context: Any) -> Mapping[str, Any]:
+    """Execution options an earlier ``do_orm_execute`` listener set with
+    ``update_execution_options()``.  SQLAlchemy turns those among
+    :data:`LOAD_OPTION_KEYS` into load options only when it runs the
+    statement after the listeners: ``orm_context.load_options`` does not
+    show them yet."""
+    return getattr(orm_context, "_update_execution_options", None) or {}
+
+
 def fan_out(orm_context: Any) -> tuple[Any, ...] | None:
     """The shard ids horizontal_shard's router will run a SELECT on, or
     None when something routes it to one shard.  Mirrors the checks of

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Mapper, ORMExecuteState, RelationshipProperty
 from sqlalchemy.orm.base import instance_state
 from sqlalchemy.util import immutabledict
 
+from . import _compat
 from ._compat import entity_result_metadata
 from .options import FromCache
 
@@ -144,7 +145,9 @@ class Plan:
             or load_options._refresh_state is not None
             or load_options._only_return_tuples
             or load_options._yield_per
+            or not _compat.LOAD_OPTION_KEYS.isdisjoint(_compat.options_from_listeners(orm_context))
         ):
+            # (options a listener set: SQLAlchemy's own run applies them)
             return None
         session = orm_context.session
         if session.dispatch.loaded_as_persistent:

@@ -475,7 +475,7 @@ class OrmCache:
             _compat.run_after_routing(orm_context, self._listener or self._do_orm_execute)
             return None
 
-        if orm_context.load_options._autoflush:
+        if _autoflushes(orm_context):
             _compat.autoflush(session)
 
         cache_key = _compat.generate_cache_key(statement)
@@ -659,7 +659,7 @@ class OrmCache:
             return None
         if session.get_transaction() is not None and self._translating(session, shard_ids):
             return None  # a shard's connection translates: cache per shard
-        if orm_context.load_options._autoflush:
+        if _autoflushes(orm_context):
             _compat.autoflush(session)
         statement = orm_context.statement
         cache_key = _compat.generate_cache_key(statement)
@@ -1649,6 +1649,13 @@ class _Pieces:
 
 
 _sharded_classes: dict[type, bool] = {}
+
+
+def _autoflushes(orm_context: ORMExecuteState) -> bool:
+    """Whether the execution autoflushes, a listener's say included."""
+    return bool(
+        _compat.options_from_listeners(orm_context).get("autoflush", orm_context.load_options._autoflush)
+    )
 
 
 def _is_sharded(session: Session) -> bool:

@@ -307,3 +307,70 @@ def test_a_plan_is_for_its_own_dialect() -> None:
     assert shape.plan(first) == "plan of the first" and shape.plan(second) is None
     shape.plans[id(second)] = (weakref.ref(first), "plan of the first")  # as after id reuse
     assert shape.plan(second) is None
+
+
+def test_load_options_a_listener_sets_are_honoured_from_the_first_hit_on(tmp_path: Any) -> None:
+    """A ``do_orm_execute`` listener of the application (registered before
+    the cache's) asks for ``populate_existing``, an ``identity_token`` or no
+    autoflush with ``update_execution_options()``: SQLAlchemy applies those
+    when it runs the statement, after the listeners, so the execution's
+    ``load_options`` do not show them yet; every hit must honour them as
+    the uncached query does."""
+    from sqlalchemy import inspect
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Item(Base):
+        __tablename__ = "listener_item"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str]
+
+    engine = create_engine(f"sqlite:///{tmp_path}/db.sqlite")
+    Base.metadata.create_all(engine)
+    Session = sessionmaker(engine, expire_on_commit=False)
+    Plain = sessionmaker(engine)
+    asked: dict[str, Any] = {}
+
+    @event.listens_for(Session, "do_orm_execute")
+    def listener(state: Any) -> None:
+        if state.is_select and not state.is_column_load and not state.is_relationship_load:
+            state.update_execution_options(**asked)
+
+    cache = OrmCache.from_settings({"namespace": "lo" + uuid.uuid4().hex[:8], "regions": {"r": {"backend": "memory"}}})
+    cache.attach(Session)
+    cache.attach(Plain)
+    with Plain() as s:
+        s.add(Item(id=1, name="v1"))
+        s.commit()
+    stmt = select(Item).where(Item.id == 1).options(FromCache("r"))
+    try:
+        for n in range(2, 6):  # (the third and later hits take the fast path)
+            asked.clear()
+            asked["populate_existing"] = True
+            with Session() as s:
+                obj = s.scalars(stmt).one()
+                s.commit()  # (expire_on_commit=False: obj keeps its value)
+                with Plain() as w:
+                    w.get_one(Item, 1).name = f"v{n}"
+                    w.commit()
+                for _ in range(2):
+                    with Plain() as w:
+                        w.scalars(stmt).one()  # cached again
+                s.scalars(stmt).one()
+                assert obj.name == f"v{n}"
+        for _ in range(4):
+            asked.clear()
+            asked["identity_token"] = "t1"
+            with Session() as s:
+                assert inspect(s.scalars(stmt).one()).identity_token == "t1"
+        for _ in range(4):
+            asked.clear()
+            asked["autoflush"] = False
+            with Session() as s:
+                s.add(Item(id=2, name="new"))
+                s.scalars(stmt).one()
+                assert [o.id for o in s.new] == [2]  # not flushed
+    finally:
+        cache.close()
+        engine.dispose()
