@@ -72,7 +72,7 @@ from sqlalchemy.sql import util as sql_util
 
 from . import _compat
 from ._replay import BEGAN, SNAPSHOT_AT_FIRST_READ, replay_or_capture, statement_runs
-from .keys import SEARCH_PATH_MARK, database_id, digest, table_name, table_pk_positions
+from .keys import SEARCH_PATH_MARK, database_id, digest, table_name, table_pk_positions, table_pk_types
 
 log = logging.getLogger("ormcache")
 
@@ -418,7 +418,9 @@ def pk_text(values: Iterable[Any]) -> str:
     stripped of accents and of trailing blanks (collations that ignore
     case, accents or padding, as MySQL's default does, match several
     spellings to one row; elsewhere this only merges the row keys of
-    distinct rows, which costs an invalidation now and then), decimals
+    distinct rows, which costs an invalidation now and then; string keys
+    on MySQL-family dialects, whose collations have rules of their own,
+    are not looked up by row at all: keys.py), decimals
     normalized (``5`` and ``5.000``), aware datetimes taken to UTC."""
     return repr(tuple([v if type(v) is int else _canonical(v) for v in values]))
 
@@ -731,8 +733,16 @@ def _on_row_write(mapper: Mapper[Any], connection: Connection, target: Any) -> N
             if positions is None:
                 items.add(bulk_item(tname))
                 continue
+            types = table_pk_types(mapper, table)
             for ident in idents:
-                items.add(row_item(tname, pk_text([ident[i] for i in positions])))
+                values = [ident[i] for i in positions]
+                if types is not None and any(type(v) is not t for v, t in zip(values, types)):
+                    # a key given as another type (Item(id="5")): the row
+                    # may be the one a lookup by the column's type names
+                    # otherwise; entity results of the table go
+                    items.add(bulk_item(tname))
+                else:
+                    items.add(row_item(tname, pk_text(values)))
     _record(connection, None, items)
 
 

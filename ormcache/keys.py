@@ -376,7 +376,7 @@ def _describe(statement: Any, dialect: Dialect, cache_key: Any = None) -> Statem
     )
     if not opaque:
         aliased = {_aliased_table(t) for t in found if isinstance(t, Alias)}
-        _describe_get(statement, shape, cache_key, aliased)
+        _describe_get(statement, shape, cache_key, aliased, dialect)
     try:
         entity = statement.column_descriptions[0].get("entity")
     except (AttributeError, IndexError):
@@ -484,6 +484,7 @@ def _describe_get(
     shape: StatementShape,
     cache_key: Any = None,
     aliased: set[tuple[Any, Any]] | frozenset[tuple[Any, Any]] = frozenset(),
+    dialect: Any = None,
 ) -> None:
     """Fill in ``get_*`` when ``statement`` looks an entity up by its
     primary key, the way ``Session.get`` and lazy loaders build it, or as
@@ -532,6 +533,10 @@ def _describe_get(
             return
         if kind in _SPELT_BY_THE_DATABASE:
             return
+        if kind is str and getattr(dialect, "name", None) in _COLLATING_DIALECTS:
+            # their default collations match strings no folding of ours
+            # spells alike (MariaDB's utf8mb4_general_ci: 'ß' = 's')
+            return
         types.append(kind)
     shape.get_params = tuple(get_params[col].key for col in mapper.primary_key)
     shape.get_types = tuple(types)
@@ -546,6 +551,28 @@ def _describe_get(
 #: reads in its session's time zone, against the aware one it returns):
 #: lookups by such keys depend on their whole table
 _SPELT_BY_THE_DATABASE = frozenset({datetime.datetime, datetime.time})
+
+#: dialects whose default collations compare strings case- and
+#: accent-insensitively by rules of their own: lookups by a string key
+#: depend on their whole table
+_COLLATING_DIALECTS = frozenset({"mysql", "mariadb", "mssql"})
+
+
+def table_pk_types(mapper: Any, table: Any) -> tuple[type, ...] | None:
+    """The Python types of ``table``'s primary key columns, in the order
+    of :func:`table_pk_positions` (None when one has none): what a primary
+    key lookup's values must be exactly to depend on their row."""
+    memo = mapper.__dict__.get("_ormcache_pk_types")
+    if memo is None:
+        memo = mapper._ormcache_pk_types = {}  # lives and dies with the mapper
+    found = memo.get(table, _MISSING)
+    if found is _MISSING:
+        try:
+            found = tuple(col.type.python_type for col in table.primary_key)
+        except (NotImplementedError, AttributeError):
+            found = None
+        memo[table] = found
+    return found  # type: ignore[no-any-return]
 
 
 def table_pk_positions(mapper: Any, table: Any) -> tuple[int, ...] | None:

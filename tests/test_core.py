@@ -1406,3 +1406,45 @@ def test_version_tokens_that_are_not_tokens(env: Any, token: Any) -> None:
     with QueryCounter(engine) as counter, maker() as s:
         assert s.scalars(stmt).one().name == "t1"
     assert counter.selects == 0
+
+
+def test_a_row_written_with_its_key_as_another_type_is_seen(tmp_path: Any) -> None:
+    """``Item(id="5")`` inserts row 5 (the driver and the column take the
+    string), but its key is not spelt as ``get(Item, 5)`` spells it: the
+    write moves the table's key of entity results, so a cached "no such
+    row" of that lookup goes."""
+    from sqlalchemy import Column, Integer, String
+    from sqlalchemy.orm import DeclarativeBase
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Item(Base):
+        __tablename__ = "typed_items"
+        id = Column(Integer, primary_key=True)
+        name = Column(String)
+
+    engine = create_engine(f"sqlite:///{tmp_path}/db.sqlite")
+    Base.metadata.create_all(engine)
+    cache = OrmCache.from_settings({"namespace": "ty" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}})
+    Session = sessionmaker(engine)
+    cache.attach(Session)
+
+    def found(ident: Any) -> tuple[str | None, int]:
+        with QueryCounter(engine) as counter, Session() as s:
+            item = s.get(Item, ident, options=[FromCache()])
+            by_select = s.scalars(select(Item).where(Item.id == ident).options(FromCache())).one_or_none()
+            assert (item is None) == (by_select is None)
+        return (None if item is None else item.name), counter.selects
+
+    try:
+        for n, spelt in ((5, "5"), (6, 6.0)):
+            assert found(n)[0] is None
+            assert found(n) == (None, 0)  # cached: no such row
+            with Session() as s:
+                s.add(Item(id=spelt, name=f"item {n}"))  # type: ignore[arg-type]
+                s.commit()
+            assert found(n) == (f"item {n}", 1)  # (get and the select share the entry)
+    finally:
+        cache.close()
+        engine.dispose()

@@ -65,6 +65,43 @@ class TestMariadbMemory(BackendTests):
             name = s.get_one(Template, tid, options=[FromCache("default")]).name
         return name, counter.selects
 
+    def test_a_string_key_the_collation_matches_another_way(self) -> None:
+        """MariaDB's default collation (utf8mb4_general_ci) takes 'ß' for
+        's': a lookup by one spelling finds the row stored under the other,
+        which no folding of ormcache's spells alike.  Such lookups depend on
+        the whole table: the row's update is seen."""
+        from sqlalchemy import Column, String
+        from sqlalchemy.orm import DeclarativeBase
+
+        class Base(DeclarativeBase):
+            pass
+
+        class Word(Base):
+            __tablename__ = "collated_words"
+            key = Column(String(20), primary_key=True)
+            meaning = Column(String(20))
+
+        Base.metadata.drop_all(self.engine)
+        Base.metadata.create_all(self.engine)
+        try:
+            with self.Session() as s:
+                s.add(Word(key="ß", meaning="old"))
+                s.commit()
+
+            def meaning() -> str | None:
+                with self.Session() as s:
+                    word = s.get(Word, "s", options=[FromCache("default")])
+                    return None if word is None else word.meaning
+
+            assert meaning() == "old"
+            assert meaning() == "old"
+            with self.Session() as s:
+                s.get_one(Word, "ß").meaning = "new"
+                s.commit()
+            assert meaning() == "new"
+        finally:
+            Base.metadata.drop_all(self.engine)
+
     def test_the_first_read_of_a_transaction_fills(self) -> None:
         """At REPEATABLE READ, MySQL's default, a transaction's snapshot is
         taken by its first read: a miss that is its transaction's first
