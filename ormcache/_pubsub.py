@@ -60,6 +60,7 @@ class Subscriber:
         #: not put its (maybe older) tokens into ``tokens``
         self.generation = 0
         self.healthy = False
+        self._warned = 0.0
         #: guards ``tokens`` with ``generation``: a read's tokens must not
         #: overwrite a message's that came between its check and its write
         self._lock = threading.Lock()
@@ -114,6 +115,18 @@ class Subscriber:
             for key in keys:
                 self.tokens.pop(key, None)
 
+    def _unreadable(self) -> None:
+        """A message that names no keys ormcache can read (not ormcache's,
+        or damaged): it may stand for any write, so every token goes; the
+        subscription itself is fine, and stays."""
+        with self._lock:
+            self.generation += 1
+            self.tokens.clear()
+        now = time.monotonic()
+        if now - self._warned >= 10.0:
+            self._warned = now
+            log.warning("invalidation channel %r: a message that is not ormcache's; tokens forgotten", self.channel)
+
     def close(self) -> None:
         self._stop.set()
 
@@ -158,9 +171,11 @@ class Subscriber:
                         try:
                             update = json.loads(message["data"])
                         except (ValueError, TypeError):
-                            self._forget()
-                            continue
-                        self.apply(update)
+                            update = None
+                        if isinstance(update, dict):
+                            self.apply(update)
+                        else:
+                            self._unreadable()
             except Exception as err:
                 if self.healthy:
                     log.warning("invalidation channel %r lost: %s", self.channel, err)

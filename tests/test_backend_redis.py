@@ -1627,3 +1627,47 @@ def test_an_acl_user_without_scripts_keeps_caching_and_invalidating(tmp_path: An
         finally:
             cache.close()
             engine.dispose()
+
+
+@pytest.mark.parametrize("garbage", [b"not json {", b"123", b"null", b"[1, 2]"])
+def test_a_message_that_is_not_ormcaches_keeps_the_subscription(redis_url: str, garbage: bytes) -> None:
+    """Anyone may publish on the channel: a message ormcache cannot read
+    makes the relaxed L1 forget its tokens (it may stand for any write),
+    and the subscription stays healthy (it did not before: relaxed mode
+    was off for good, every hit a round trip, nothing logged)."""
+    import time
+    import uuid
+
+    import redis
+
+    from ormcache import OrmCache
+    from ormcache._pubsub import channel_name
+
+    namespace = "gb" + uuid.uuid4().hex[:8]
+    cache = OrmCache.from_settings(
+        {
+            "namespace": namespace,
+            "regions": {
+                "r": {"backend": "redis", "l1": {"max_entries": 10, "mode": "relaxed"}, "arguments": {"url": redis_url}}
+            },
+        }
+    )
+    subscriber = cache._stores["r"].subscriber
+    client = redis.Redis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + 5
+        while not subscriber.healthy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert subscriber.healthy
+        subscriber.tokens["k"] = "t"
+        generation = subscriber.generation
+        client.publish(channel_name(namespace, "r"), garbage)
+        deadline = time.monotonic() + 5
+        while subscriber.generation == generation and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "k" not in subscriber.tokens
+        time.sleep(0.1)
+        assert subscriber.healthy
+    finally:
+        client.close()
+        cache.close()
