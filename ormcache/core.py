@@ -107,6 +107,9 @@ _AS_IS, _PICKLED, _COMPRESSED, _ZSTD = 0, 1, 2, 3
 #: decompressing costs more than moving the bytes over a local network
 #: below a few hundred KiB (measured in docs/benchmarks.md)
 COMPRESS_THRESHOLD = 256 * 1024
+
+#: seconds a key whose result was too big to store is not tried again
+TOO_BIG_FOR = 60.0
 #: results larger than this once compressed are not stored (bytes)
 MAX_ENTRY_BYTES = 1024 * 1024 - 4096
 
@@ -236,6 +239,9 @@ class OrmCache:
         self._stats = Stats()
         self._compress_threshold = COMPRESS_THRESHOLD
         self._max_entry_bytes = MAX_ENTRY_BYTES
+        #: keys whose result was over max_entry_bytes, until when
+        #: (time.monotonic()) they are not tried again
+        self._too_big: dict[str, float] = {}
         #: part of every result key: set it to the schema revision (e.g.
         #: alembic's) so that entries cached under another schema are never
         #: served; see :meth:`use_schema_version`
@@ -839,6 +845,8 @@ class OrmCache:
         """The miss's result, and whether it came from the cache after all
         (another caller's fill, waited for; an expired entry served while
         another caller refreshes it)."""
+        if fill and self._too_big and self._too_big.get(key, 0.0) > time.monotonic():
+            fill = False  # (its result was too big to store lately: no lock, no encoding)
         if not fill:
             return self._miss(orm_context, store, key, deps, values, db, False, shape.label, fanout), False
         # one query per cold key: dogpile's lock for the key (in-process, or
@@ -1039,7 +1047,13 @@ class OrmCache:
             except Exception as err:  # a value that does not pickle: not stored
                 log.info("not caching a result of %s: %s: %s", label, type(err).__name__, err)
                 return result
-            if encoding == _AS_IS or len(rows_value) <= self._max_entry_bytes:
+            if encoding != _AS_IS and len(rows_value) > self._max_entry_bytes:
+                # not stored: its next misses for a while neither wait for
+                # one another on the key's lock nor encode it again
+                if len(self._too_big) >= 10_000:
+                    self._too_big.clear()
+                self._too_big[key] = time.monotonic() + TOO_BIG_FOR
+            else:
                 entry = (now, tuple(current), capture.description, rows_value, encoding, bounds, key)
                 if store.set(key, entry, unlock):
                     self._stats.count(store.name, label, "fills")

@@ -1448,3 +1448,47 @@ def test_a_row_written_with_its_key_as_another_type_is_seen(tmp_path: Any) -> No
     finally:
         cache.close()
         engine.dispose()
+
+
+def test_a_result_too_big_to_store_is_not_encoded_nor_locked_again(tmp_path: Any, monkeypatch: Any) -> None:
+    """A result over max_entry_bytes is not stored: for a while its key's
+    misses run as uncached ones, neither encoding the rows again nor
+    queueing on the key's lock behind one another."""
+    from ormcache import core
+    from ormcache.testing.fixtures import Template, seed as seed_rows
+    from ormcache.testing.fixtures import Base as FixtureBase
+
+    engine = create_engine(f"sqlite:///{tmp_path}/db.sqlite")
+    FixtureBase.metadata.create_all(engine)
+    seed_rows(engine)
+    cache = OrmCache.from_settings(
+        {"namespace": "tb" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory_pickle"}}}
+    )
+    cache.max_entry_bytes = 100  # every result is too big
+    Session = sessionmaker(engine)
+    cache.attach(Session)
+    from ormcache._store import Store
+
+    encoded: list[int] = []
+    locked: list[int] = []
+    encode, mutex = OrmCache._encode_rows, Store.mutex
+    monkeypatch.setattr(OrmCache, "_encode_rows", lambda *a: encoded.append(1) or encode(*a))
+    monkeypatch.setattr(Store, "mutex", lambda self, key: locked.append(1) or mutex(self, key))
+    stmt = select(Template).order_by(Template.id).options(FromCache())
+    try:
+        for _ in range(3):
+            with QueryCounter(engine) as counter, Session() as s:
+                assert len(s.scalars(stmt).all()) == 10
+            assert counter.selects == 1
+        assert (len(encoded), len(locked)) == (1, 1)
+        monkeypatch.setattr(core, "TOO_BIG_FOR", 0.0)
+        cache._too_big.clear()
+        cache.max_entry_bytes = 10 * 1024 * 1024
+        with Session() as s:
+            s.scalars(stmt).all()
+        with QueryCounter(engine) as counter, Session() as s:
+            s.scalars(stmt).all()
+        assert counter.selects == 0  # stored once it fits
+    finally:
+        cache.close()
+        engine.dispose()
