@@ -527,15 +527,8 @@ def _describe_get(
             return
     types = []
     for col in mapper.primary_key:
-        try:
-            kind = col.type.python_type
-        except NotImplementedError:
-            return
-        if kind in _SPELT_BY_THE_DATABASE:
-            return
-        if kind is str and getattr(dialect, "name", None) in _COLLATING_DIALECTS:
-            # their default collations match strings no folding of ours
-            # spells alike (MariaDB's utf8mb4_general_ci: 'ß' = 's')
+        kind = _row_addressable(col.type, dialect)
+        if kind is None:
             return
         types.append(kind)
     shape.get_params = tuple(get_params[col].key for col in mapper.primary_key)
@@ -546,11 +539,33 @@ def _describe_get(
     )
 
 
-#: key types whose values a lookup and a write may spell differently in
-#: ways no canonical form can join (a naive datetime that the database
-#: reads in its session's time zone, against the aware one it returns):
-#: lookups by such keys depend on their whole table
-_SPELT_BY_THE_DATABASE = frozenset({datetime.datetime, datetime.time})
+def _row_addressable(type_: Any, dialect: Any) -> type | None:
+    """The Python type of a key column's values when a lookup by it may
+    depend on its row: when a lookup and a write of one row always spell
+    its key alike (see ``invalidation.pk_text``).  None when the database
+    may take two spellings for one row: numbers it rounds to a scale
+    (``Numeric``), times and timestamps it reads in a zone of its own,
+    strings a ``TypeDecorator`` or a ``Uuid(as_uuid=False)`` rewrites, or a
+    collation of MySQL, MariaDB or SQL Server matches ('ß' = 's')."""
+    from sqlalchemy import Date, Integer, String, TypeDecorator, Uuid
+    from sqlalchemy import Enum as EnumType
+
+    if isinstance(type_, TypeDecorator):
+        return None
+    try:
+        kind = type_.python_type
+    except NotImplementedError:
+        return None
+    if kind is int and isinstance(type_, Integer):
+        return int
+    if kind is str and isinstance(type_, String) and not isinstance(type_, EnumType):
+        return None if getattr(dialect, "name", None) in _COLLATING_DIALECTS else str
+    if kind is uuid.UUID and isinstance(type_, Uuid):
+        return kind
+    if kind is datetime.date and isinstance(type_, Date):
+        return kind
+    return None
+
 
 #: dialects whose default collations compare strings case- and
 #: accent-insensitively by rules of their own: lookups by a string key

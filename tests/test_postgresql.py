@@ -340,3 +340,62 @@ class TestPostgresqlRedis(BackendTests):
         finally:
             with self.engine.begin() as conn:
                 conn.exec_driver_sql("DROP TABLE deferred_child")
+
+
+@pytest.mark.parametrize("kind", ["uuid_text", "numeric"])
+def test_keys_the_database_spells_its_own_way_are_looked_up_by_table(postgresql_url: str, kind: str) -> None:
+    """A ``Uuid(as_uuid=False)`` key given as hex to a lookup and with
+    dashes to a write, a ``Numeric(6, 2)`` key the database rounds: one
+    row, two spellings.  Such lookups depend on the table, so the write is
+    seen (they depended on a row key the write did not move)."""
+    import uuid as uuid_module
+    from decimal import Decimal
+
+    from sqlalchemy import Column, Numeric, String, Uuid
+    from sqlalchemy.orm import DeclarativeBase, sessionmaker
+
+    from ormcache import OrmCache
+    from servers import postgresql_database
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Thing(Base):
+        __tablename__ = f"spelt_{kind}"
+        id = Column(Uuid(as_uuid=False) if kind == "uuid_text" else Numeric(6, 2), primary_key=True)
+        name = Column(String(20))
+
+    u = uuid_module.uuid4()
+    written, looked_up = (str(u), u.hex) if kind == "uuid_text" else (Decimal("7.001"), Decimal("7"))
+    engine = create_engine(postgresql_database(postgresql_url, "ormcache_main"))
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+    cache = OrmCache.from_settings({"namespace": "sp" + uuid_module.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}})
+    Session = sessionmaker(engine)
+    cache.attach(Session)
+
+    def name() -> str | None:
+        with Session() as s:
+            thing = s.get(Thing, looked_up, options=[FromCache()])
+            return None if thing is None else thing.name
+
+    try:
+        if kind == "uuid_text":
+            with Session() as s:
+                s.add(Thing(id=written, name="old"))
+                s.commit()
+            assert name() == "old"
+            with Session() as s:
+                s.get_one(Thing, written).name = "new"
+                s.commit()
+            assert name() == "new"
+        else:
+            assert name() is None  # cached: no such row
+            with Session() as s:
+                s.add(Thing(id=written, name="seven"))  # stored as 7.00
+                s.commit()
+            assert name() == "seven"
+    finally:
+        cache.close()
+        Base.metadata.drop_all(engine)
+        engine.dispose()
