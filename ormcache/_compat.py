@@ -170,12 +170,18 @@ LOAD_OPTION_KEYS = frozenset({"populate_existing", "autoflush", "yield_per", "id
 
 
 def options_from_listeners(orm_context: Any) -> Mapping[str, Any]:
-    """Execution options an earlier ``do_orm_execute`` listener set with
-    ``update_execution_options()``.  SQLAlchemy turns those among
-    :data:`LOAD_OPTION_KEYS` into load options only when it runs the
-    statement after the listeners: ``orm_context.load_options`` does not
-    show them yet."""
-    return getattr(orm_context, "_update_execution_options", None) or {}
+    """Execution options among :data:`LOAD_OPTION_KEYS` an earlier
+    ``do_orm_execute`` listener may have set, with
+    ``update_execution_options()`` or on a statement it put in place of the
+    original (``orm_context.statement = stmt.execution_options(...)``), and
+    those of the statement itself.  SQLAlchemy turns a listener's into load
+    options only when it runs the statement after the listeners:
+    ``orm_context.load_options`` does not show them yet."""
+    updated = getattr(orm_context, "_update_execution_options", None) or {}
+    carried = getattr(orm_context.statement, "_execution_options", None) or {}
+    if LOAD_OPTION_KEYS.isdisjoint(carried):
+        return updated
+    return {**{k: carried[k] for k in LOAD_OPTION_KEYS if k in carried}, **updated}
 
 
 def fan_out(orm_context: Any) -> tuple[Any, ...] | None:

@@ -239,9 +239,10 @@ class OrmCache:
         self._stats = Stats()
         self._compress_threshold = COMPRESS_THRESHOLD
         self._max_entry_bytes = MAX_ENTRY_BYTES
-        #: keys whose result was over max_entry_bytes, until when
-        #: (time.monotonic()) they are not tried again
-        self._too_big: dict[str, float] = {}
+        #: keys whose result was over max_entry_bytes: until when
+        #: (time.monotonic()) they are not tried again while their version
+        #: tokens are these
+        self._too_big: dict[str, tuple[float, tuple[Any, ...]]] = {}
         #: part of every result key: set it to the schema revision (e.g.
         #: alembic's) so that entries cached under another schema are never
         #: served; see :meth:`use_schema_version`
@@ -336,6 +337,7 @@ class OrmCache:
     @max_entry_bytes.setter
     def max_entry_bytes(self, value: int) -> None:
         self._max_entry_bytes = _byte_count("max_entry_bytes", value)
+        self._too_big.clear()
 
     def write_lost_invalidations(self) -> list[str]:
         """Try once, now, to write the invalidations that failed while a
@@ -845,8 +847,12 @@ class OrmCache:
         """The miss's result, and whether it came from the cache after all
         (another caller's fill, waited for; an expired entry served while
         another caller refreshes it)."""
-        if fill and self._too_big and self._too_big.get(key, 0.0) > time.monotonic():
-            fill = False  # (its result was too big to store lately: no lock, no encoding)
+        if fill and self._too_big:
+            too_big = self._too_big.get(key)
+            if too_big is not None and too_big[0] > time.monotonic() and too_big[1] == tuple(values[1:]):
+                # its result was too big to store lately, and nothing it
+                # depends on moved since: no lock, no encoding
+                fill = False
         if not fill:
             return self._miss(orm_context, store, key, deps, values, db, False, shape.label, fanout), False
         # one query per cold key: dogpile's lock for the key (in-process, or
@@ -1052,7 +1058,7 @@ class OrmCache:
                 # one another on the key's lock nor encode it again
                 if len(self._too_big) >= 10_000:
                     self._too_big.clear()
-                self._too_big[key] = time.monotonic() + TOO_BIG_FOR
+                self._too_big[key] = (time.monotonic() + TOO_BIG_FOR, tuple(current))
             else:
                 entry = (now, tuple(current), capture.description, rows_value, encoding, bounds, key)
                 if store.set(key, entry, unlock):
