@@ -266,6 +266,35 @@ def test_relaxed_l1_follows_the_channel_again_after_fork(redis_url: str) -> None
         cache.close()
 
 
+def _relaxed(redis_url: str, tag: str, max_entries: int = 10) -> Any:
+    """An OrmCache with one Redis region "r" behind a relaxed L1, its
+    subscription live."""
+    import time
+    import uuid
+
+    from ormcache import OrmCache
+
+    cache = OrmCache.from_settings(
+        {
+            "namespace": tag + uuid.uuid4().hex[:8],
+            "regions": {
+                "r": {
+                    "backend": "redis",
+                    "l1": {"max_entries": max_entries, "mode": "relaxed"},
+                    "arguments": {"url": redis_url},
+                }
+            },
+        }
+    )
+    subscriber = cache._stores["r"].subscriber
+    deadline = time.monotonic() + 5
+    while not subscriber.healthy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert subscriber.healthy
+    return cache
+
+
+
 def test_a_child_forked_without_the_hooks_follows_the_channel_too(redis_url: str, monkeypatch: Any) -> None:
     """A C library's fork() (uWSGI's default) runs none of Python's fork
     hooks: the first read of the child notices the new pid and does what
@@ -275,26 +304,13 @@ def test_a_child_forked_without_the_hooks_follows_the_channel_too(redis_url: str
     fork() from C, with this process's threads, may leave the child
     waiting for a GIL a thread of the parent held.)"""
     import os
-    import time
-    import uuid
 
-    from ormcache import OrmCache, _store
+    from ormcache import _store
 
-    cache = OrmCache.from_settings(
-        {
-            "namespace": "hf" + uuid.uuid4().hex[:8],
-            "regions": {
-                "r": {"backend": "redis", "l1": {"max_entries": 10, "mode": "relaxed"}, "arguments": {"url": redis_url}}
-            },
-        }
-    )
+    cache = _relaxed(redis_url, "hf")
     store = cache._stores["r"]
     subscriber = store.subscriber
     try:
-        deadline = time.monotonic() + 5
-        while not subscriber.healthy and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert subscriber.healthy
         subscriber.tokens["k"] = "t"
         thread = subscriber._thread
         monkeypatch.setattr(_store, "_owner_pid", -1)
@@ -310,26 +326,16 @@ def test_a_child_forked_without_the_hooks_follows_the_channel_too(redis_url: str
 def test_relaxed_l1_tokens_are_bounded(redis_url: str, tmp_path: Any) -> None:
     """The tokens a relaxed L1 keeps (every version key read: rows have
     their own) are forgotten past a bound, not kept for the process's life."""
-    import time
-    import uuid
-
     from sqlalchemy import create_engine
     from sqlalchemy.orm import sessionmaker
 
-    from ormcache import FromCache, OrmCache
+    from ormcache import FromCache
     from ormcache.testing.fixtures import Base, Template, seed
 
     engine = create_engine(f"sqlite:///{tmp_path}/db.sqlite")
     Base.metadata.create_all(engine)
     seed(engine, stores=4, per_store=10)
-    cache = OrmCache.from_settings(
-        {
-            "namespace": "tb" + uuid.uuid4().hex[:8],
-            "regions": {
-                "r": {"backend": "redis", "l1": {"max_entries": 5, "mode": "relaxed"}, "arguments": {"url": redis_url}}
-            },
-        }
-    )
+    cache = _relaxed(redis_url, "tb", max_entries=5)
     store = cache._stores["r"]
     subscriber = store.subscriber
     assert subscriber.max_tokens == 10_000  # (at least that many, 8 per L1 entry above)
@@ -337,9 +343,6 @@ def test_relaxed_l1_tokens_are_bounded(redis_url: str, tmp_path: Any) -> None:
     Session = sessionmaker(engine)
     cache.attach(Session)
     try:
-        deadline = time.monotonic() + 5
-        while not subscriber.healthy and time.monotonic() < deadline:
-            time.sleep(0.01)
         most = 0
         for tid in range(1, 41):
             with Session() as s:
@@ -1636,29 +1639,16 @@ def test_a_message_that_is_not_ormcaches_keeps_the_subscription(redis_url: str, 
     and the subscription stays healthy (it did not before: relaxed mode
     was off for good, every hit a round trip, nothing logged)."""
     import time
-    import uuid
 
     import redis
 
-    from ormcache import OrmCache
     from ormcache._pubsub import channel_name
 
-    namespace = "gb" + uuid.uuid4().hex[:8]
-    cache = OrmCache.from_settings(
-        {
-            "namespace": namespace,
-            "regions": {
-                "r": {"backend": "redis", "l1": {"max_entries": 10, "mode": "relaxed"}, "arguments": {"url": redis_url}}
-            },
-        }
-    )
+    cache = _relaxed(redis_url, "gb")
+    namespace = cache.settings.namespace
     subscriber = cache._stores["r"].subscriber
     client = redis.Redis.from_url(redis_url)
     try:
-        deadline = time.monotonic() + 5
-        while not subscriber.healthy and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert subscriber.healthy
         subscriber.tokens["k"] = "t"
         generation = subscriber.generation
         client.publish(channel_name(namespace, "r"), garbage)
