@@ -1151,6 +1151,12 @@ def _written_by(context: Any, statement: str, conn: Connection) -> set[str] | No
         ctes = _cte_targets(compiled)
         if context.isinsert or context.isupdate or context.isdelete:
             target = getattr(stmt, "table", None)
+            annotations = getattr(stmt, "_annotations", None)
+            if annotations:
+                # an ORM bulk INSERT or UPDATE by key of a joined-inheritance
+                # class runs once per table, each run the user's statement
+                # annotated with the table it writes
+                target = annotations.get("_emit_insert_table", annotations.get("_emit_update_table", target))
             if target is None:
                 return {UNKNOWN}
             found = sql_util.find_tables(target, include_joins=True, include_aliases=True)

@@ -97,3 +97,32 @@ def test_subclass_get_depends_on_both_tables(env: Any) -> None:
     with engine.begin() as conn:
         conn.exec_driver_sql("UPDATE images SET width = 300")
     assert run(engine, maker, width) == (300, 1)
+
+
+def test_orm_bulk_insert_and_update_by_key_of_a_subclass_write_every_table(env: Any) -> None:
+    """``insert(Image)`` with rows and ``update(Image)`` by primary key run
+    once per table of the class, each run the user's statement annotated
+    with the table it writes: the base table's writes must be seen."""
+    from sqlalchemy import insert, update
+
+    engine, maker = env
+    names = select(Asset).order_by(Asset.id).options(FromCache())
+
+    def listed(s: Any) -> list[str]:
+        return [a.name for a in s.scalars(names)]
+
+    def got(s: Any) -> str:
+        return s.get(Asset, 1, options=[FromCache()]).name
+
+    assert run(engine, maker, listed)[0] == ["logo", "serif", "raw"]
+    assert run(engine, maker, got) == ("logo", 1)
+    with maker() as s:
+        s.execute(insert(Image), [{"id": 4, "name": "inserted", "width": 5}])
+        s.commit()
+    assert run(engine, maker, listed) == (["logo", "serif", "raw", "inserted"], 1)
+    assert run(engine, maker, got)[0] == "logo"
+    with maker() as s:
+        s.execute(update(Image), [{"id": 1, "name": "renamed"}])  # the base table's column only
+        s.commit()
+    assert run(engine, maker, listed)[0] == ["renamed", "serif", "raw", "inserted"]
+    assert run(engine, maker, got)[0] == "renamed"
