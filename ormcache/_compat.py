@@ -181,7 +181,15 @@ def options_from_listeners(orm_context: Any) -> Mapping[str, Any]:
     carried = getattr(orm_context.statement, "_execution_options", None) or {}
     if LOAD_OPTION_KEYS.isdisjoint(carried):
         return updated
-    return {**{k: carried[k] for k in LOAD_OPTION_KEYS if k in carried}, **updated}
+    # (a statement's own options are in load_options already: only those
+    # that are not, a replaced statement's, count)
+    load_options = orm_context.load_options
+    differing = {
+        k: carried[k]
+        for k in LOAD_OPTION_KEYS
+        if k in carried and carried[k] != getattr(load_options, "_" + k, carried[k])
+    }
+    return {**differing, **updated} if differing else updated
 
 
 def fan_out(orm_context: Any) -> tuple[Any, ...] | None:

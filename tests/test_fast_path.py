@@ -380,3 +380,26 @@ def test_load_options_a_listener_sets_are_honoured_from_the_first_hit_on(tmp_pat
     finally:
         cache.close()
         engine.dispose()
+
+
+def test_a_statements_own_load_options_keep_the_fast_path(env: Any, monkeypatch: Any) -> None:
+    """Options a statement carries from the start (``autoflush=False``) are
+    in the execution's load options already: its hits take the fast path
+    (only a statement a listener put in place needs SQLAlchemy's run)."""
+    from ormcache import _loading
+
+    engine, Session = env
+    built: list[bool] = []
+    build = _loading.Plan.build
+
+    def counting(self: Any, *args: Any, **kw: Any) -> Any:
+        result = build(self, *args, **kw)
+        built.append(result is not None)
+        return result
+
+    monkeypatch.setattr(_loading.Plan, "build", counting)
+    stmt = select(Profile).where(Profile.id == 10).options(FromCache()).execution_options(autoflush=False)
+    for _ in range(5):
+        with Session() as s:
+            s.scalars(stmt).one()
+    assert built and all(built[-3:])
