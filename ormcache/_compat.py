@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
@@ -165,6 +166,8 @@ def run_after_routing(orm_context: Any, listener: Any) -> None:
     orm_context._events_todo.append(listener)
 
 
+_NO_OPTIONS: Mapping[str, Any] = MappingProxyType({})
+
 #: execution options SQLAlchemy turns into the ORM's load options
 LOAD_OPTION_KEYS = frozenset({"populate_existing", "autoflush", "yield_per", "identity_token"})
 
@@ -177,8 +180,8 @@ def options_from_listeners(orm_context: Any) -> Mapping[str, Any]:
     those of the statement itself.  SQLAlchemy turns a listener's into load
     options only when it runs the statement after the listeners:
     ``orm_context.load_options`` does not show them yet."""
-    updated = getattr(orm_context, "_update_execution_options", None) or {}
-    carried = getattr(orm_context.statement, "_execution_options", None) or {}
+    updated = getattr(orm_context, "_update_execution_options", None) or _NO_OPTIONS
+    carried = getattr(orm_context.statement, "_execution_options", None) or _NO_OPTIONS
     if LOAD_OPTION_KEYS.isdisjoint(carried):
         return updated
     # (a statement's own options are in load_options already: only those

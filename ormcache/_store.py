@@ -1163,6 +1163,10 @@ def _backend_value(region: CacheRegion, value: str) -> Any:
     return value
 
 
+#: modules of the Redis (and Valkey) backends of dogpile and ormcache
+_REDIS_MODULES = frozenset({"dogpile.cache.backends.redis", "dogpile.cache.backends.valkey", "ormcache.backends"})
+
+
 def _adder(region: CacheRegion) -> Any:
     if region.key_mangler is not None:
         return None
@@ -1179,11 +1183,7 @@ def _adder(region: CacheRegion) -> Any:
 
         return add_memory
 
-    if module in (
-        "dogpile.cache.backends.redis",
-        "dogpile.cache.backends.valkey",
-        "ormcache.backends",
-    ):
+    if module in _REDIS_MODULES:
 
         def add_redis(key: str, value: Any) -> bool:
             ttl = getattr(backend, "redis_expiration_time", 0) or getattr(
@@ -1791,11 +1791,7 @@ def _redis_module(region: CacheRegion) -> bool:
     """A region on a Redis (or Valkey) backend dogpile or ormcache
     provides: its version tokens are merged by the server."""
     backend = region.backend
-    return region.serializer is not None and type(backend).__module__ in (
-        "dogpile.cache.backends.redis",
-        "dogpile.cache.backends.valkey",
-        "ormcache.backends",
-    )
+    return region.serializer is not None and type(backend).__module__ in _REDIS_MODULES
 
 
 def _raise_first(replies: Sequence[Any]) -> None:
