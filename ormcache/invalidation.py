@@ -17,6 +17,15 @@ Keys (``ns`` is the settings' namespace)::
                             (bulk, Core and textual DML, DDL)
     ns:v:d:DB:r:TABLE:PK    an ORM flush writing the row PK of TABLE
 
+TABLE is the table's name without its schema (``public.plan`` and
+``plan`` are one table for version keys), and DB leaves out what does not
+tell databases apart for writes: a PostgreSQL URL's ``search_path``, and
+on MySQL, MariaDB and SQL Server the database (a schema of the server's,
+which a query on another reaches as ``db.table``).  Which schema an
+unqualified name resolves to depends on each connection's search path
+or current database; same-named tables of other schemas invalidate each
+other's results, which costs misses only.
+
 Query results depend on the ``t`` keys of their tables.  Entity results
 (``Session.get`` and many-to-one lazy loads by primary key) depend instead
 on the ``b`` and ``r`` keys of their row: writes to other rows of the table
@@ -261,7 +270,7 @@ class VersionKeys:
     def model(self, table: str) -> str:
         # the bare name: a default schema may or may not be spelled out
         # (over-invalidating same-named tables of other schemas is safe)
-        return f"{self.ns}:v:g:{_short(table.rpartition('.')[2])}"
+        return f"{self.ns}:v:g:{_short(_bare(table))}"
 
     def models_unknown(self) -> str:
         """Moved by every explicit invalidation of a model or table
@@ -276,13 +285,13 @@ class VersionKeys:
         return f"{self.ns}:v:d:{_db(db)}:+"
 
     def table(self, db: str, table: str) -> str:
-        return f"{self.ns}:v:d:{_db(db)}:t:{_short(table)}"
+        return f"{self.ns}:v:d:{_db(db)}:t:{_short(_bare(table))}"
 
     def bulk(self, db: str, table: str) -> str:
-        return f"{self.ns}:v:d:{_db(db)}:b:{_short(table)}"
+        return f"{self.ns}:v:d:{_db(db)}:b:{_short(_bare(table))}"
 
     def row(self, db: str, table: str, pk: str) -> str:
-        return f"{self.ns}:v:d:{_db(db)}:r:{_short(table)}:{digest(pk, 8)}"
+        return f"{self.ns}:v:d:{_db(db)}:r:{_short(_bare(table))}:{digest(pk, 8)}"
 
     def entity_deps(
         self,
@@ -309,16 +318,16 @@ class VersionKeys:
 
     def any_table(self, table: str) -> str:
         """Moved by every write to ``table``, in any database."""
-        return f"{self.ns}:v:a:t:{_short(table)}"
+        return f"{self.ns}:v:a:t:{_short(_bare(table))}"
 
     def any_bulk(self, table: str) -> str:
         """Moved by every write to ``table`` not known row by row, in any
         database."""
-        return f"{self.ns}:v:a:b:{_short(table)}"
+        return f"{self.ns}:v:a:b:{_short(_bare(table))}"
 
     def any_row(self, table: str, pk: str) -> str:
         """Moved by every write to this row of ``table``, in any database."""
-        return f"{self.ns}:v:a:r:{_short(table)}:{digest(pk, 8)}"
+        return f"{self.ns}:v:a:r:{_short(_bare(table))}:{digest(pk, 8)}"
 
     def any_unknown(self) -> str:
         """Moved by every write whose tables are not known, in any database."""
@@ -456,7 +465,20 @@ def _short(name: str) -> str:
     return digest(name, 8)
 
 
+def _bare(table: str) -> str:
+    """A table's name in version keys: without its schema.  A name
+    reaches a table through each connection's search path (PostgreSQL)
+    or current database (MySQL): ``plan`` on one engine may be
+    ``public.plan`` spelled out on another, or a table of another schema
+    altogether; one key for all of them over-invalidates, never misses a
+    write."""
+    return table.rpartition(".")[2]
+
+
 _db_memo: dict[str, str] = {}
+#: dialects whose "database" in a URL is a schema of the server's: a query
+#: on one reaches the others' tables as ``db.table``
+_SCHEMA_DATABASES = ("mysql://", "mariadb://", "mssql://")
 
 
 def _db(db: str) -> str:
@@ -465,13 +487,31 @@ def _db(db: str) -> str:
     set of version keys per database means that URLs which spell the
     same ``search_path`` differently (or leave it implicit) still
     invalidate each other's readers; tenants' writes to tables of the
-    same name then invalidate each other too, which costs misses only."""
+    same name then invalidate each other too, which costs misses only.
+    On MySQL, MariaDB and SQL Server, without the database: the server
+    (an engine on ``/app`` writes ``reports.t``, which one on ``/reports``
+    reads as ``t``)."""
     short = _db_memo.get(db)
     if short is None:
         if len(_db_memo) > 10000:  # (in-memory databases of threads come and go)
             _db_memo.clear()
-        short = _db_memo[db] = digest(db.partition(SEARCH_PATH_MARK)[0], 8)
+        short = _db_memo[db] = digest(_server_part(db.partition(SEARCH_PATH_MARK)[0]), 8)
     return short
+
+
+def _server_part(db: str) -> str:
+    """``db`` (a database id) without the database of a server whose
+    databases are schemas; mysql and mariadb ids of one server are one."""
+    if not db.startswith(_SCHEMA_DATABASES):
+        return db
+    head, sep, query = db.partition("?")
+    scheme, _, rest = head.partition("://")
+    server = rest.partition("/")[0]
+    scheme = "mysql" if scheme == "mariadb" else scheme
+    # (a query's unix_socket, host or port name the server; its database
+    # does not)
+    targets = "&".join(p for p in query.split("&") if p and not p.startswith(("database=", "dbname="))) if sep else ""
+    return f"{scheme}://{server}/" + (f"?{targets}" if targets else "")
 
 
 # -- write tracking -------------------------------------------------------

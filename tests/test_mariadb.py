@@ -401,3 +401,79 @@ class TestMariadbMemory(BackendTests):
                 assert self.cached_names(store_1) == (names, 1)
         finally:
             writer.dispose()
+
+
+@pytest.mark.parametrize("direction", ["write_qualified_read_plain", "write_plain_read_qualified"])
+def test_a_table_of_another_database_of_the_server(direction: str) -> None:
+    """MySQL's databases are schemas of one server: an engine on
+    ``ormcache_main`` maps a table as ``ormcache_other.t`` while another,
+    on ``ormcache_other``, maps it as ``t``.  A write through either is
+    seen by readers of the other: version keys name the server, not the
+    URL's database, and tables without their schema."""
+    import uuid
+
+    from sqlalchemy import Column, Integer, String, update
+    from sqlalchemy.orm import DeclarativeBase
+
+    from ormcache import OrmCache
+    from servers import require_server
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Plain(Base):
+        __tablename__ = "ormcache_xdb"
+        id = Column(Integer, primary_key=True)
+        name = Column(String(20))
+
+    class Qualified(Base):
+        __tablename__ = "ormcache_xdb"
+        __table_args__ = {"schema": "ormcache_other", "keep_existing": True}
+        id = Column(Integer, primary_key=True)
+        name = Column(String(20))
+
+    url = make_url(require_server("mariadb"))
+    admin = create_engine(url)
+    with admin.connect() as conn:
+        for database in ("ormcache_main", "ormcache_other"):
+            conn.exec_driver_sql(f"CREATE DATABASE IF NOT EXISTS `{database}`")
+    admin.dispose()
+    main = create_engine(url.set(database="ormcache_main"), isolation_level="READ COMMITTED")
+    other = create_engine(url.set(database="ormcache_other"), isolation_level="READ COMMITTED")
+    Plain.__table__.drop(other, checkfirst=True)
+    Plain.__table__.create(other)
+    with other.begin() as conn:
+        conn.execute(Plain.__table__.insert().values(id=1, name="v0"))
+    cache = OrmCache.from_settings({"namespace": "xd" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}})
+    if direction == "write_qualified_read_plain":
+        (w_engine, w_model), (r_engine, r_model) = (main, Qualified), (other, Plain)
+    else:
+        (w_engine, w_model), (r_engine, r_model) = (other, Plain), (main, Qualified)
+
+    def read() -> str:
+        with Session(r_engine) as s:
+            cache.attach(s)
+            return s.scalars(select(r_model.name).where(r_model.id == 1).options(FromCache())).one()
+
+    try:
+        assert read() == "v0"
+        assert read() == "v0"  # a hit
+        with Session(w_engine) as s:
+            s.execute(update(w_model).where(w_model.id == 1).values(name="v1"))
+            s.commit()
+        assert read() == "v1"
+    finally:
+        cache.close()
+        Plain.__table__.drop(other, checkfirst=True)
+        main.dispose()
+        other.dispose()
+
+
+def test_version_keys_name_the_server_of_a_mysql_database() -> None:
+    from ormcache.invalidation import _server_part
+
+    assert _server_part("mysql://h:3306/app") == _server_part("mariadb://h:3306/reports") == "mysql://h:3306/"
+    assert _server_part("mssql://h:1433/app?odbc_connect=x") == "mssql://h:1433/?odbc_connect=x"
+    assert _server_part("mysql://h:3306/app?database=a&unix_socket=/s") == "mysql://h:3306/?unix_socket=/s"
+    assert _server_part("postgresql://h:5432/app") == "postgresql://h:5432/app"
+    assert _server_part("mysql://h:3307/app") != _server_part("mysql://h:3306/app")

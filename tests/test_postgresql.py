@@ -399,3 +399,84 @@ def test_keys_the_database_spells_its_own_way_are_looked_up_by_table(postgresql_
         cache.close()
         Base.metadata.drop_all(engine)
         engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "writer",
+    [
+        "text_qualified_on_tenant",  # the tenant reads Plan
+        "qualified_model_on_admin",  # the tenant reads Plan
+        "unqualified_model_on_admin",  # the tenant reads PublicPlan
+    ],
+)
+def test_a_table_named_with_and_without_its_schema_on_engines_of_other_search_paths(
+    postgresql_url: str, writer: str
+) -> None:
+    """A tenant engine whose URL puts its own schema first
+    (``search_path=tenant,public``) reads ``public.plan`` unqualified;
+    another engine (the default search path) or a textual statement
+    names it ``public.plan``.  The schema an engine leaves out of a name
+    depends on that engine's search path, so version keys name tables
+    without their schema: every spelling of the table is seen."""
+    import uuid as uuid_module
+
+    from sqlalchemy import Column, Integer, String, update
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.orm import DeclarativeBase, Session
+
+    from ormcache import OrmCache
+    from servers import postgresql_database
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Plan(Base):  # as the tenant's models map it: no schema
+        __tablename__ = "ormcache_sp_plan"
+        id = Column(Integer, primary_key=True)
+        name = Column(String(20))
+
+    class PublicPlan(Base):  # the same table, spelled out
+        __tablename__ = "ormcache_sp_plan"
+        __table_args__ = {"schema": "public", "keep_existing": True}
+        id = Column(Integer, primary_key=True)
+        name = Column(String(20))
+
+    url = make_url(postgresql_database(postgresql_url, "ormcache_main"))
+    admin = create_engine(url)
+    tenant = create_engine(url.update_query_dict({"options": "-csearch_path=ormcache_sp_tenant,public"}))
+    with admin.begin() as conn:
+        conn.exec_driver_sql("DROP SCHEMA IF EXISTS ormcache_sp_tenant CASCADE")
+        conn.exec_driver_sql("CREATE SCHEMA ormcache_sp_tenant")
+        conn.exec_driver_sql("DROP TABLE IF EXISTS public.ormcache_sp_plan")
+    PublicPlan.__table__.create(admin)
+    with admin.begin() as conn:
+        conn.execute(PublicPlan.__table__.insert().values(id=1, name="v0"))
+    cache = OrmCache.from_settings(
+        {"namespace": "sp" + uuid_module.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}}
+    )
+    reader_model = PublicPlan if writer == "unqualified_model_on_admin" else Plan
+
+    def read() -> str:
+        with Session(tenant) as s:
+            cache.attach(s)
+            return s.scalars(select(reader_model.name).where(reader_model.id == 1).options(FromCache())).one()
+
+    try:
+        assert read() == "v0"
+        assert read() == "v0"  # a hit
+        if writer == "text_qualified_on_tenant":
+            with tenant.begin() as conn:
+                conn.execute(text("UPDATE public.ormcache_sp_plan SET name = 'v1' WHERE id = 1"))
+        else:
+            model = PublicPlan if writer == "qualified_model_on_admin" else Plan
+            with Session(admin) as s:
+                s.execute(update(model).where(model.id == 1).values(name="v1"))
+                s.commit()
+        assert read() == "v1"
+    finally:
+        cache.close()
+        with admin.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE IF EXISTS public.ormcache_sp_plan")
+            conn.exec_driver_sql("DROP SCHEMA IF EXISTS ormcache_sp_tenant CASCADE")
+        tenant.dispose()
+        admin.dispose()
