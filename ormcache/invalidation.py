@@ -1226,12 +1226,19 @@ def _written_by(context: Any, statement: str, conn: Connection) -> set[str] | No
         cascaded = _cascades(found, True, None)
         if ctes:  # of either kind
             cascaded |= _cascades(found, False, None)
+    elif (context.isinsert or context.isupdate) and (
+        _replaces(stmt) or (dialect.name == "sqlite" and any(map(_replaces_on_conflict, found)))
+    ):
+        # INSERT OR REPLACE / REPLACE / UPDATE OR REPLACE, or a SQLite
+        # table whose constraints say ON CONFLICT REPLACE, delete the rows
+        # they conflict with (other rows than those written: row by row
+        # keys do not tell them); an upsert (ON CONFLICT DO UPDATE, ON
+        # DUPLICATE KEY UPDATE) updates them
+        cascaded = _cascades(found, True, None) | _cascades(found, False, None)
+        for name in list(written):
+            written.add(bulk_item(name))
     elif context.isupdate:
         cascaded = _cascades(found, False, _set_keys(compiled, stmt))
-    elif context.isinsert and _replaces(stmt):
-        # INSERT OR REPLACE / REPLACE deletes the row it replaces; an
-        # upsert (ON CONFLICT DO UPDATE, ON DUPLICATE KEY UPDATE) updates it
-        cascaded = _cascades(found, True, None) | _cascades(found, False, None)
     else:
         cascaded = set()
     # rows the database changes by itself: foreign keys declared ON
@@ -1273,6 +1280,34 @@ def _replaces(stmt: Any) -> bool:
     if getattr(stmt, "_post_values_clause", None) is not None:
         return True
     return any("replace" in str(p).lower() for p, _ in getattr(stmt, "_prefixes", ()) or ())
+
+
+def _replaces_on_conflict(table: Any) -> bool:
+    """Whether a SQLite table's metadata declares a primary key or unique
+    constraint ``ON CONFLICT REPLACE`` (``sqlite_on_conflict``,
+    ``sqlite_on_conflict_primary_key``, ``sqlite_on_conflict_unique``):
+    any INSERT or UPDATE of it may delete the rows it conflicts with."""
+    memo = table.__dict__.get("_ormcache_replaces")
+    size = len(getattr(table, "constraints", ()))
+    if memo is not None and memo[0] == size:
+        return memo[1]  # type: ignore[no-any-return]
+    found = False
+    try:
+        for constraint in table.constraints:
+            if str(constraint.dialect_options["sqlite"].get("on_conflict") or "").upper() == "REPLACE":
+                found = True
+        for column in table.columns:
+            options = column.dialect_options["sqlite"]
+            for option in ("on_conflict_primary_key", "on_conflict_unique"):
+                if str(options.get(option) or "").upper() == "REPLACE":
+                    found = True
+    except Exception:  # (not a Table: a join's alias, a textual one)
+        found = False
+    try:
+        table.__dict__["_ormcache_replaces"] = (size, found)
+    except Exception:
+        pass
+    return found
 
 
 def _text_cascades(names: set[str], default_schema: str | None) -> set[Any]:

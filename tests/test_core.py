@@ -532,6 +532,60 @@ def test_cascades_of_textual_writes_and_upserts(tmp_path: Any, memory_cache: Orm
         engine.dispose()
 
 
+@pytest.mark.parametrize("write", ["update or replace", "table replaces: orm add", "table replaces: core insert"])
+def test_writes_that_replace_conflicting_rows(tmp_path: Any, memory_cache: OrmCache, write: str) -> None:
+    """SQLite's ``UPDATE OR REPLACE``, and any write to a table whose
+    unique constraint says ``ON CONFLICT REPLACE``, delete the other rows
+    they conflict with: a lookup of such a row by key, and the rows its
+    foreign keys cascade to, are invalidated (found by review: stale)."""
+    from sqlalchemy import Column, ForeignKey, Integer, String, event, insert, update
+    from sqlalchemy.orm import DeclarativeBase
+
+    class RBase(DeclarativeBase):
+        pass
+
+    replaces = write.startswith("table replaces")
+
+    class RParent(RBase):
+        __tablename__ = "rparent"
+        id = Column(Integer, primary_key=True)
+        code = Column(String, unique=True, sqlite_on_conflict_unique="REPLACE" if replaces else None)
+
+    class RChild(RBase):
+        __tablename__ = "rchild"
+        id = Column(Integer, primary_key=True)
+        parent_id = Column(ForeignKey("rparent.id", ondelete="CASCADE"))
+
+    engine = create_engine(f"sqlite:///{tmp_path}/replace.db")
+    event.listen(engine, "connect", lambda conn, record: conn.execute("PRAGMA foreign_keys=ON"))
+    RBase.metadata.create_all(engine)
+    maker = sessionmaker(engine)
+    memory_cache.attach(maker)
+    with maker.begin() as s:
+        s.add_all([RParent(id=1, code="a"), RParent(id=2, code="b")])
+    with maker.begin() as s:
+        s.add(RChild(id=20, parent_id=2))
+    children = select(RChild.id).order_by(RChild.id).options(FromCache())
+
+    def read() -> tuple[Any, list[int]]:
+        with maker() as s:
+            parent = s.get(RParent, 2, options=[FromCache()])
+            return (None if parent is None else parent.code), list(s.scalars(children))
+
+    assert read() == read() == ("b", [20])
+    with maker.begin() as s:
+        if write == "update or replace":
+            s.execute(update(RParent).prefix_with("OR REPLACE").where(RParent.id == 1).values(code="b"))
+        elif write == "table replaces: orm add":
+            s.add(RParent(id=3, code="b"))
+        else:
+            s.execute(insert(RParent).values(id=3, code="b"))
+    try:
+        assert read() == (None, [])  # row 2 replaced, its child deleted by cascade
+    finally:
+        engine.dispose()
+
+
 def test_row_keys_agree_however_the_key_is_spelled(tmp_path: Any, memory_cache: OrmCache) -> None:
     """A lookup and a write of one row name it alike: a decimal key with
     another scale, a string key in another case under a case-insensitive
