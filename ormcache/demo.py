@@ -278,7 +278,7 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         raise UsageError(f"--requests {requests} is too few for {writes} writes")
     settings, described = _settings(args)
     _store_package()
-    from examples.template_store import queries, seed, shards, workload
+    from examples.template_store import models, queries, seed, shards, workload
 
     data_dir: Path = args.data_dir
     if data_dir.exists() and not data_dir.is_dir():
@@ -327,6 +327,12 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             revision = shards.schema_revision(engines)
         except shards.SchemaMismatch as exc:
             raise UsageError(f"{data_dir}: {exc} (or pass --rebuild)") from None
+        if revision != models.SCHEMA_REVISION:
+            raise UsageError(
+                f"{data_dir}: the store is at schema revision {revision}, and the demo's models "
+                f"describe {models.SCHEMA_REVISION}: bring it to head with `alembic upgrade head` "
+                "(or pass --rebuild)"
+            )
         cache.use_schema_version(revision)
         cache.invalidate_all()  # a cold start, whatever an earlier run left
         Plain = shards.make_sessionmaker(engines)

@@ -619,6 +619,7 @@ def _region_settings(name: str, spec: Any) -> RegionSettings:
         )
     arguments = _server_ttls(name, arguments)
     backend = _backend(name, _interpolate(spec["backend"], name, "backend"))
+    arguments = _redis_numbers(name, backend, arguments)
     if (
         backend in _NO_SERVER
         and "backend_timeout" in spec
@@ -697,6 +698,34 @@ def _server_ttls(region: str, arguments: Mapping[str, Any]) -> Mapping[str, Any]
                 key=f"arguments.{key}",
             )
         checked[key] = int(seconds)
+    return checked
+
+
+#: whole-number arguments of the Redis backends (redis-py refuses anything
+#: else at every command, which would look like an outage), and their range
+_REDIS_NUMBERS = {"port": (1, 65535), "db": (0, 2**31 - 1)}
+_REDIS_BACKENDS = frozenset({"dogpile.cache.redis", "ormcache.redis_sentinel", "ormcache.redis_cluster"})
+
+
+def _redis_numbers(region: str, backend: str, arguments: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``arguments`` of a Redis region with ``port`` and ``db`` checked and
+    given as ``int`` (a numeric string from an INI file or ``${NAME}`` is
+    one); an error naming the argument otherwise."""
+    if backend not in _REDIS_BACKENDS:
+        return arguments
+    checked = dict(arguments)
+    for key, (low, high) in _REDIS_NUMBERS.items():
+        if key not in arguments or arguments[key] is None:
+            continue
+        value = arguments[key]
+        number = _number(value)
+        if isinstance(value, bool) or number is None or number != int(number) or not low <= number <= high:
+            raise ConfigurationError(
+                f"must be a whole number from {low} to {high:,}, not {value!r}",
+                region=region,
+                key=f"arguments.{key}",
+            )
+        checked[key] = int(number)
     return checked
 
 

@@ -452,3 +452,19 @@ def test_bad_application_settings_are_one_line(tmp_path: Path) -> None:
         assert done.returncode != 0
         assert f"{how} '{missing}': cannot read settings file" in said
         assert "Traceback" not in said
+
+
+def test_the_demo_refuses_a_store_all_at_an_older_revision(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every shard downgraded (template-store.md's ``alembic downgrade
+    -1``): the demo, whose models describe the head, says so and exits 2
+    instead of failing on a missing column (found by review)."""
+    from ormcache import demo
+
+    assert demo.main(["--quick", "--requests", "200", "--writes", "5", "--data-dir", str(tmp_path)]) == 0
+    command.downgrade(alembic(f"data_dir={tmp_path}")[0], "-1")
+    capsys.readouterr()
+    assert demo.main(["--quick", "--requests", "200", "--writes", "5", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"at schema revision {INITIAL}" in err and "alembic upgrade head" in err

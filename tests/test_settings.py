@@ -947,3 +947,20 @@ def test_odd_inputs_get_named_errors(tmp_path: Path) -> None:
         cache.close()
     with pytest.raises(ArgumentError, match="not Template.name$"):
         RelationshipCache(Template.name)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("key, value", [("port", "abc"), ("port", ""), ("port", 70000), ("port", 6379.5), ("db", -1), ("db", True)])
+def test_redis_port_and_db_must_be_whole_numbers(key: str, value: Any) -> None:
+    """A Redis ``port`` or ``db`` redis-py would refuse at every command
+    (``port = "${REDIS_PORT}"`` with the variable empty, say) is refused
+    when the settings load, naming it, rather than taken for an outage at
+    every query (found by review)."""
+    with pytest.raises(ConfigurationError, match=f"region 'r', setting 'arguments.{key}'.*whole number"):
+        load_settings({"regions": {"r": {"backend": "redis", "arguments": {"host": "127.0.0.1", key: value}}}})
+
+
+def test_redis_port_and_db_from_strings_are_numbers() -> None:
+    spec = load_settings(
+        {"regions": {"r": {"backend": "redis", "arguments": {"host": "127.0.0.1", "port": "6380", "db": "2"}}}}
+    ).regions["r"]
+    assert spec.arguments["port"] == 6380 and spec.arguments["db"] == 2
