@@ -1309,7 +1309,8 @@ class OrmCache:
         if seen:
             return seen
         if known:
-            listing = ", ".join(repr(k) for k in sorted(known, key=str))
+            names = [repr(k) for k in sorted(known, key=str)]
+            listing = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
             raise ConfigurationError(
                 f"unknown shard {shard!r}: not a shard of the attached ShardedSession "
                 f"factories; their shards: {listing}"

@@ -133,6 +133,11 @@ class RelationshipCache(FromCache):
                 "RelationshipCache takes no cache_key: its lazy loads are keyed by "
                 "their parent's key values"
             )
+        if isinstance(attribute, str) and isinstance(getattr(region, "property", None), RelationshipProperty):
+            raise sa_exc.ArgumentError(
+                "RelationshipCache takes the relationship first, then the region: "
+                "RelationshipCache(Parent.children, 'region')"
+            )
         super().__init__(region, expiration_time=expiration_time)
         prop = getattr(attribute, "property", None)
         if not isinstance(prop, RelationshipProperty):

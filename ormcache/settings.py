@@ -259,9 +259,10 @@ def load_settings(source: Mapping[str, Any] | str | os.PathLike[str]) -> Setting
         return _parse(_read_toml(source))
     if isinstance(source, Mapping):
         return _parse(source)
+    hint = "; a Settings object goes to OrmCache(settings) itself" if isinstance(source, Settings) else ""
     raise ConfigurationError(
         f"cannot read settings from {type(source).__name__}; pass a mapping "
-        "or the path of a TOML file"
+        "or the path of a TOML file" + hint
     )
 
 
@@ -406,6 +407,13 @@ def make_region(
             key="backend",
         ) from err
     except Exception as err:
+        if type(err) is KeyError and len(err.args) == 1 and isinstance(err.args[0], str):
+            # (dogpile's backends read a required argument with arguments[name])
+            raise ConfigurationError(
+                f"backend {spec.backend!r} needs the argument {err.args[0]!r}",
+                region=spec.name,
+                key="arguments",
+            ) from err
         raise ConfigurationError(
             f"backend {spec.backend!r} rejected its arguments: "
             f"{type(err).__name__}: {err}; fix the region's arguments",
@@ -539,12 +547,23 @@ def _read_toml(path: str | os.PathLike[str]) -> Mapping[str, Any]:
 def _parse(tree: Mapping[str, Any]) -> Settings:
     unknown = [key for key in tree if key not in _TOP_LEVEL_KEYS]
     if unknown:
+        hint = (
+            "; this looks like a whole TOML document: pass its [ormcache] table (or the file's path)"
+            if unknown == ["ormcache"] and isinstance(tree["ormcache"], Mapping)
+            else ""
+        )
         raise ConfigurationError(
-            f"unknown setting; accepted settings are {', '.join(_TOP_LEVEL_KEYS)}",
+            f"unknown setting; accepted settings are {', '.join(_TOP_LEVEL_KEYS)}{hint}",
             key=str(unknown[0]),
         )
     regions = tree.get("regions")
-    if not isinstance(regions, Mapping) or not regions:
+    if regions is not None and not isinstance(regions, Mapping):
+        raise ConfigurationError(
+            f"must map region names to their settings, not {type(regions).__name__}, e.g. "
+            "{'regions': {'default': {'backend': 'memory'}}}",
+            key="regions",
+        )
+    if not regions:
         raise ConfigurationError(
             "declare at least one region, e.g. "
             "{'regions': {'default': {'backend': 'memory'}}}",

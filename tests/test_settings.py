@@ -340,7 +340,10 @@ class TestErrors:
         with pytest.raises(ConfigurationError) as info:
             load_settings(tree)
         assert info.value.key == "regions"
-        assert "at least one region" in str(info.value)
+        if tree.get("regions") == "memory":
+            assert "must map region names to their settings, not str" in str(info.value)
+        else:
+            assert "at least one region" in str(info.value)
 
     def test_bad_arguments(self) -> None:
         with pytest.raises(ConfigurationError) as info:
@@ -964,3 +967,23 @@ def test_redis_port_and_db_from_strings_are_numbers() -> None:
         {"regions": {"r": {"backend": "redis", "arguments": {"host": "127.0.0.1", "port": "6380", "db": "2"}}}}
     ).regions["r"]
     assert spec.arguments["port"] == 6380 and spec.arguments["db"] == 2
+
+
+def test_common_mistakes_are_named() -> None:
+    """Mistakes a new user makes get an error that says what to do
+    (found by a docs walkthrough)."""
+    from sqlalchemy.exc import ArgumentError
+
+    from ormcache import OrmCache, RelationshipCache
+    from ormcache.testing.fixtures import Store
+
+    with pytest.raises(ConfigurationError, match=r"whole TOML document: pass its \[ormcache\] table"):
+        load_settings({"ormcache": regions(r={"backend": "memory"})})
+    with pytest.raises(ConfigurationError, match="setting 'regions': must map region names to their settings, not list"):
+        load_settings({"regions": [{"backend": "memory"}]})
+    with pytest.raises(ConfigurationError, match=r"goes to OrmCache\(settings\)"):
+        OrmCache.from_settings(load_settings(regions(r={"backend": "memory"})))  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="region 'd', setting 'arguments': .* needs the argument 'filename'"):
+        OrmCache.from_settings(regions(d={"backend": "dbm"}))
+    with pytest.raises(ArgumentError, match="relationship first, then the region"):
+        RelationshipCache("default", Store.templates)

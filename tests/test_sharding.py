@@ -465,3 +465,33 @@ def test_invalidate_a_statement_on_an_unknown_shard(env: Env) -> None:
     with pytest.raises(ConfigurationError, match="unknown shard 'nope'"):
         env.cache.invalidate(stmt, shard="nope", bind=env.engines["s0"])
     env.cache.invalidate(stmt, shard="s1", bind=env.engines["s1"])
+
+
+def test_an_unknown_shard_names_a_few_of_many(tmp_path: Any) -> None:
+    """The error for an unknown shard of a 101-shard factory lists ten of
+    them and counts the rest, not all 101."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.ext.horizontal_shard import ShardedSession
+    from sqlalchemy.orm import sessionmaker
+
+    from ormcache import OrmCache
+
+    engines = {f"s{i:03d}": create_engine(f"sqlite:///{tmp_path}/s{i}.db") for i in range(101)}
+    maker = sessionmaker(
+        class_=ShardedSession,
+        shards=engines,
+        shard_chooser=lambda *a, **k: "s000",
+        identity_chooser=lambda *a, **k: list(engines),
+        execute_chooser=lambda *a, **k: list(engines),
+    )
+    cache = OrmCache.from_settings({"regions": {"default": {"backend": "memory"}}})
+    cache.attach(maker)
+    try:
+        with pytest.raises(ConfigurationError) as info:
+            cache.invalidate(Template, shard="s999")
+        message = str(info.value)
+        assert "'s000', 's001'" in message and message.endswith("'s009' and 91 more")
+    finally:
+        cache.close()
+        for engine in engines.values():
+            engine.dispose()
