@@ -165,16 +165,33 @@ def _compute_database_id(engine: Engine) -> Any:
         if not database or database == ":memory:":
             return _memory_id(engine)
         return "sqlite:" + os.path.realpath(database)
-    host = url.host or ""
-    port = url.port or _DEFAULT_PORTS.get(backend) or ""
-    ident = f"{backend}://{host}:{port}/{url.database or ''}"
+    query = dict(url.query)
+    host, port, database = url.host, url.port, url.database
+    # a server or database the URL's query names where its netloc names none
+    # (libpq's ``@/test?host=127.0.0.1``) is the one ``127.0.0.1/test`` names
+    if not host and _single(query.get("host")) and not str(query["host"]).startswith("/"):
+        host = str(query.pop("host"))
+    if not url.port and _single(query.get("port")) and str(query["port"]).isdigit():
+        port = int(query.pop("port"))
+    if not database:
+        for key in ("dbname", "database"):
+            if _single(query.get(key)):
+                database = str(query.pop(key))
+                break
+    port = port or _DEFAULT_PORTS.get(backend) or ""
+    ident = f"{backend}://{host or ''}:{port}/{database or ''}"
     # the server and database a driver takes from the URL's query instead
     # (libpq's host=/port=/dbname=, a Unix socket's path)
-    targets = sorted((k, str(v)) for k, v in url.query.items() if k in _TARGET_QUERY_KEYS)
+    targets = sorted((k, str(v)) for k, v in query.items() if k in _TARGET_QUERY_KEYS)
     if targets:
         ident += "?" + "&".join(f"{k}={v}" for k, v in targets)
     search_path = _url_search_path(url) if backend == "postgresql" else None
     return f"{ident}{SEARCH_PATH_MARK}{search_path}" if search_path else ident
+
+
+def _single(value: Any) -> bool:
+    """A URL query value naming one thing (not several hosts)."""
+    return isinstance(value, str) and bool(value) and "," not in value
 
 
 def _memory_id(engine: Engine) -> Any:

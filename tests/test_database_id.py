@@ -202,3 +202,24 @@ def test_in_memory_sqlite_on_its_default_pool_is_a_database_per_thread(memory_ca
     assert seen["a-id"] != seen["b-id"]
     assert database_id(engine) == database_id(engine) not in (seen["a-id"], seen["b-id"])
     engine.dispose()
+
+
+def test_a_server_named_in_the_query_is_the_one_the_netloc_names() -> None:
+    """``@/test?host=127.0.0.1`` reaches the server ``@127.0.0.1/test``
+    does (libpq reads either): one database (found by review: stale
+    across the two spellings).  A socket directory or several hosts stay
+    as written."""
+    same = [
+        "postgresql+psycopg2://u@127.0.0.1/test",
+        "postgresql+psycopg2://u@/test?host=127.0.0.1",
+        "postgresql+psycopg2://u@/?host=127.0.0.1&dbname=test",
+        "postgresql+psycopg2://u@/test?host=127.0.0.1&port=5432",
+    ]
+    assert len({database_id(create_engine(url)) for url in same}) == 1
+    others = [
+        "postgresql+psycopg2://u@/test?host=127.0.0.1&port=5433",
+        "postgresql+psycopg2://u@/test?host=/run/postgresql",
+        "postgresql+psycopg2://u@/test?host=h1,h2",
+    ]
+    ids = {database_id(create_engine(url)) for url in others}
+    assert len(ids) == 3 and database_id(create_engine(same[0])) not in ids
