@@ -1880,8 +1880,6 @@ def _set_unlocker(region: CacheRegion, reader: _RedisReader | None = None) -> An
 
     if reader is not None and backend.writer_client is not backend.reader_client:  # type: ignore[attr-defined]
         reader = None  # (the reader's pool is the one reads go to)
-    #: a release worked on this region: later ones need not be waited for
-    released_once = False
 
     def set_unlocking(key: str, value: Any, unlock: _TwoLevelLock) -> None:
         nonlocal released_once
@@ -1931,6 +1929,7 @@ def _set_unlocker(region: CacheRegion, reader: _RedisReader | None = None) -> An
         if isinstance(stored, Exception):
             raise stored
 
+    released_once = False
     return set_unlocking
 
 
