@@ -1279,7 +1279,6 @@ class _RedisReader:
         "_spin_pause",
         "_spin_backoff",
         "_can_poll",
-        "_unread",
         "spin",
         "__weakref__",
     )
@@ -1309,9 +1308,6 @@ class _RedisReader:
         #: poll() exists here and the pool's sockets are the OS's own (not
         #: fakeredis', nor gevent's, whose hub a busy loop would hold up)
         self._can_poll = _poll is not None
-        #: connections with replies not read yet (:meth:`send`): how many,
-        #: and what to give them to
-        self._unread: dict[Any, tuple[Sequence[tuple[Any, ...]], Callable[[Any], None]]] = {}
         #: seconds to poll for a reply (the region setting ``reply_poll``:
         #: regions on one pool share a reader, and the last set wins)
         self.spin = REPLY_SPIN
@@ -1362,7 +1358,6 @@ class _RedisReader:
         """In a forked child: the parent's connections are not this
         process's (redis-py's pool starts afresh in the child too)."""
         self._free = []
-        self._unread = {}
         self._lock = threading.Lock()
         self._count = 0
         self._pid = os.getpid()
@@ -1384,45 +1379,6 @@ class _RedisReader:
         send twice."""
         return self._run(self._pipeline, commands)
 
-    def send(self, commands: Sequence[tuple[Any, ...]], settle: Callable[[Any], None]) -> bool:
-        """Send ``commands`` in one go and return without waiting for their
-        replies: the next command on the connection reads them first (they
-        have come by then), or :meth:`close` does, and gives them to
-        ``settle``: a list of replies as :meth:`pipeline` returns them, or
-        the exception that lost them (the commands may or may not have
-        run).  False when no connection is free (send them through the
-        client).  The commands must be safe to send twice (see
-        :meth:`pipeline`)."""
-        return self._run(self._send, (commands, settle)) is not None
-
-    def _send(self, conn: Any, arg: tuple[Sequence[tuple[Any, ...]], Callable[[Any], None]]) -> list[Any]:
-        commands, settle = arg
-        try:
-            conn.send_packed_command(conn.pack_commands(commands))
-        except BaseException:
-            conn.disconnect()  # sent in part, maybe: never read its replies as ours
-            raise
-        self._unread[conn] = (commands, settle)
-        return []
-
-    def _settle(self, conn: Any) -> None:
-        """Read the replies :meth:`send` left on ``conn`` and give them to
-        their ``settle``.  A connection closed before they came is
-        reconnected and the commands sent again, as :meth:`_run` does."""
-        commands, settle = self._unread.pop(conn)
-        replies: Any
-        try:
-            try:
-                replies = self._replies(conn, len(commands))
-            except self._closed_error:
-                replies = self._pipeline(conn, commands)
-        except Exception as err:
-            replies = err  # (the connection is closed: the next command reconnects)
-        try:
-            settle(replies)
-        except Exception:  # (settle reports what it can; never the next command's failure)
-            log.exception("ormcache: handling the replies of an earlier write failed")
-
     def _run(self, send: Callable[[Any, Any], list[Any]], arg: Any) -> list[Any] | None:
         if self._pid != os.getpid():
             self.forget()  # forked without the hooks of os.register_at_fork
@@ -1434,12 +1390,6 @@ class _RedisReader:
             if conn is None:
                 return None
         try:
-            if conn in self._unread:
-                try:
-                    self._settle(conn)
-                except BaseException:
-                    conn.disconnect()  # (interrupted: its replies may be unread)
-                    raise
             try:
                 return send(conn, arg)
             except self._closed_error:
@@ -1493,19 +1443,11 @@ class _RedisReader:
         return values  # type: ignore[no-any-return]
 
     def _pipeline(self, conn: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        replies: list[Any] = []
         try:
             conn.send_packed_command(conn.pack_commands(commands))
             self._wait(conn)
-        except BaseException:
-            conn.disconnect()  # replies may be pending: never read them as ours
-            raise
-        return self._replies(conn, len(commands))
-
-    def _replies(self, conn: Any, count: int) -> list[Any]:
-        """``count`` replies, a ``ResponseError`` in place of each error."""
-        replies: list[Any] = []
-        try:
-            for _ in range(count):
+            for _ in commands:
                 try:
                     replies.append(conn.read_response())
                 except self._reply_error as err:
@@ -1579,8 +1521,6 @@ class _RedisReader:
                 conn = self._free.pop()
             except IndexError:
                 return
-            if conn in self._unread:
-                self._settle(conn)  # (the pool's next user must not read them)
             with self._lock:
                 self._count -= 1
             pool = self._pool()
@@ -1882,7 +1822,6 @@ def _set_unlocker(region: CacheRegion, reader: _RedisReader | None = None) -> An
         reader = None  # (the reader's pool is the one reads go to)
 
     def set_unlocking(key: str, value: Any, unlock: _TwoLevelLock) -> None:
-        nonlocal released_once
         lock = getattr(unlock.remote, "mutex", None)
         if type(lock) is not Lock or lock.local.token is None:
             region.set(key, value)
@@ -1898,19 +1837,7 @@ def _set_unlocker(region: CacheRegion, reader: _RedisReader | None = None) -> An
             # second release finds the lock released: "expired", logged)
             commands = _set_commands(ttl, {key: payload})
             commands.append(("EVAL", Lock.LUA_RELEASE_SCRIPT, 1, lock.name, token))
-            if released_once:
-                # the miss does not wait for the replies: the server runs
-                # the write before the release, which is all a waiter
-                # relies on.  (Not before a release worked here: a server
-                # without Lua must be found out at once, see remote_failed.)
-                timeout = _lock_timeout(unlock.remote)
-                expires = unlock.taken_at + timeout if timeout else None
-                if reader.send(commands, _settler(unlock, lambda: lock.do_release(token), expires)):
-                    lock.local.token = None
-                    unlock.remote_released = True
-                    return
-            else:
-                replies = reader.pipeline(commands)
+            replies = reader.pipeline(commands)
         if replies is None:
             pipe = backend.writer_client.pipeline(transaction=False)  # type: ignore[attr-defined]
             _queue(pipe, _set_commands(ttl, {key: payload}))
@@ -1924,41 +1851,10 @@ def _set_unlocker(region: CacheRegion, reader: _RedisReader | None = None) -> An
             unlock.remote_failed(released)
         elif not released:
             unlock.remote_failed(LockNotOwnedError("lock expired before its release"))
-        else:
-            released_once = True
         if isinstance(stored, Exception):
             raise stored
 
-    released_once = False
     return set_unlocking
-
-
-def _settler(unlock: _TwoLevelLock, again: Callable[[], Any], expires: float | None) -> Callable[[Any], None]:
-    """What handles the replies of an entry's write and its lock's release
-    sent without waiting (:meth:`_RedisReader.send`), read later: a lost
-    release is tried again, as :meth:`_TwoLevelLock.release` does, until
-    the lock expires by itself; a failed write is logged as
-    :meth:`Store.set` logs it."""
-    store = unlock.store
-
-    def settle(replies: Any) -> None:
-        if isinstance(replies, BaseException):
-            # lost with the connection: they may not have run
-            store.lose_release(again, expires)
-            store.failed("write", replies, count=False)
-            return
-        stored, released = replies
-        try:
-            if isinstance(released, Exception):
-                unlock.remote_failed(released)
-            elif not released:
-                log.debug("cache region %r: lock expired before release", store.name)
-        except Exception as err:
-            store.failed("write", err, count=False)
-        if isinstance(stored, Exception):
-            store.failed("write", stored, count=False)
-
-    return settle
 
 
 def _lock_adder(region: CacheRegion, reader: _RedisReader | None = None) -> Any:
