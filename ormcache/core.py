@@ -250,11 +250,10 @@ class OrmCache:
         self._cache_all = (
             FromCache(settings.cache_all) if settings.cache_all is not None else None
         )
-        # as written, and without a schema (the default one may or may not
-        # be spelt out: "main.audit_log" names "audit_log" on SQLite)
-        self._uncached = frozenset(
-            name for t in settings.uncached_tables for name in (t.lower(), t.lower().rpartition(".")[2])
-        )
+        # without a schema, as version keys name tables: "main.audit_log"
+        # names audit_log on SQLite, and audit_log is audit_log in every
+        # schema (a schema_translate_map tenant's, the search path's)
+        self._uncached = frozenset(t.lower().rpartition(".")[2] for t in settings.uncached_tables)
         invalidation.register(self)
 
     # -- construction ----------------------------------------------------
@@ -501,7 +500,7 @@ class OrmCache:
             shape.volatile
             or shape.opaque
             or not tables
-            or not self._uncached.isdisjoint(tables)
+            or self._reads_uncached(tables)
         ):
             return None
         shard = bind_arguments.get("shard_id", exec_options.get("identity_token"))
@@ -525,6 +524,12 @@ class OrmCache:
         else:
             deps = self._keys.deps(option.region, db, tables, shape.opaque)
         return self._lookup(orm_context, store, option, shape, dialect, key, deps, db, fill)
+
+    def _reads_uncached(self, tables: tuple[str, ...]) -> bool:
+        """Whether ``tables`` (as :func:`table_name` gives them) include one
+        of ``uncached_tables``, in any schema."""
+        uncached = self._uncached
+        return bool(uncached) and any(t.rpartition(".")[2] in uncached for t in tables)
 
     def _check_regions(self, option: FromCache, orm_context: ORMExecuteState) -> None:
         """Say at the statement the user runs that an option names an
@@ -677,7 +682,7 @@ class OrmCache:
         shape = self._shapes.shape(cache_key, statement, dialect)
         tables = shape.table_names(None, dialect.default_schema_name)
         if not tables or shape.opaque or shape.locking or (
-            cache_all and (shape.volatile or not self._uncached.isdisjoint(tables))
+            cache_all and (shape.volatile or self._reads_uncached(tables))
         ):
             return None
         fill = self._may_fill(session, group.dbs, tables)
@@ -1447,9 +1452,13 @@ class OrmCache:
         """Drop every result that read table ``name`` (schema-qualified as
         ``schema.table`` outside the default schema), in every database;
         for writers that know tables rather than models."""
-        if not isinstance(name, str) or not name.strip():
-            raise ConfigurationError(f"invalidate_table() takes a table name, not {name!r}")
-        self._bump([self._keys.model(table_name(name.strip(), None)), self._keys.models_unknown()])
+        table = invalidation.named_table(name.strip()) if isinstance(name, str) and name.strip() else None
+        if table is None:
+            raise ConfigurationError(
+                f"invalidate_table() takes a table name ('t', 'schema.t', or quoted as SQL "
+                f"quotes it: '\"My Table\"'), not {name!r}"
+            )
+        self._bump([self._keys.model(table), self._keys.models_unknown()])
 
     def invalidate_region(self, name: str) -> None:
         """Drop everything region ``name`` holds, in every process that

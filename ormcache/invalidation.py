@@ -18,13 +18,13 @@ Keys (``ns`` is the settings' namespace)::
     ns:v:d:DB:r:TABLE:PK    an ORM flush writing the row PK of TABLE
 
 TABLE is the table's name without its schema (``public.plan`` and
-``plan`` are one table for version keys), and DB leaves out what does not
-tell databases apart for writes: a PostgreSQL URL's ``search_path``, and
-on MySQL, MariaDB and SQL Server the database (a schema of the server's,
-which a query on another reaches as ``db.table``).  Which schema an
-unqualified name resolves to depends on each connection's search path
-or current database; same-named tables of other schemas invalidate each
-other's results, which costs misses only.
+``plan`` are one table for version keys: which schema an unqualified name
+resolves to depends on each connection's search path, so same-named
+tables of other schemas invalidate each other's results, which costs
+misses only), and DB leaves out a PostgreSQL URL's ``search_path``.  On
+MySQL and MariaDB a schema *is* a database of the server: ``reports.t``
+written through an engine on ``/app`` is table ``t`` of database
+``reports``, as an engine on ``/reports`` reads it.
 
 Query results depend on the ``t`` keys of their tables.  Entity results
 (``Session.get`` and many-to-one lazy loads by primary key) depend instead
@@ -285,13 +285,16 @@ class VersionKeys:
         return f"{self.ns}:v:d:{_db(db)}:+"
 
     def table(self, db: str, table: str) -> str:
-        return f"{self.ns}:v:d:{_db(db)}:t:{_short(_bare(table))}"
+        db, table = _place(db, table)
+        return f"{self.ns}:v:d:{db}:t:{table}"
 
     def bulk(self, db: str, table: str) -> str:
-        return f"{self.ns}:v:d:{_db(db)}:b:{_short(_bare(table))}"
+        db, table = _place(db, table)
+        return f"{self.ns}:v:d:{db}:b:{table}"
 
     def row(self, db: str, table: str, pk: str) -> str:
-        return f"{self.ns}:v:d:{_db(db)}:r:{_short(_bare(table))}:{digest(pk, 8)}"
+        db, table = _place(db, table)
+        return f"{self.ns}:v:d:{db}:r:{table}:{digest(pk, 8)}"
 
     def entity_deps(
         self,
@@ -476,9 +479,10 @@ def _bare(table: str) -> str:
 
 
 _db_memo: dict[str, str] = {}
-#: dialects whose "database" in a URL is a schema of the server's: a query
-#: on one reaches the others' tables as ``db.table``
-_SCHEMA_DATABASES = ("mysql://", "mariadb://", "mssql://")
+_placed: dict[tuple[str, str], tuple[str, str]] = {}
+#: database ids of servers whose schemas are databases: a query on one
+#: reaches another's tables as ``db.table``
+_SCHEMA_DATABASES = ("mysql://", "mariadb://")
 
 
 def _db(db: str) -> str:
@@ -488,30 +492,46 @@ def _db(db: str) -> str:
     same ``search_path`` differently (or leave it implicit) still
     invalidate each other's readers; tenants' writes to tables of the
     same name then invalidate each other too, which costs misses only.
-    On MySQL, MariaDB and SQL Server, without the database: the server
-    (an engine on ``/app`` writes ``reports.t``, which one on ``/reports``
-    reads as ``t``)."""
+    (Also for an ``ormcache_database`` name: ``app#search_path=tenant_a``
+    keeps its results apart from ``app``'s, not its version keys.)"""
     short = _db_memo.get(db)
     if short is None:
         if len(_db_memo) > 10000:  # (in-memory databases of threads come and go)
             _db_memo.clear()
-        short = _db_memo[db] = digest(_server_part(db.partition(SEARCH_PATH_MARK)[0]), 8)
+        short = _db_memo[db] = digest(_canonical_db(db.partition(SEARCH_PATH_MARK)[0]), 8)
     return short
 
 
-def _server_part(db: str) -> str:
-    """``db`` (a database id) without the database of a server whose
-    databases are schemas; mysql and mariadb ids of one server are one."""
+def _canonical_db(db: str) -> str:
+    """MySQL and MariaDB ids of one server are one (either dialect reaches
+    it), and their database names are taken in lower case, as
+    :func:`~ormcache.keys.table_name` takes a schema."""
     if not db.startswith(_SCHEMA_DATABASES):
         return db
-    head, sep, query = db.partition("?")
-    scheme, _, rest = head.partition("://")
-    server = rest.partition("/")[0]
-    scheme = "mysql" if scheme == "mariadb" else scheme
-    # (a query's unix_socket, host or port name the server; its database
-    # does not)
-    targets = "&".join(p for p in query.split("&") if p and not p.startswith(("database=", "dbname="))) if sep else ""
-    return f"{scheme}://{server}/" + (f"?{targets}" if targets else "")
+    scheme, _, rest = db.partition("://")
+    server, slash, tail = rest.partition("/")
+    database, sep, query = tail.partition("?")
+    return f"mysql://{server}{slash}{database.lower()}{sep}{query}"
+
+
+def _place(db: str, table: str) -> tuple[str, str]:
+    """The database and table parts of a version key for ``table`` (as
+    :func:`~ormcache.keys.table_name` gives it) written or read on ``db``:
+    the table without its schema, on the database its schema names where
+    schemas are databases (MySQL, MariaDB)."""
+    key = (db, table)
+    placed = _placed.get(key)
+    if placed is None:
+        schema, dot, bare = table.rpartition(".")
+        if dot and db.startswith(_SCHEMA_DATABASES):
+            scheme, _, rest = db.partition("://")
+            server, _, tail = rest.partition("/")
+            query = tail.partition("?")[2]
+            db = f"{scheme}://{server}/{schema}" + (f"?{query}" if query else "")
+        if len(_placed) > 10000:
+            _placed.clear()
+        placed = _placed[key] = (_db(db), _short(bare))
+    return placed
 
 
 # -- write tracking -------------------------------------------------------
@@ -1024,7 +1044,7 @@ _TEXT_WRITE = re.compile(
         alter\s+table(?:\s+if\s+exists)?(?:\s+only)? |
         drop\s+table(?:\s+if\s+exists)? |
         create\s+(?:temp\w*\s+)?table(?:\s+if\s+not\s+exists)?
-    )\s+(?P<name>{_IDENT}(?:\s*\.\s*{_IDENT})?)(?P<rest>.*)""",
+    )\s+(?P<name>{_IDENT}(?:\s*\.\s*{_IDENT}){{0,2}})(?P<rest>.*)""",
     re.IGNORECASE | re.VERBOSE | re.DOTALL,
 )
 _COMMENT = re.compile(r"^\s*(?:--[^\n]*\n|/\*.*?\*/)", re.DOTALL)
@@ -1139,8 +1159,25 @@ def _statement_tables(sql: str, default_schema: str | None) -> set[str]:
         return {UNKNOWN}
     parts = [_unquote(p) for p in re.findall(_IDENT, m.group("name"))]
     bare = parts[-1]
-    schema = parts[0] if len(parts) > 1 else None
+    # (database.schema.table: PostgreSQL's own database, SQL Server's)
+    schema = parts[-2] if len(parts) > 1 else None
     return {table_name(bare, schema, None, default_schema)}
+
+
+_QUOTED_NAME = re.compile(rf"\s*{_IDENT}(?:\s*\.\s*{_IDENT}){{0,2}}\s*$")
+
+
+def named_table(text: str) -> str | None:
+    """A table name a user wrote (``invalidate_table()``, the CLI's
+    ``--table``), as :func:`~ormcache.keys.table_name` gives it: quoted
+    parts (``"My Table"``, `` `t` ``, ``[t]``) unquoted; None when quotes
+    do not make a name of them."""
+    if not any(q in text for q in '"`['):
+        return text.lower()
+    if _QUOTED_NAME.match(text) is None:
+        return None
+    parts = [_unquote(p) for p in re.findall(_IDENT, text)]
+    return table_name(parts[-1], parts[-2] if len(parts) > 1 else None)
 
 
 def _unquote(ident: str) -> str:

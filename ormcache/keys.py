@@ -132,7 +132,7 @@ _DEFAULT_PORTS = {
 #: URL query parameters that name the server or database (libpq, the
 #: MySQL drivers, cx_Oracle/oracledb, pyodbc)
 _TARGET_QUERY_KEYS = frozenset(
-    {"host", "hostaddr", "port", "dbname", "database", "unix_socket", "service_name", "sid", "odbc_connect"}
+    {"host", "hostaddr", "port", "dbname", "database", "unix_socket", "service", "service_name", "sid", "odbc_connect"}
 )
 #: in-memory SQLite ids by connection pool (engines made by
 #: ``execution_options()`` share their engine's pool, and its database)
@@ -146,11 +146,11 @@ def _compute_database_id(engine: Engine) -> Any:
     url = engine.url
     backend = url.get_backend_name()
     if backend == "sqlite":
-        database = url.database or ""
-        if str(url.query.get("uri", "")).lower() in ("true", "1") and database.startswith("file:"):
+        sqlite_db = url.database or ""
+        if str(url.query.get("uri", "")).lower() in ("true", "1") and sqlite_db.startswith("file:"):
             # a SQLite URI: its parameters are in the URL's query (SQLAlchemy
             # hands them to SQLite) or already in the name
-            path, _, embedded = database.partition("?")
+            path, _, embedded = sqlite_db.partition("?")
             params = dict(parse_qsl(embedded))
             params.update((k, v) for k, v in url.query.items() if isinstance(v, str))
             path = path.removeprefix("file:")
@@ -161,12 +161,14 @@ def _compute_database_id(engine: Engine) -> Any:
                 if params.get("cache") == "shared" and path:
                     return f"sqlite-shm:{_PROCESS}:{path}"
                 return _memory_id(engine)
-            database = path
-        if not database or database == ":memory:":
+            sqlite_db = path
+        if not sqlite_db or sqlite_db == ":memory:":
             return _memory_id(engine)
-        return "sqlite:" + os.path.realpath(database)
-    query = dict(url.query)
-    host, port, database = url.host, url.port, url.database
+        return "sqlite:" + os.path.realpath(sqlite_db)
+    query: dict[str, Any] = dict(url.query)
+    host: str | None = url.host
+    port: int | str | None = url.port
+    database: str | None = url.database
     # a server or database the URL's query names where its netloc names none
     # (libpq's ``@/test?host=127.0.0.1``) is the one ``127.0.0.1/test`` names
     if not host and _single(query.get("host")) and not str(query["host"]).startswith("/"):
@@ -174,7 +176,8 @@ def _compute_database_id(engine: Engine) -> Any:
     if not url.port and _single(query.get("port")) and str(query["port"]).isdigit():
         port = int(query.pop("port"))
     if not database:
-        for key in ("dbname", "database"):
+        # (PyMySQL and mysqlclient also take ``db=``)
+        for key in ("dbname", "database", "db") if backend in ("mysql", "mariadb") else ("dbname", "database"):
             if _single(query.get(key)):
                 database = str(query.pop(key))
                 break

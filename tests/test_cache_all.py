@@ -149,3 +149,29 @@ def test_uncached_tables_however_spelt(tmp_path: Any, spelt: str) -> None:
     finally:
         cache.close()
         engine.dispose()
+
+
+@pytest.mark.parametrize("spelt", ["tags", "main.tags"])
+def test_uncached_tables_in_every_schema(tmp_path: Any, spelt: str) -> None:
+    """A table of the name read under another schema (a
+    ``schema_translate_map`` tenant's, here an attached SQLite database)
+    is not cached either: one table for invalidation is one for
+    ``uncached_tables`` (found by review: cached, and stale)."""
+    from sqlalchemy import event
+
+    engine, maker, cache = _env(tmp_path, spelt)
+    tenant = tmp_path / "tenant.sqlite"
+    event.listen(engine, "connect", lambda conn, record: conn.execute(f"ATTACH DATABASE '{tenant}' AS tenant"))
+    engine.dispose()
+    translated = engine.execution_options(schema_translate_map={None: "tenant"})
+    Base.metadata.create_all(translated)
+    tenant_maker = sessionmaker(translated)
+    cache.attach(tenant_maker)
+    try:
+        assert selects(engine, tenant_maker, lambda s: s.execute(select(Store)).all())[1] == 1
+        assert selects(engine, tenant_maker, lambda s: s.execute(select(Store)).all())[1] == 0  # cached
+        for _ in range(2):
+            assert selects(engine, tenant_maker, lambda s: s.execute(select(Tag)).all())[1] == 1
+    finally:
+        cache.close()
+        engine.dispose()

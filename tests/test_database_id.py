@@ -223,3 +223,44 @@ def test_a_server_named_in_the_query_is_the_one_the_netloc_names() -> None:
     ]
     ids = {database_id(create_engine(url)) for url in others}
     assert len(ids) == 3 and database_id(create_engine(same[0])) not in ids
+
+
+def test_a_mysql_database_named_db_in_the_query() -> None:
+    """PyMySQL takes the database as ``?db=`` too: two such URLs naming
+    two databases are two (they shared result keys: one database served
+    the other's rows, found by review)."""
+    a = database_id(create_engine("mysql+pymysql://u@127.0.0.1:3306/?db=a"))
+    b = database_id(create_engine("mysql+pymysql://u@127.0.0.1:3306/?db=b"))
+    assert a != b
+    assert a == database_id(create_engine("mysql+pymysql://u@127.0.0.1:3306/a"))
+
+
+def test_named_tenants_keep_results_apart_and_share_version_keys(tmp_path: Any, memory_cache: OrmCache) -> None:
+    """``ormcache_database="app#search_path=a"`` and ``"...=b"`` (tenants
+    whose search_path ormcache cannot see): each reads its own entries,
+    and a write through either is seen by the other (the guide's advice)."""
+    from ormcache.testing import QueryCounter
+
+    path = tmp_path / "app.db"
+    base = create_engine(f"sqlite:///{path}")
+    Base.metadata.create_all(base)
+    seed(base)
+    engines = [base.execution_options(ormcache_database=f"app#search_path={t}") for t in "ab"]
+    makers = [sessionmaker(e) for e in engines]
+    for maker in makers:
+        memory_cache.attach(maker)
+    stmt = select(Template.name).where(Template.id == 1).options(FromCache())
+
+    def read(maker: Any) -> tuple[str, int]:
+        with QueryCounter(base) as counter, maker() as s:
+            return s.scalars(stmt).one(), counter.selects
+
+    try:
+        assert read(makers[0]) == ("t1", 1)
+        assert read(makers[1]) == ("t1", 1)  # its own entry
+        assert read(makers[1]) == ("t1", 0)
+        with makers[0].begin() as s:
+            s.execute(update(Template).where(Template.id == 1).values(name="new"))
+        assert read(makers[1]) == ("new", 1)
+    finally:
+        base.dispose()

@@ -469,11 +469,73 @@ def test_a_table_of_another_database_of_the_server(direction: str) -> None:
         other.dispose()
 
 
-def test_version_keys_name_the_server_of_a_mysql_database() -> None:
-    from ormcache.invalidation import _server_part
+def test_version_keys_of_a_mysql_table_name_its_database() -> None:
+    from ormcache.invalidation import _db, _place
 
-    assert _server_part("mysql://h:3306/app") == _server_part("mariadb://h:3306/reports") == "mysql://h:3306/"
-    assert _server_part("mssql://h:1433/app?odbc_connect=x") == "mssql://h:1433/?odbc_connect=x"
-    assert _server_part("mysql://h:3306/app?database=a&unix_socket=/s") == "mysql://h:3306/?unix_socket=/s"
-    assert _server_part("postgresql://h:5432/app") == "postgresql://h:5432/app"
-    assert _server_part("mysql://h:3307/app") != _server_part("mysql://h:3306/app")
+    assert _place("mysql://h:3306/app", "reports.t") == _place("mariadb://h:3306/Reports", "t")
+    assert _place("mysql://h:3306/app", "t") != _place("mysql://h:3306/reports", "t")
+    assert _place("mysql://h:3306/app", "t") != _place("mysql://h:3307/app", "t")
+    assert _place("mysql://h:3306/app?unix_socket=/s", "reports.t") == _place("mysql://h:3306/reports?unix_socket=/s", "t")
+    # elsewhere a schema is not a database: the bare name, on the same database
+    assert _place("postgresql://h:5432/app", "public.t") == _place("postgresql://h:5432/app", "t")
+    assert _db("mysql://h:3306/app") == _db("mariadb://h:3306/app")
+
+
+def test_databases_of_one_server_keep_their_own_version_keys() -> None:
+    """Shards that are databases of one MySQL server: a write, or a write
+    whose tables are unknown, on one leaves the other's entries valid."""
+    import uuid
+
+    from sqlalchemy import Column, Integer, String, update
+    from sqlalchemy.orm import DeclarativeBase
+
+    from ormcache import OrmCache
+    from ormcache.testing import QueryCounter
+    from servers import require_server
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Row(Base):
+        __tablename__ = "ormcache_xdb2"
+        id = Column(Integer, primary_key=True)
+        name = Column(String(20))
+
+    url = make_url(require_server("mariadb"))
+    admin = create_engine(url)
+    with admin.connect() as conn:
+        for database in ("ormcache_main", "ormcache_other"):
+            conn.exec_driver_sql(f"CREATE DATABASE IF NOT EXISTS `{database}`")
+    admin.dispose()
+    engines = [
+        create_engine(url.set(database=d), isolation_level="READ COMMITTED") for d in ("ormcache_main", "ormcache_other")
+    ]
+    for engine in engines:
+        Row.__table__.drop(engine, checkfirst=True)
+        Row.__table__.create(engine)
+        with engine.begin() as conn:
+            conn.execute(Row.__table__.insert().values(id=1, name="v0"))
+    cache = OrmCache.from_settings({"namespace": "xs" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}})
+
+    def read(engine: Engine) -> str:
+        with Session(engine) as s:
+            cache.attach(s)
+            return s.scalars(select(Row.name).where(Row.id == 1).options(FromCache())).one()
+
+    try:
+        for engine in engines:
+            read(engine)
+        with Session(engines[0]) as s:
+            s.execute(update(Row).where(Row.id == 1).values(name="v1"))
+            s.commit()
+        with engines[0].begin() as conn:
+            conn.exec_driver_sql("DO 1")  # tables unknown
+        with QueryCounter(engines[1]) as other:
+            assert read(engines[1]) == "v0"
+        assert other.selects == 0
+        assert read(engines[0]) == "v1"
+    finally:
+        cache.close()
+        for engine in engines:
+            Row.__table__.drop(engine, checkfirst=True)
+            engine.dispose()

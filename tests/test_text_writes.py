@@ -40,6 +40,11 @@ CASES = [
     ("UPDATE a q SET x = 1 FROM b WHERE q.id = b.id", {"a"}),
     ("DELETE FROM a USING b WHERE a.id = b.id", {"a"}),
     ("INSERT OR REPLACE INTO s.t VALUES (1)", {"s.t"}),
+    # database.schema.table (PostgreSQL's own database, SQL Server's): not
+    # a write to a table named after the schema (found by review)
+    ("DELETE FROM test.public.t WHERE id = 2", {"public.t"}),
+    ("INSERT INTO test.public.t VALUES (1)", {"public.t"}),
+    ('TRUNCATE TABLE "db"."s"."T"', {"s.t"}),
     ("TRUNCATE TABLE a", {"a"}),
     ('UPDATE "order-items" SET v = 1', {"order-items"}),
     ('UPDATE "line items" SET v = 1', {"line items"}),
