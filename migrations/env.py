@@ -157,7 +157,7 @@ def _migrate(
     targets: dict[str, str], total: int, width: int, done: list[str], changed: list[str]
 ) -> None:
     if total > 1:
-        config.print_stdout(f"migrating {total} shards")
+        config.print_stdout(f"{total} shards")
     for n, (name, url) in enumerate(targets.items(), 1):
         started = time.perf_counter()
         engine = engine_for(url)

@@ -302,8 +302,13 @@ def _warm(args: argparse.Namespace) -> int:
                 progress(done)
         stats = cache.stats()["regions"]
         filled = sum(r["fills"] for r in stats.values())
+        hits = sum(r["hits"] for r in stats.values())
         errors = {name: r["errors"] for name, r in stats.items() if r["errors"]}
-        print(f"warmed {len(statements) - failed} of {len(statements)} statements; {filled} results stored")
+        already = f", {hits} cached already" if hits else ""
+        print(
+            f"warmed {len(statements) - failed} of {len(statements)} statements; "
+            f"{filled} results stored{already}"
+        )
         for name, count in sorted(errors.items()):
             print(
                 f"ormcache: region {name}: the backend failed {count} time(s); "

@@ -211,7 +211,10 @@ def test_warm(settings_file: Path, tmp_path: Path, capsys: Any) -> None:
     url = f"sqlite:///{tmp_path}/db.sqlite"
     for target, stored in (("warmup_queries:QUERIES", 3), ("warmup_queries:by_store", 2)):
         assert main(["warm", target, "--database-url", url, "--settings", str(settings_file)]) == 0
-        assert f"warmed {stored} of {stored} statements; {stored} results stored" in capsys.readouterr().out
+        assert f"warmed {stored} of {stored} statements; {stored} results stored\n" in capsys.readouterr().out
+    # again: nothing to store, and it says why
+    assert main(["warm", "warmup_queries:by_store", "--database-url", url, "--settings", str(settings_file)]) == 0
+    assert "warmed 2 of 2 statements; 0 results stored, 2 cached already" in capsys.readouterr().out
     cache = OrmCache.from_settings(str(settings_file))
     maker = sessionmaker(engine)
     cache.attach(maker)

@@ -89,7 +89,7 @@ def test_upgrade_every_shard_with_progress(tmp_path: Path) -> None:
     config, out = alembic(f"data_dir={tmp_path}")
     command.upgrade(config, "head")
     lines = out.getvalue().splitlines()
-    assert lines[0] == "migrating 5 shards"
+    assert lines[0] == "5 shards"
     for n, line in enumerate(lines[1:]):
         assert line.startswith(f"[{n + 1}/5] s00{n}: (empty) -> {HEAD} (")
     assert len(lines) == 6
