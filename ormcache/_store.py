@@ -1848,6 +1848,13 @@ def _set_unlocker(region: CacheRegion, reader: _RedisReader | None = None) -> An
         lock.local.token = None
         unlock.remote_released = True
         if isinstance(released, Exception):
+            if _backend_failure(released):
+                # refused, not run (BUSY with a script, READONLY once made a
+                # replica): tried again, owner-checked, until it expires,
+                # as a release that failed on its own is
+                timeout = _lock_timeout(unlock.remote)
+                expires = unlock.taken_at + timeout if timeout else None
+                unlock.store.lose_release(lambda: lock.do_release(token), expires)
             unlock.remote_failed(released)
         elif not released:
             unlock.remote_failed(LockNotOwnedError("lock expired before its release"))

@@ -669,6 +669,50 @@ def test_a_lock_whose_release_failed_is_released_once_the_backend_answers(
         engine.dispose()
 
 
+def test_a_release_refused_with_the_entrys_write_is_tried_again(redis_url: str, tmp_path: Any) -> None:
+    """The release sent with the entry's write answered with an error
+    (``BUSY`` while a script runs, ``READONLY`` on a server just made a
+    replica): it did not run, and is tried again in the background rather
+    than leaving the key's waiters until the lock expires (found by
+    review)."""
+    import time
+
+    from redis.exceptions import ResponseError
+
+    from ormcache._store import _TwoLevelLock
+
+    engine, cache, name = _one_region(redis_url, tmp_path)
+    store = cache._stores["r"]
+    store.retry_after = 0.05
+    reader = store._mget
+    client = store.region.backend.writer_client
+    try:
+        name(1)
+        mutex = store.mutex("refused-release")
+        assert type(mutex) is _TwoLevelLock and mutex.acquire(False)
+        lock_name = mutex.remote.mutex.name
+        original = type(reader).pipeline
+
+        def busy(self: Any, commands: Any) -> Any:
+            replies = original(self, commands[:-1])  # the write; the release refused
+            return [*replies, ResponseError("BUSY Redis is busy running a script")]
+
+        type(reader).pipeline = busy  # type: ignore[method-assign]
+        try:
+            assert store.set("refused-release", ("entry",), mutex) is False  # (logged as a failed write)
+        finally:
+            type(reader).pipeline = original  # type: ignore[method-assign]
+        mutex.release()
+        deadline = time.monotonic() + 10
+        while client.get(lock_name) is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert client.get(lock_name) is None
+        assert not store._lost_releases
+    finally:
+        cache.close()
+        engine.dispose()
+
+
 def test_a_timedelta_expiration_on_the_readers_pipelines(redis_url: str, tmp_path: Any) -> None:
     """``redis_expiration_time`` given as a ``timedelta`` (redis-py's
     commands take one) works on a miss's pipelines too: the first miss
