@@ -22,9 +22,11 @@ TABLE is the table's name without its schema (``public.plan`` and
 resolves to depends on each connection's search path, so same-named
 tables of other schemas invalidate each other's results, which costs
 misses only), and DB leaves out a PostgreSQL URL's ``search_path``.  On
-MySQL and MariaDB a schema *is* a database of the server: ``reports.t``
-written through an engine on ``/app`` is table ``t`` of database
-``reports``, as an engine on ``/reports`` reads it.
+MySQL, MariaDB and SQL Server, DB is the server: a statement on one of
+its databases reaches the others' tables (``reports.t``, a multi-table
+UPDATE, a procedure, a subquery in text) in ways that cannot all be told
+apart, so the databases of a server invalidate each other's results of
+same-named tables, and of unknown writes.
 
 Query results depend on the ``t`` keys of their tables.  Entity results
 (``Session.get`` and many-to-one lazy loads by primary key) depend instead
@@ -480,9 +482,11 @@ def _bare(table: str) -> str:
 
 _db_memo: dict[str, str] = {}
 _placed: dict[tuple[str, str], tuple[str, str]] = {}
-#: database ids of servers whose schemas are databases: a query on one
-#: reaches another's tables as ``db.table``
-_SCHEMA_DATABASES = ("mysql://", "mariadb://")
+#: database ids of servers whose databases are schemas of one server: a
+#: statement on one reaches another's tables (``db.t``, a multi-table
+#: UPDATE, a procedure, a subquery in text), so their writes are followed
+#: per server
+_SERVER_WIDE = ("mysql://", "mariadb://", "mssql://")
 
 
 def _db(db: str) -> str:
@@ -493,44 +497,44 @@ def _db(db: str) -> str:
     invalidate each other's readers; tenants' writes to tables of the
     same name then invalidate each other too, which costs misses only.
     (Also for an ``ormcache_database`` name: ``app#search_path=tenant_a``
-    keeps its results apart from ``app``'s, not its version keys.)"""
+    keeps its results apart from ``app``'s, not its version keys.)  On
+    MySQL, MariaDB and SQL Server, the server: the databases of one
+    server share version keys."""
     short = _db_memo.get(db)
     if short is None:
         if len(_db_memo) > 10000:  # (in-memory databases of threads come and go)
             _db_memo.clear()
-        short = _db_memo[db] = digest(_canonical_db(db.partition(SEARCH_PATH_MARK)[0]), 8)
+        short = _db_memo[db] = digest(_server_part(db.partition(SEARCH_PATH_MARK)[0]), 8)
     return short
 
 
-def _canonical_db(db: str) -> str:
-    """MySQL and MariaDB ids of one server are one (either dialect reaches
-    it), and their database names are taken in lower case, as
-    :func:`~ormcache.keys.table_name` takes a schema."""
-    if not db.startswith(_SCHEMA_DATABASES):
+def _server_part(db: str) -> str:
+    """``db`` (a database id) without its database where the databases of
+    a server reach each other's tables; mysql and mariadb ids of one
+    server are one."""
+    if not db.startswith(_SERVER_WIDE):
         return db
-    scheme, _, rest = db.partition("://")
-    server, slash, tail = rest.partition("/")
-    database, sep, query = tail.partition("?")
-    return f"mysql://{server}{slash}{database.lower()}{sep}{query}"
+    head, sep, query = db.partition("?")
+    scheme, _, rest = head.partition("://")
+    server = rest.partition("/")[0]
+    scheme = "mysql" if scheme == "mariadb" else scheme
+    # (a query's unix_socket names the server; its database does not)
+    targets = "&".join(
+        p for p in query.split("&") if p and not p.startswith(("database=", "dbname=", "db="))
+    ) if sep else ""
+    return f"{scheme}://{server}/" + (f"?{targets}" if targets else "")
 
 
 def _place(db: str, table: str) -> tuple[str, str]:
     """The database and table parts of a version key for ``table`` (as
-    :func:`~ormcache.keys.table_name` gives it) written or read on ``db``:
-    the table without its schema, on the database its schema names where
-    schemas are databases (MySQL, MariaDB)."""
+    :func:`~ormcache.keys.table_name` gives it) written or read on
+    ``db``: the table without its schema."""
     key = (db, table)
     placed = _placed.get(key)
     if placed is None:
-        schema, dot, bare = table.rpartition(".")
-        if dot and db.startswith(_SCHEMA_DATABASES):
-            scheme, _, rest = db.partition("://")
-            server, _, tail = rest.partition("/")
-            query = tail.partition("?")[2]
-            db = f"{scheme}://{server}/{schema}" + (f"?{query}" if query else "")
         if len(_placed) > 10000:
             _placed.clear()
-        placed = _placed[key] = (_db(db), _short(bare))
+        placed = _placed[key] = (_db(db), _short(_bare(table)))
     return placed
 
 
@@ -1032,7 +1036,7 @@ _TEXT_READ = frozenset(
     "declare close discard reset start end xa prepare".split()
 )
 #: one table name: quoted ("a ""b""", `a b`, [a b]) or bare
-_IDENT = r'(?:"(?:[^"]|"")+"|`[^`]+`|\[[^\]]+\]|[\w$]+)'
+_IDENT = r'(?:"(?:[^"]|"")+"|`(?:[^`]|``)+`|\[[^\]]+\]|[\w$]+)'
 _TEXT_WRITE = re.compile(
     rf"""^\s*(?P<verb>
         insert(?:\s+(?:low_priority|delayed|high_priority|ignore))*\s+(?:or\s+\w+\s+)?into |
@@ -1173,6 +1177,11 @@ def named_table(text: str) -> str | None:
     parts (``"My Table"``, `` `t` ``, ``[t]``) unquoted; None when quotes
     do not make a name of them."""
     if not any(q in text for q in '"`['):
+        # unquoted: up to three non-empty parts, no ';' (a space may be
+        # part of a name: "line items")
+        parts = [p.strip() for p in text.split(".")]
+        if len(parts) > 3 or not all(parts) or ";" in text:
+            return None
         return text.lower()
     if _QUOTED_NAME.match(text) is None:
         return None
@@ -1183,7 +1192,9 @@ def named_table(text: str) -> str | None:
 def _unquote(ident: str) -> str:
     if ident[0] == '"':
         return ident[1:-1].replace('""', '"')
-    if ident[0] in "`[":
+    if ident[0] == "`":
+        return ident[1:-1].replace("``", "`")
+    if ident[0] == "[":
         return ident[1:-1]
     return ident
 
@@ -1352,11 +1363,14 @@ def _text_cascades(names: set[str], default_schema: str | None) -> set[Any]:
     their foreign keys' actions, as far as the mapped ``MetaData`` tell."""
     from ._compat import mapped_metadata
 
+    # by bare name, as version keys name tables (``db.parent`` written from
+    # another database's engine is the ``parent`` a model maps unqualified)
+    bare = {_bare(n) for n in names}
     found = [
         t
         for metadata in mapped_metadata()
         for t in metadata.tables.values()
-        if table_name(t.name, t.schema, None, default_schema) in names
+        if _bare(table_name(t.name, t.schema, None, default_schema)) in bare
     ]
     if not found:
         return set()

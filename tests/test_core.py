@@ -894,7 +894,7 @@ def test_invalidate_table_takes_a_quoted_name(env: Any, spelt: str) -> None:
     assert name() == ("t1", 1)
 
 
-@pytest.mark.parametrize("bad", ['"templates', "[a].[b", "", "   ", 5])
+@pytest.mark.parametrize("bad", ['"templates', "[a].[b", "", "   ", 5, "t.", "a.b.c.d", "t; DROP"])
 def test_invalidate_table_refuses_what_is_not_a_name(env: Any, bad: Any) -> None:
     _, _, cache = env
     with pytest.raises(ormcache.ConfigurationError, match="invalidate_table\\(\\) takes a table name"):

@@ -469,37 +469,53 @@ def test_a_table_of_another_database_of_the_server(direction: str) -> None:
         other.dispose()
 
 
-def test_version_keys_of_a_mysql_table_name_its_database() -> None:
-    from ormcache.invalidation import _db, _place
+def test_version_keys_name_the_server_of_a_mysql_database() -> None:
+    from ormcache.invalidation import _place, _server_part
 
+    assert _server_part("mysql://h:3306/app") == _server_part("mariadb://h:3306/reports") == "mysql://h:3306/"
+    assert _server_part("mssql://h:1433/app?odbc_connect=x") == "mssql://h:1433/?odbc_connect=x"
+    assert _server_part("mysql://h:3306/app?db=a&unix_socket=/s") == "mysql://h:3306/?unix_socket=/s"
+    assert _server_part("postgresql://h:5432/app") == "postgresql://h:5432/app"
+    assert _server_part("mysql://h:3307/app") != _server_part("mysql://h:3306/app")
     assert _place("mysql://h:3306/app", "reports.t") == _place("mariadb://h:3306/Reports", "t")
-    assert _place("mysql://h:3306/app", "t") != _place("mysql://h:3306/reports", "t")
-    assert _place("mysql://h:3306/app", "t") != _place("mysql://h:3307/app", "t")
-    assert _place("mysql://h:3306/app?unix_socket=/s", "reports.t") == _place("mysql://h:3306/reports?unix_socket=/s", "t")
-    # elsewhere a schema is not a database: the bare name, on the same database
-    assert _place("postgresql://h:5432/app", "public.t") == _place("postgresql://h:5432/app", "t")
-    assert _db("mysql://h:3306/app") == _db("mariadb://h:3306/app")
 
 
-def test_databases_of_one_server_keep_their_own_version_keys() -> None:
-    """Shards that are databases of one MySQL server: a write, or a write
-    whose tables are unknown, on one leaves the other's entries valid."""
+@pytest.mark.parametrize(
+    "write",
+    [
+        "multi-table update",  # its tables cannot all be told: the whole server counts
+        "procedure",
+        "cascade to a table of another database",
+    ],
+)
+def test_writes_that_reach_another_database_of_the_server(write: str) -> None:
+    """A statement on one database of a MySQL server can write another's
+    tables in ways that are not all told apart (a multi-table UPDATE
+    naming ``other.t``, a procedure, a foreign key's cascade into a table
+    mapped without its schema but bound to another database's engine):
+    version keys are the server's, so readers through any engine see it
+    (found by review: stale with keys per database)."""
     import uuid
 
-    from sqlalchemy import Column, Integer, String, update
+    from sqlalchemy import Column, ForeignKey, Integer, String
     from sqlalchemy.orm import DeclarativeBase
 
     from ormcache import OrmCache
-    from ormcache.testing import QueryCounter
     from servers import require_server
 
     class Base(DeclarativeBase):
         pass
 
-    class Row(Base):
-        __tablename__ = "ormcache_xdb2"
+    class Parent(Base):  # lives in ormcache_other
+        __tablename__ = "ormcache_xp"
+        __table_args__ = {"schema": "ormcache_other"}
         id = Column(Integer, primary_key=True)
         name = Column(String(20))
+
+    class Child(Base):  # lives in ormcache_main, mapped without its schema
+        __tablename__ = "ormcache_xc"
+        id = Column(Integer, primary_key=True)
+        parent_id = Column(ForeignKey("ormcache_other.ormcache_xp.id", ondelete="CASCADE"))
 
     url = make_url(require_server("mariadb"))
     admin = create_engine(url)
@@ -507,35 +523,57 @@ def test_databases_of_one_server_keep_their_own_version_keys() -> None:
         for database in ("ormcache_main", "ormcache_other"):
             conn.exec_driver_sql(f"CREATE DATABASE IF NOT EXISTS `{database}`")
     admin.dispose()
-    engines = [
-        create_engine(url.set(database=d), isolation_level="READ COMMITTED") for d in ("ormcache_main", "ormcache_other")
-    ]
-    for engine in engines:
-        Row.__table__.drop(engine, checkfirst=True)
-        Row.__table__.create(engine)
-        with engine.begin() as conn:
-            conn.execute(Row.__table__.insert().values(id=1, name="v0"))
-    cache = OrmCache.from_settings({"namespace": "xs" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}})
+    main = create_engine(url.set(database="ormcache_main"), isolation_level="READ COMMITTED")
+    other = create_engine(url.set(database="ormcache_other"), isolation_level="READ COMMITTED")
+    with main.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE IF EXISTS ormcache_xc")
+        conn.exec_driver_sql("DROP TABLE IF EXISTS ormcache_other.ormcache_xp")
+        conn.exec_driver_sql("DROP PROCEDURE IF EXISTS ormcache_other.ormcache_xproc")
+    Base.metadata.create_all(main)
+    with main.begin() as conn:
+        conn.execute(Parent.__table__.insert().values(id=1, name="v0"))
+        conn.execute(Child.__table__.insert().values(id=10, parent_id=1))
+        conn.exec_driver_sql(
+            "CREATE PROCEDURE ormcache_other.ormcache_xproc() UPDATE ormcache_other.ormcache_xp SET name = 'v1'"
+        )
+    cache = OrmCache.from_settings({"namespace": "xw" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}})
+    maker = sessionmaker(binds={Parent: other, Child: main})
+    cache.attach(maker)
 
-    def read(engine: Engine) -> str:
-        with Session(engine) as s:
-            cache.attach(s)
-            return s.scalars(select(Row.name).where(Row.id == 1).options(FromCache())).one()
+    def read() -> tuple[str, int]:
+        with maker() as s:
+            name = s.scalars(select(Parent.name).where(Parent.id == 1).options(FromCache())).one()
+            children = s.scalars(select(func.count(Child.id)).options(FromCache())).one()
+            return name, children
+
+    from sqlalchemy import func, text
 
     try:
-        for engine in engines:
-            read(engine)
-        with Session(engines[0]) as s:
-            s.execute(update(Row).where(Row.id == 1).values(name="v1"))
-            s.commit()
-        with engines[0].begin() as conn:
-            conn.exec_driver_sql("DO 1")  # tables unknown
-        with QueryCounter(engines[1]) as other:
-            assert read(engines[1]) == "v0"
-        assert other.selects == 0
-        assert read(engines[0]) == "v1"
+        assert read() == read() == ("v0", 1)
+        if write == "multi-table update":
+            with main.begin() as conn:  # through main's engine, writing other's table
+                conn.execute(
+                    text(
+                        "UPDATE ormcache_xc JOIN ormcache_other.ormcache_xp AS p ON p.id = ormcache_xc.parent_id "
+                        "SET p.name = 'v1'"
+                    )
+                )
+            assert read() == ("v1", 1)
+        elif write == "procedure":
+            with main.begin() as conn:
+                conn.exec_driver_sql("CALL ormcache_other.ormcache_xproc()")
+            assert read() == ("v1", 1)
+        else:
+            with maker.begin() as s:  # an ORM delete through other's engine
+                s.delete(s.get(Parent, 1))
+            with maker() as s:
+                assert s.scalars(select(Parent.name).where(Parent.id == 1).options(FromCache())).all() == []
+                assert s.scalars(select(func.count(Child.id)).options(FromCache())).one() == 0
     finally:
         cache.close()
-        for engine in engines:
-            Row.__table__.drop(engine, checkfirst=True)
-            engine.dispose()
+        with main.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE IF EXISTS ormcache_xc")
+            conn.exec_driver_sql("DROP TABLE IF EXISTS ormcache_other.ormcache_xp")
+            conn.exec_driver_sql("DROP PROCEDURE IF EXISTS ormcache_other.ormcache_xproc")
+        main.dispose()
+        other.dispose()

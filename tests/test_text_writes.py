@@ -45,6 +45,7 @@ CASES = [
     ("DELETE FROM test.public.t WHERE id = 2", {"public.t"}),
     ("INSERT INTO test.public.t VALUES (1)", {"public.t"}),
     ('TRUNCATE TABLE "db"."s"."T"', {"s.t"}),
+    ("UPDATE `a``b` SET x = 1", {"a`b"}),  # (a doubled backquote: found by review)
     ("TRUNCATE TABLE a", {"a"}),
     ('UPDATE "order-items" SET v = 1', {"order-items"}),
     ('UPDATE "line items" SET v = 1', {"line items"}),
@@ -131,3 +132,27 @@ def test_multi_table_update_writes_every_table_it_sets() -> None:
         isdelete=False,
     )
     assert {"a", "b"} <= _written_by(context, str(compiled), None)  # type: ignore[arg-type,operator]
+
+
+def test_a_textual_write_of_a_qualified_parent_follows_its_cascades() -> None:
+    """``DELETE FROM other.parent`` through an engine on another database
+    is a write of the ``parent`` a model maps without its schema: its
+    foreign keys' cascades are followed (found by review)."""
+    from sqlalchemy import Column, ForeignKey, Integer
+    from sqlalchemy.orm import DeclarativeBase
+
+    from ormcache.invalidation import _text_cascades
+
+    class CBase(DeclarativeBase):
+        pass
+
+    class CParent(CBase):
+        __tablename__ = "tw_cparent"
+        id = Column(Integer, primary_key=True)
+
+    class CChild(CBase):
+        __tablename__ = "tw_cchild"
+        id = Column(Integer, primary_key=True)
+        parent_id = Column(ForeignKey("tw_cparent.id", ondelete="CASCADE"))
+
+    assert {t.name for t in _text_cascades({"other.tw_cparent"}, "app")} == {"tw_cchild"}
