@@ -403,6 +403,23 @@ class TestMariadbMemory(BackendTests):
             writer.dispose()
 
 
+def _two_databases() -> tuple[Engine, Engine]:
+    """Engines on ``ormcache_main`` and ``ormcache_other``, two databases of
+    the test server (created when missing), at READ COMMITTED."""
+    from servers import require_server
+
+    url = make_url(require_server("mariadb"))
+    admin = create_engine(url)
+    with admin.connect() as conn:
+        for database in ("ormcache_main", "ormcache_other"):
+            conn.exec_driver_sql(f"CREATE DATABASE IF NOT EXISTS `{database}`")
+    admin.dispose()
+    main, other = (
+        create_engine(url.set(database=d), isolation_level="READ COMMITTED") for d in ("ormcache_main", "ormcache_other")
+    )
+    return main, other
+
+
 @pytest.mark.parametrize("direction", ["write_qualified_read_plain", "write_plain_read_qualified"])
 def test_a_table_of_another_database_of_the_server(direction: str) -> None:
     """MySQL's databases are schemas of one server: an engine on
@@ -416,7 +433,6 @@ def test_a_table_of_another_database_of_the_server(direction: str) -> None:
     from sqlalchemy.orm import DeclarativeBase
 
     from ormcache import OrmCache
-    from servers import require_server
 
     class Base(DeclarativeBase):
         pass
@@ -432,14 +448,7 @@ def test_a_table_of_another_database_of_the_server(direction: str) -> None:
         id = Column(Integer, primary_key=True)
         name = Column(String(20))
 
-    url = make_url(require_server("mariadb"))
-    admin = create_engine(url)
-    with admin.connect() as conn:
-        for database in ("ormcache_main", "ormcache_other"):
-            conn.exec_driver_sql(f"CREATE DATABASE IF NOT EXISTS `{database}`")
-    admin.dispose()
-    main = create_engine(url.set(database="ormcache_main"), isolation_level="READ COMMITTED")
-    other = create_engine(url.set(database="ormcache_other"), isolation_level="READ COMMITTED")
+    main, other = _two_databases()
     Plain.__table__.drop(other, checkfirst=True)
     Plain.__table__.create(other)
     with other.begin() as conn:
@@ -501,7 +510,6 @@ def test_writes_that_reach_another_database_of_the_server(write: str) -> None:
     from sqlalchemy.orm import DeclarativeBase
 
     from ormcache import OrmCache
-    from servers import require_server
 
     class Base(DeclarativeBase):
         pass
@@ -517,14 +525,7 @@ def test_writes_that_reach_another_database_of_the_server(write: str) -> None:
         id = Column(Integer, primary_key=True)
         parent_id = Column(ForeignKey("ormcache_other.ormcache_xp.id", ondelete="CASCADE"))
 
-    url = make_url(require_server("mariadb"))
-    admin = create_engine(url)
-    with admin.connect() as conn:
-        for database in ("ormcache_main", "ormcache_other"):
-            conn.exec_driver_sql(f"CREATE DATABASE IF NOT EXISTS `{database}`")
-    admin.dispose()
-    main = create_engine(url.set(database="ormcache_main"), isolation_level="READ COMMITTED")
-    other = create_engine(url.set(database="ormcache_other"), isolation_level="READ COMMITTED")
+    main, other = _two_databases()
     with main.begin() as conn:
         conn.exec_driver_sql("DROP TABLE IF EXISTS ormcache_xc")
         conn.exec_driver_sql("DROP TABLE IF EXISTS ormcache_other.ormcache_xp")
