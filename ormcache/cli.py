@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
+from . import invalidation
 from .exc import BackendError, ConfigurationError, OrmCacheError
 
 __all__ = ["main"]
@@ -152,6 +153,10 @@ def _invalidate(args: argparse.Namespace) -> int:
     for table in args.table:
         if not table.strip():
             raise ConfigurationError(f"--table {table!r}: give a table name")
+        if invalidation.named_table(table.strip()) is None:
+            raise ConfigurationError(
+                f"--table {table!r}: not a table name ('t', 'schema.t', or quoted as SQL quotes names)"
+            )
     cache = _load(args.settings)
     try:
         for region in args.region:

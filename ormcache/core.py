@@ -1449,9 +1449,10 @@ class OrmCache:
         return targets
 
     def invalidate_table(self, name: str) -> None:
-        """Drop every result that read table ``name`` (schema-qualified as
-        ``schema.table`` outside the default schema), in every database;
-        for writers that know tables rather than models."""
+        """Drop every result that read table ``name`` (``t``, ``schema.t``:
+        the schema does not count; quoted as SQL quotes names,
+        ``'"My Table"'``), in every database and schema; for writers that
+        know tables rather than models."""
         table = invalidation.named_table(name.strip()) if isinstance(name, str) and name.strip() else None
         if table is None:
             raise ConfigurationError(

@@ -330,7 +330,8 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if revision != models.SCHEMA_REVISION:
             raise UsageError(
                 f"{data_dir}: the store is at schema revision {revision}, and the demo's models "
-                f"describe {models.SCHEMA_REVISION}: bring it to head with `alembic upgrade head` "
+                f"describe {models.SCHEMA_REVISION}: bring it to head with "
+                f"`alembic -x data_dir={data_dir} upgrade head` "
                 "(or pass --rebuild)"
             )
         cache.use_schema_version(revision)

@@ -508,6 +508,9 @@ def _db(db: str) -> str:
     return short
 
 
+_ODBC_DATABASE = re.compile(r"(?:^|;)\s*(?:database|initial catalog)\s*=[^;]*", re.IGNORECASE)
+
+
 def _server_part(db: str) -> str:
     """``db`` (a database id) without its database where the databases of
     a server reach each other's tables; mysql and mariadb ids of one
@@ -518,9 +521,12 @@ def _server_part(db: str) -> str:
     scheme, _, rest = head.partition("://")
     server = rest.partition("/")[0]
     scheme = "mysql" if scheme == "mariadb" else scheme
-    # (a query's unix_socket names the server; its database does not)
+    # (a query's unix_socket names the server; its database does not, nor
+    # does the DATABASE= of an ODBC connection string)
     targets = "&".join(
-        p for p in query.split("&") if p and not p.startswith(("database=", "dbname=", "db="))
+        _ODBC_DATABASE.sub("", p) if p.startswith("odbc_connect=") else p
+        for p in query.split("&")
+        if p and not p.startswith(("database=", "dbname=", "db="))
     ) if sep else ""
     return f"{scheme}://{server}/" + (f"?{targets}" if targets else "")
 
@@ -1176,13 +1182,15 @@ def named_table(text: str) -> str | None:
     ``--table``), as :func:`~ormcache.keys.table_name` gives it: quoted
     parts (``"My Table"``, `` `t` ``, ``[t]``) unquoted; None when quotes
     do not make a name of them."""
+    if not text.isprintable() or "'" in text or ";" in text:
+        return None  # ('t' is a string in SQL, not a name)
     if not any(q in text for q in '"`['):
-        # unquoted: up to three non-empty parts, no ';' (a space may be
-        # part of a name: "line items")
+        # unquoted: up to three non-empty parts (a space may be part of a
+        # name: "line items", not of its ends)
         parts = [p.strip() for p in text.split(".")]
-        if len(parts) > 3 or not all(parts) or ";" in text:
+        if len(parts) > 3 or not all(parts):
             return None
-        return text.lower()
+        return ".".join(parts).lower()
     if _QUOTED_NAME.match(text) is None:
         return None
     parts = [_unquote(p) for p in re.findall(_IDENT, text)]

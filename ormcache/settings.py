@@ -734,9 +734,9 @@ def _redis_numbers(region: str, backend: str, arguments: Mapping[str, Any]) -> M
         return arguments
     checked = dict(arguments)
     for key, (low, high) in _REDIS_NUMBERS.items():
-        if key not in arguments or arguments[key] is None:
+        if key not in arguments:
             continue
-        value = arguments[key]
+        value = arguments[key]  # (None too: redis-py refuses it at every command)
         number = _number(value)
         if isinstance(value, bool) or number is None or number != int(number) or not low <= number <= high:
             raise ConfigurationError(

@@ -271,6 +271,8 @@ def test_invalidate_checks_every_target_before_writing(settings_file: Path, caps
     assert "invalidated" not in captured.out
     assert main(["invalidate", "--table", " ", "--settings", str(settings_file)]) == 2
     assert "--table ' ': give a table name" in capsys.readouterr().err
+    assert main(["invalidate", "--table", "'templates'", "--settings", str(settings_file)]) == 2
+    assert "--table \"'templates'\": not a table name" in capsys.readouterr().err
 
 
 def test_check_a_null_region(tmp_path: Path, capsys: Any) -> None:

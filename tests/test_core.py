@@ -876,7 +876,9 @@ def test_explicit_invalidation_reaches_results_of_unknown_tables(env: Any, how: 
     assert count() == (99, 1)
 
 
-@pytest.mark.parametrize("spelt", ['"templates"', "[templates]", "`templates`", 'main."TEMPLATES"', " Templates "])
+@pytest.mark.parametrize(
+    "spelt", ['"templates"', "[templates]", "`templates`", 'main."TEMPLATES"', " Templates ", "main . templates"]
+)
 def test_invalidate_table_takes_a_quoted_name(env: Any, spelt: str) -> None:
     """A table name quoted as SQL quotes it names the table (it named a
     key nobody reads, silently: found by review)."""
@@ -894,7 +896,7 @@ def test_invalidate_table_takes_a_quoted_name(env: Any, spelt: str) -> None:
     assert name() == ("t1", 1)
 
 
-@pytest.mark.parametrize("bad", ['"templates', "[a].[b", "", "   ", 5, "t.", "a.b.c.d", "t; DROP"])
+@pytest.mark.parametrize("bad", ['"templates', "[a].[b", "", "   ", 5, "t.", "a.b.c.d", "t; DROP", "'templates'", "templates\x00"])
 def test_invalidate_table_refuses_what_is_not_a_name(env: Any, bad: Any) -> None:
     _, _, cache = env
     with pytest.raises(ormcache.ConfigurationError, match="invalidate_table\\(\\) takes a table name"):

@@ -483,6 +483,8 @@ def test_version_keys_name_the_server_of_a_mysql_database() -> None:
 
     assert _server_part("mysql://h:3306/app") == _server_part("mariadb://h:3306/reports") == "mysql://h:3306/"
     assert _server_part("mssql://h:1433/app?odbc_connect=x") == "mssql://h:1433/?odbc_connect=x"
+    odbc = "mssql://:1433/?odbc_connect=DRIVER={ODBC};SERVER=s1;"
+    assert _server_part(odbc + "DATABASE=app") == _server_part(odbc + "Initial Catalog=reports")
     assert _server_part("mysql://h:3306/app?db=a&unix_socket=/s") == "mysql://h:3306/?unix_socket=/s"
     assert _server_part("postgresql://h:5432/app") == "postgresql://h:5432/app"
     assert _server_part("mysql://h:3307/app") != _server_part("mysql://h:3306/app")

@@ -467,4 +467,4 @@ def test_the_demo_refuses_a_store_all_at_an_older_revision(
     capsys.readouterr()
     assert demo.main(["--quick", "--requests", "200", "--writes", "5", "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert f"at schema revision {INITIAL}" in err and "alembic upgrade head" in err
+    assert f"at schema revision {INITIAL}" in err and f"alembic -x data_dir={tmp_path} upgrade head" in err

@@ -952,7 +952,9 @@ def test_odd_inputs_get_named_errors(tmp_path: Path) -> None:
         RelationshipCache(Template.name)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("key, value", [("port", "abc"), ("port", ""), ("port", 70000), ("port", 6379.5), ("db", -1), ("db", True)])
+@pytest.mark.parametrize(
+    "key, value", [("port", "abc"), ("port", ""), ("port", 70000), ("port", 6379.5), ("port", None), ("db", -1), ("db", True)]
+)
 def test_redis_port_and_db_must_be_whole_numbers(key: str, value: Any) -> None:
     """A Redis ``port`` or ``db`` redis-py would refuse at every command
     (``port = "${REDIS_PORT}"`` with the variable empty, say) is refused
