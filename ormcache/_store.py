@@ -590,12 +590,34 @@ class Store:
             current = self._read_to_merge(list(mapping))
             now = time.time()
             merged = {}
+            contended = {}
+            token_writer = self._token_writer
+            cas = token_writer is not None and token_writer.can_cas
             for (key, token), value in zip(mapping.items(), current):
                 new = merge_token(value, token, writer, now)
-                if new is not None:
+                if new is None:
+                    continue
+                if cas and isinstance(value, str) and value[:1] == "p":
+                    # writers are pending there: merged with compare-and-set,
+                    # else a writer finishing meanwhile would be written
+                    # back by this merge, and keep the table uncached
+                    contended[key] = token
+                else:
                     merged[key] = new
             if merged:
                 self._put_tokens(merged)
+            if contended:
+                self._cas_tokens(contended, writer)
+
+    def _cas_tokens(self, mapping: Mapping[str, str], writer: str | None) -> None:
+        """Merge ``mapping`` into keys other writers are pending on, each
+        with memcached's ``gets``/``cas``: a merge whose key changed since
+        it was read is read and merged again."""
+        mangler = self.region.key_mangler
+        token_writer = self._token_writer
+        assert token_writer is not None
+        for key, token in mapping.items():
+            token_writer.cas_merge(mangler(key) if mangler is not None else key, token, writer, self._token)
 
     def _read_to_merge(self, keys: list[str]) -> list[Any]:
         """Version tokens read before a write merges with them: on the
@@ -1650,6 +1672,7 @@ class _TokenWriter:
             ms = max(1, round(seconds * 1000))
             self._behaviors = {
                 **backend.behaviors,
+                "cas": True,  # (gets/cas: merging version tokens of several writers)
                 "connect_timeout": ms,
                 "_poll_timeout": ms,
                 "receive_timeout": ms * 1000,
@@ -1700,6 +1723,38 @@ class _TokenWriter:
             raise RuntimeError(f"memcached stored {len(failed)} of {len(payload)} version tokens")
         return True
 
+    @property
+    def can_cas(self) -> bool:
+        """Whether :meth:`cas_merge` can merge: a memcached region on the
+        binary protocol (``binary = true`` in its arguments).  On the text
+        protocol, libmemcached was seen spinning in an ``add`` that
+        followed a ``gets`` on the same client, under concurrent writers
+        (tests/test_consistency.py); text-only proxies (twemproxy,
+        mcrouter) rule out switching protocols behind the region's back."""
+        return self._behaviors is not None and bool(getattr(self._backend, "binary", False))
+
+    def cas_merge(self, key: str, token: str, writer: str | None, decode: Callable[[Any], Any]) -> None:
+        """Write ``token`` into memcached's ``key`` as
+        :func:`~.invalidation.merge_token` says, with ``gets`` and ``cas``
+        (``add`` where it is absent), reading again when another process
+        wrote the key in between; after :data:`CAS_TRIES` such races, as a
+        plain write."""
+        client = self._client()
+        arguments = self._backend.set_arguments
+        new = None
+        for _ in range(CAS_TRIES):
+            value, cas_id = client.gets(key)
+            new = merge_token(decode(value), token, writer, time.time())
+            if new is None:
+                return
+            if value is None or cas_id is None:
+                if client.add(key, new.encode("ascii"), **arguments):
+                    return
+            elif client.cas(key, new.encode("ascii"), cas_id, **arguments):
+                return
+        if new is not None and not client.set(key, new.encode("ascii"), **arguments):
+            raise RuntimeError("memcached did not store a version token")
+
     def read(self, keys: Sequence[str]) -> list[Any] | None:
         """The raw values of ``keys`` (None where absent), on this writer's
         connections; None when no connection is free (read them as usual)."""
@@ -1740,6 +1795,10 @@ class _TokenWriter:
             except Exception:
                 pass
 
+
+#: compare-and-set races a version token's merge runs before it writes
+#: plainly (see :meth:`_TokenWriter.cas_merge`)
+CAS_TRIES = 8
 
 #: pylibmc clients a forked child inherited: kept, never freed (see __call__)
 _inherited: list[Any] = []
