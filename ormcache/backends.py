@@ -113,6 +113,9 @@ class RedisSentinelBackend(_DogpileSentinel):
         # settings could not tell a misspelt argument.  The same, by name.
         args: Any = arguments.copy()  # type: ignore[attr-defined]
         self.sentinels = args.pop("sentinels", None)
+        if not self.sentinels:
+            # (dogpile's own fails later, on iterating None)
+            raise KeyError("sentinels")
         self.service_name = args.pop("service_name", "mymaster")
         self.sentinel_kwargs = args.pop("sentinel_kwargs", {})
         for name, default in (("distributed_lock", True), ("thread_local_lock", False)):

@@ -987,5 +987,8 @@ def test_common_mistakes_are_named() -> None:
         OrmCache.from_settings(load_settings(regions(r={"backend": "memory"})))  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="region 'd', setting 'arguments': .* needs the argument 'filename'"):
         OrmCache.from_settings(regions(d={"backend": "dbm"}))
+    for arguments in ({}, {"sentinels": []}):
+        with pytest.raises(ConfigurationError, match="region 's', setting 'arguments': .* needs the argument 'sentinels'"):
+            OrmCache.from_settings(regions(s={"backend": "redis_sentinel", "arguments": arguments}))
     with pytest.raises(ArgumentError, match="relationship first, then the region"):
         RelationshipCache("default", Store.templates)
