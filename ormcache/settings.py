@@ -738,7 +738,14 @@ def _redis_numbers(region: str, backend: str, arguments: Mapping[str, Any]) -> M
             continue
         value = arguments[key]  # (None too: redis-py refuses it at every command)
         number = _number(value)
-        if isinstance(value, bool) or number is None or number != int(number) or not low <= number <= high:
+        digits = not isinstance(value, str) or (value.strip().isascii() and value.strip().isdigit())
+        if (
+            isinstance(value, bool)
+            or not digits  # ("1e3", "６")
+            or number is None
+            or number != int(number)
+            or not low <= number <= high
+        ):
             raise ConfigurationError(
                 f"must be a whole number from {low} to {high:,}, not {value!r}",
                 region=region,

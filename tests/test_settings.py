@@ -953,7 +953,8 @@ def test_odd_inputs_get_named_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "key, value", [("port", "abc"), ("port", ""), ("port", 70000), ("port", 6379.5), ("port", None), ("db", -1), ("db", True)]
+    "key, value",
+    [("port", "abc"), ("port", ""), ("port", 70000), ("port", 6379.5), ("port", None), ("port", "1e3"), ("db", -1), ("db", True)],
 )
 def test_redis_port_and_db_must_be_whole_numbers(key: str, value: Any) -> None:
     """A Redis ``port`` or ``db`` redis-py would refuse at every command
