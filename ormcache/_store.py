@@ -881,7 +881,11 @@ class Store:
         self._lost.update(keys)
         if writer is not None:
             for key in keys:
-                self._lost_writers.setdefault(key, set()).add(writer)
+                writers = self._lost_writers.setdefault(key, set())
+                if len(writers) < MAX_LOST_WRITERS:
+                    writers.add(writer)
+                # (beyond that, the others' pending entries are left to
+                # expire: their tables uncached for up to PENDING_TTL)
         if len(self._lost) > self.max_lost and self._lost_fallback is not None:
             self._lost.clear()
             self._lost_writers.clear()
@@ -952,12 +956,15 @@ class Store:
         for key in keys:
             for writer in writers.get(key) or (None,):
                 by_writer.setdefault(writer, []).append(key)
-        token = self._fresh_token()
-        done: list[str | None] = []
+        done: set[str | None] = set()
         try:
             for writer, written in by_writer.items():
-                self._write_or_drop(dict.fromkeys(written, token), writer)
-                done.append(writer)
+                # a token of its own for each write: the writes take time,
+                # and a commit's fresh token written meanwhile must never
+                # be replaced by one that entries were stored under before
+                # that commit (an older token written again validates them)
+                self._write_or_drop(dict.fromkeys(written, self._fresh_token()), writer)
+                done.add(writer)
         except BaseException:
             for writer, written in by_writer.items():
                 if writer not in done:
@@ -1750,8 +1757,8 @@ class _TokenWriter:
             if value is None or cas_id is None:
                 if client.add(key, new.encode("ascii"), **arguments):
                     return
-            elif client.cas(key, new.encode("ascii"), cas_id, **arguments):
-                return
+            elif client.cas(key, new.encode("ascii"), cas_id, arguments.get("time", 0)):
+                return  # (cas takes no min_compress_len, which set_arguments may hold)
         if new is not None and not client.set(key, new.encode("ascii"), **arguments):
             raise RuntimeError("memcached did not store a version token")
 
@@ -1795,6 +1802,11 @@ class _TokenWriter:
             except Exception:
                 pass
 
+
+#: writers a lost version key remembers, to write their fresh tokens again
+#: as theirs (one round trip each) when the backend answers; beyond that,
+#: their pending entries expire (their tables uncached meanwhile)
+MAX_LOST_WRITERS = 64
 
 #: compare-and-set races a version token's merge runs before it writes
 #: plainly (see :meth:`_TokenWriter.cas_merge`)

@@ -662,7 +662,10 @@ def test_a_signed_region_never_lets_pylibmc_unpickle(memcached_url: str, tmp_pat
         engine.dispose()
 
 
-def test_a_writer_that_finished_is_not_written_back_by_another(memcached_url: str, monkeypatch: Any) -> None:
+@pytest.mark.parametrize("more", [{}, {"min_compress_len": 1000, "memcached_expire_time": 600}])
+def test_a_writer_that_finished_is_not_written_back_by_another(
+    memcached_url: str, monkeypatch: Any, more: dict[str, Any]
+) -> None:
     """Two processes writing one table: B reads the version key while A's
     pending entry is there, A finishes (its fresh token takes the key),
     then B writes its merge.  Without compare-and-set B wrote A's entry
@@ -677,7 +680,9 @@ def test_a_writer_that_finished_is_not_written_back_by_another(memcached_url: st
 
     settings = {
         "namespace": "cas" + uuid.uuid4().hex[:8],
-        "regions": {"default": {"backend": "memcached", "arguments": {"url": [memcached_url], "binary": True}}},
+        "regions": {
+            "default": {"backend": "memcached", "arguments": {"url": [memcached_url], "binary": True, **more}}
+        },
     }
     a, b = OrmCache.from_settings(settings), OrmCache.from_settings(settings)
     db = "named:cas-test"
@@ -703,6 +708,7 @@ def test_a_writer_that_finished_is_not_written_back_by_another(memcached_url: st
         assert pending.startswith("p") and "writer-a" not in pending and "writer-b" in pending
         b._post_invalidate(db, {"t"}, "writer-b")
         assert not store_b.get_many([key, key])[1].startswith("p")
+        assert store_b._failures == 0 and not store_b._lost
     finally:
         a.close()
         b.close()
