@@ -1923,9 +1923,7 @@ def _set_unlocker(region: CacheRegion, reader: _RedisReader | None = None) -> An
                 # refused, not run (BUSY with a script, READONLY once made a
                 # replica): tried again, owner-checked, until it expires,
                 # as a release that failed on its own is
-                timeout = _lock_timeout(unlock.remote)
-                expires = unlock.taken_at + timeout if timeout else None
-                unlock.store.lose_release(lambda: lock.do_release(token), expires)
+                unlock.store.lose_release(lambda: lock.do_release(token), unlock.expires())
             unlock.remote_failed(released)
         elif not released:
             unlock.remote_failed(LockNotOwnedError("lock expired before its release"))
@@ -2199,15 +2197,18 @@ class _TwoLevelLock:
                     # reply): a lock without an owner may be someone
                     # else's by then
                     if _backend_failure(err) and (owned or _never_sent(err)):
-                        if type(self.remote) is _OwnedMemcachedLock:
-                            expires = self.remote.expires
-                        else:
-                            timeout = _lock_timeout(self.remote)
-                            expires = self.taken_at + timeout if timeout else None
-                        self.store.lose_release(again, expires)
+                        self.store.lose_release(again, self.expires())
                     self.remote_failed(err)
         finally:
             self.local.release()
+
+    def expires(self) -> float | None:
+        """When (``time.monotonic()``) the distributed lock expires by
+        itself; None: never, or unknown."""
+        if type(self.remote) is _OwnedMemcachedLock:
+            return self.remote.expires
+        timeout = _lock_timeout(self.remote)
+        return self.taken_at + timeout if timeout else None
 
     def remote_failed(self, err: Exception) -> None:
         """The distributed lock's release failed: expired locks and servers

@@ -253,7 +253,7 @@ class OrmCache:
         # without a schema, as version keys name tables: "main.audit_log"
         # names audit_log on SQLite, and audit_log is audit_log in every
         # schema (a schema_translate_map tenant's, the search path's)
-        self._uncached = frozenset(t.lower().rpartition(".")[2] for t in settings.uncached_tables)
+        self._uncached = frozenset(invalidation.bare_table(t.lower()) for t in settings.uncached_tables)
         invalidation.register(self)
 
     # -- construction ----------------------------------------------------
@@ -529,7 +529,7 @@ class OrmCache:
         """Whether ``tables`` (as :func:`table_name` gives them) include one
         of ``uncached_tables``, in any schema."""
         uncached = self._uncached
-        return bool(uncached) and any(t.rpartition(".")[2] in uncached for t in tables)
+        return bool(uncached) and any(invalidation.bare_table(t) in uncached for t in tables)
 
     def _check_regions(self, option: FromCache, orm_context: ORMExecuteState) -> None:
         """Say at the statement the user runs that an option names an

@@ -272,7 +272,7 @@ class VersionKeys:
     def model(self, table: str) -> str:
         # the bare name: a default schema may or may not be spelled out
         # (over-invalidating same-named tables of other schemas is safe)
-        return f"{self.ns}:v:g:{_short(_bare(table))}"
+        return f"{self.ns}:v:g:{_short(bare_table(table))}"
 
     def models_unknown(self) -> str:
         """Moved by every explicit invalidation of a model or table
@@ -323,16 +323,16 @@ class VersionKeys:
 
     def any_table(self, table: str) -> str:
         """Moved by every write to ``table``, in any database."""
-        return f"{self.ns}:v:a:t:{_short(_bare(table))}"
+        return f"{self.ns}:v:a:t:{_short(bare_table(table))}"
 
     def any_bulk(self, table: str) -> str:
         """Moved by every write to ``table`` not known row by row, in any
         database."""
-        return f"{self.ns}:v:a:b:{_short(_bare(table))}"
+        return f"{self.ns}:v:a:b:{_short(bare_table(table))}"
 
     def any_row(self, table: str, pk: str) -> str:
         """Moved by every write to this row of ``table``, in any database."""
-        return f"{self.ns}:v:a:r:{_short(_bare(table))}:{digest(pk, 8)}"
+        return f"{self.ns}:v:a:r:{_short(bare_table(table))}:{digest(pk, 8)}"
 
     def any_unknown(self) -> str:
         """Moved by every write whose tables are not known, in any database."""
@@ -470,7 +470,7 @@ def _short(name: str) -> str:
     return digest(name, 8)
 
 
-def _bare(table: str) -> str:
+def bare_table(table: str) -> str:
     """A table's name in version keys: without its schema.  A name
     reaches a table through each connection's search path (PostgreSQL)
     or current database (MySQL): ``plan`` on one engine may be
@@ -540,7 +540,7 @@ def _place(db: str, table: str) -> tuple[str, str]:
     if placed is None:
         if len(_placed) > 10000:
             _placed.clear()
-        placed = _placed[key] = (_db(db), _short(_bare(table)))
+        placed = _placed[key] = (_db(db), _short(bare_table(table)))
     return placed
 
 
@@ -1224,7 +1224,7 @@ def _written_by(context: Any, statement: str, conn: Connection) -> set[str] | No
             # rows the database changes by itself, as below, for the
             # mapped tables of those names (a textual DELETE, UPDATE or
             # REPLACE: any action, whichever the statement runs)
-            for t in _text_cascades(tables, default_schema):
+            for t in _text_cascades(tables):
                 child = table_name(t.name, getattr(t, "schema", None), None, default_schema)
                 tables |= {child, bulk_item(child)}
         return tables or None
@@ -1366,19 +1366,19 @@ def _replaces_on_conflict(table: Any) -> bool:
     return found
 
 
-def _text_cascades(names: set[str], default_schema: str | None) -> set[Any]:
+def _text_cascades(names: set[str]) -> set[Any]:
     """The tables a textual write of the tables ``names`` may change by
     their foreign keys' actions, as far as the mapped ``MetaData`` tell."""
     from ._compat import mapped_metadata
 
     # by bare name, as version keys name tables (``db.parent`` written from
     # another database's engine is the ``parent`` a model maps unqualified)
-    bare = {_bare(n) for n in names}
+    bare = {bare_table(n) for n in names}
     found = [
         t
         for metadata in mapped_metadata()
         for t in metadata.tables.values()
-        if _bare(table_name(t.name, t.schema, None, default_schema)) in bare
+        if bare_table(t.name.lower()) in bare
     ]
     if not found:
         return set()

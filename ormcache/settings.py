@@ -700,13 +700,8 @@ def _server_ttls(region: str, arguments: Mapping[str, Any]) -> Mapping[str, Any]
     for key, value in found.items():
         seconds = value.total_seconds() if isinstance(value, datetime.timedelta) else _number(value)
         limit = _SERVER_TTLS[key]
-        if (
-            isinstance(value, bool)
-            or seconds is None
-            or seconds != int(seconds)
-            or seconds < 0
-            or seconds > limit
-        ):
+        whole = _whole(value, seconds, 0, limit)
+        if whole is None:
             if key == "memcached_expire_time":
                 most = f"to {limit:,} (30 days; memcached reads more as a date)"
             else:
@@ -716,8 +711,16 @@ def _server_ttls(region: str, arguments: Mapping[str, Any]) -> Mapping[str, Any]
                 region=region,
                 key=f"arguments.{key}",
             )
-        checked[key] = int(seconds)
+        checked[key] = whole
     return checked
+
+
+def _whole(value: Any, number: float | None, low: int, high: int) -> int | None:
+    """``number`` (what ``value`` reads as) as an ``int`` when it is a
+    whole number from ``low`` to ``high`` and ``value`` no bool; else None."""
+    if isinstance(value, bool) or number is None or number != int(number) or not low <= number <= high:
+        return None
+    return int(number)
 
 
 #: whole-number arguments of the Redis backends (redis-py refuses anything
@@ -737,21 +740,15 @@ def _redis_numbers(region: str, backend: str, arguments: Mapping[str, Any]) -> M
         if key not in arguments:
             continue
         value = arguments[key]  # (None too: redis-py refuses it at every command)
-        number = _number(value)
         digits = not isinstance(value, str) or (value.strip().isascii() and value.strip().isdigit())
-        if (
-            isinstance(value, bool)
-            or not digits  # ("1e3", "６")
-            or number is None
-            or number != int(number)
-            or not low <= number <= high
-        ):
+        whole = _whole(value, _number(value), low, high) if digits else None  # (not "1e3", "６")
+        if whole is None:
             raise ConfigurationError(
                 f"must be a whole number from {low} to {high:,}, not {value!r}",
                 region=region,
                 key=f"arguments.{key}",
             )
-        checked[key] = int(number)
+        checked[key] = whole
     return checked
 
 

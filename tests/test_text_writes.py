@@ -155,4 +155,4 @@ def test_a_textual_write_of_a_qualified_parent_follows_its_cascades() -> None:
         id = Column(Integer, primary_key=True)
         parent_id = Column(ForeignKey("tw_cparent.id", ondelete="CASCADE"))
 
-    assert {t.name for t in _text_cascades({"other.tw_cparent"}, "app")} == {"tw_cchild"}
+    assert {t.name for t in _text_cascades({"other.tw_cparent"})} == {"tw_cchild"}
