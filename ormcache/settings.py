@@ -749,7 +749,50 @@ def _redis_numbers(region: str, backend: str, arguments: Mapping[str, Any]) -> M
                 key=f"arguments.{key}",
             )
         checked[key] = whole
+    if backend == "ormcache.redis_sentinel" and "sentinels" in arguments:
+        checked["sentinels"] = _sentinels(region, arguments["sentinels"])
+    if backend == "ormcache.redis_cluster":
+        db = checked.get("db", 0)
+        url = arguments.get("url")
+        if isinstance(url, str) and db == 0:
+            from urllib.parse import urlsplit
+
+            path = urlsplit(url).path.strip("/")
+            db = int(path) if path.isdigit() else path or 0
+        if db != 0:
+            raise ConfigurationError(
+                f"a Redis Cluster has database 0 only, not {db!r}; applications that "
+                "share a cluster tell their keys apart by the 'namespace' setting",
+                region=region,
+                key="arguments.url" if "db" not in arguments else "arguments.db",
+            )
     return checked
+
+
+def _whole_port(value: Any) -> int | None:
+    digits = not isinstance(value, str) or (value.strip().isascii() and value.strip().isdigit())
+    return _whole(value, _number(value), 1, 65535) if digits else None
+
+
+def _sentinels(region: str, sentinels: Any) -> list[tuple[str, int]]:
+    """``sentinels`` as redis-py wants them, ``(host, port)`` pairs; an error
+    naming the bad one otherwise (a wrong one made every read an outage)."""
+    if isinstance(sentinels, (str, bytes)) or not isinstance(sentinels, (list, tuple)):
+        sentinels = [sentinels]  # (reported below as not a pair)
+    pairs = []
+    for item in sentinels:
+        port = None
+        if isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str) and item[0]:
+            port = _whole_port(item[1])
+        if port is None:
+            raise ConfigurationError(
+                f"must be a list of [host, port] pairs with ports from 1 to 65535, "
+                f"e.g. [[\"10.0.0.1\", 26379]]; {item!r} is not one",
+                region=region,
+                key="arguments.sentinels",
+            )
+        pairs.append((item[0], port))
+    return pairs
 
 
 #: backends that wait for no server: ``backend_timeout`` means nothing there

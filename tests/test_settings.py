@@ -993,3 +993,33 @@ def test_common_mistakes_are_named() -> None:
             OrmCache.from_settings(regions(s={"backend": "redis_sentinel", "arguments": arguments}))
     with pytest.raises(ArgumentError, match="relationship first, then the region"):
         RelationshipCache("default", Store.templates)
+
+
+@pytest.mark.parametrize(
+    "sentinels",
+    [[["127.0.0.1", "abc"]], [["127.0.0.1", 70000]], ["127.0.0.1:26379"], [["127.0.0.1"]], [["", 26379]], "127.0.0.1"],
+)
+def test_sentinels_must_be_host_port_pairs(sentinels: Any) -> None:
+    # (each made every command fail: the cache silently off for good)
+    with pytest.raises(ConfigurationError, match=r"region 's', setting 'arguments.sentinels': must be a list of \[host, port\] pairs"):
+        load_settings(regions(s={"backend": "redis_sentinel", "arguments": {"sentinels": sentinels}}))
+
+
+def test_sentinel_ports_given_as_strings_are_numbers() -> None:
+    settings = load_settings(
+        regions(s={"backend": "redis_sentinel", "arguments": {"sentinels": [["10.0.0.1", "26379"], ("10.0.0.2", 26380)]}})
+    )
+    assert settings.regions["s"].arguments["sentinels"] == [("10.0.0.1", 26379), ("10.0.0.2", 26380)]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "key", "db"),
+    [({"url": "redis://127.0.0.1:7000", "db": 2}, "arguments.db", "2"), ({"url": "redis://127.0.0.1:7000/3"}, "arguments.url", "3")],
+)
+def test_redis_cluster_has_database_zero_only(arguments: dict[str, Any], key: str, db: str) -> None:
+    # (dogpile ignored ``db``: the keys went to database 0 unsaid; redis-py
+    # refused a URL's at every command)
+    with pytest.raises(ConfigurationError, match=f"region 'c', setting '{key}': a Redis Cluster has database 0 only, not {db}"):
+        load_settings(regions(c={"backend": "redis_cluster", "arguments": arguments}))
+    for fine in ({"url": "redis://127.0.0.1:7000/0"}, {"url": "redis://127.0.0.1:7000", "db": "0"}):
+        load_settings(regions(c={"backend": "redis_cluster", "arguments": fine}))
