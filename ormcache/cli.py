@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import os
 import sys
+import types
 import uuid
 from collections.abc import Sequence
 from functools import partial
@@ -116,6 +118,8 @@ def _import_model(spec: str, what: str = "model", form: str = "module:Class") ->
     if not sep:
         module_name, _, attr = spec.rpartition(".")
     if not module_name or not attr:
+        if spec and _is_module(spec):
+            raise ConfigurationError(f"{what} {spec!r} is a module: write {form}")
         raise ConfigurationError(f"{what} {spec!r}: write it as {form}")
     if os.getcwd() not in sys.path and "" not in sys.path:
         # the application's modules, from its root, as `python -m` finds
@@ -134,10 +138,21 @@ def _import_model(spec: str, what: str = "model", form: str = "module:Class") ->
         try:
             target = getattr(target, part)
         except AttributeError:
+            if not sep and _is_module(spec):
+                raise ConfigurationError(f"{what} {spec!r} is a module: write {form}") from None
             raise ConfigurationError(
                 f"{what} {spec!r}: {module_name!r} has no attribute {attr!r}"
             ) from None
+    if isinstance(target, types.ModuleType):
+        raise ConfigurationError(f"{what} {spec!r} is a module: write {form}")
     return target
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _invalidate(args: argparse.Namespace) -> int:

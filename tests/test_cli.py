@@ -99,6 +99,11 @@ def test_backend_down_exit_code(tmp_path: Path, capsys: Any) -> None:
         (["invalidate", "--settings", "x.toml"], "nothing to invalidate"),
         (["invalidate", "nosuchmodule:Model", "--settings", "x.toml"], "cannot import 'nosuchmodule'"),
         (["invalidate", "ormcache:Nope", "--settings", "x.toml"], "has no attribute 'Nope'"),
+        # a module where a class belongs (said to have no attribute, or taken as one)
+        (["invalidate", "ormcache.testing.fixtures", "--settings", "x.toml"], "'ormcache.testing.fixtures' is a module: write module:Class"),
+        (["invalidate", "json", "--settings", "x.toml"], "model 'json' is a module: write module:Class"),
+        (["invalidate", "ormcache:testing", "--settings", "x.toml"], "model 'ormcache:testing' is a module"),
+        (["warm", "ormcache.testing", "--settings", "x.toml", "--database-url", "sqlite://"], "warm target 'ormcache.testing' is a module: write module:QUERIES"),
         (["invalidate", "--all", "--settings", "/nonexistent.toml"], "nonexistent.toml"),
     ],
 )
