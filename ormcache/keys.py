@@ -347,7 +347,7 @@ def _dialect_kind(dialect: Dialect) -> tuple[Any, ...]:
     kind: tuple[Any, ...] | None = getattr(dialect, "_ormcache_kind", None)
     if kind is None:
         kind = (
-            type(dialect),
+            row_format(dialect),
             getattr(dialect, "server_version_info", None),
             dialect.paramstyle,
             dialect.label_length,
@@ -359,6 +359,31 @@ def _dialect_kind(dialect: Dialect) -> tuple[Any, ...]:
             except AttributeError:
                 pass
     return kind
+
+
+#: dialect settings that change what its driver returns for a column, the
+#: raw rows an entry holds (``create_engine(native_datetime=True)`` on
+#: SQLite, a ``json_deserializer`` that psycopg2, psycopg, asyncpg and
+#: pg8000 apply themselves, psycopg2's ``use_native_hstore``)
+_ROW_FORMAT_SETTINGS = ("native_datetime", "_json_deserializer", "use_native_hstore")
+
+
+def row_format(dialect: Dialect) -> str:
+    """What the raw rows of ``dialect``'s driver depend on, as the same
+    text in every process: its dialect class (the driver: asyncpg returns
+    ``INET`` as a string, psycopg2 as an address; psycopg2 cannot read
+    asyncpg's ranges) and :data:`_ROW_FORMAT_SETTINGS`.  Part of every
+    result key, so engines that read one database through different
+    drivers or settings never replay each other's rows."""
+    cls = type(dialect)
+    parts = [f"{cls.__module__}.{cls.__qualname__}"]
+    for name in _ROW_FORMAT_SETTINGS:
+        value = getattr(dialect, name, None)
+        if value is not None and value is not False:
+            if callable(value):
+                value = f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__qualname__)}"
+            parts.append(f"{name}={value}")
+    return " ".join(parts)
 
 
 def _describe(statement: Any, dialect: Dialect, cache_key: Any = None) -> StatementShape:
@@ -387,7 +412,7 @@ def _describe(statement: Any, dialect: Dialect, cache_key: Any = None) -> Statem
     shape = StatementShape(
         # (textual SQL may select more than it names: "*", "SELECT ... ")
         width=0 if textual else len(getattr(compiled, "_result_columns", None) or ()),
-        sql=str(compiled) + _bind_types(cache_key),
+        sql=str(compiled) + _bind_types(cache_key) + "\n-- rows: " + row_format(dialect),
         tables=tuple(tables),
         mapper=eligible_mapper(statement),
         volatile=volatile,

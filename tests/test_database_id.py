@@ -8,16 +8,18 @@ different ids (or one would be served the other's rows).
 
 from __future__ import annotations
 
+import datetime
 import uuid
 from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, select, text, update
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from ormcache import FromCache, OrmCache
+from ormcache import keys
 from ormcache.keys import database_id
 from ormcache.testing.fixtures import Base, Template, seed, template_table
 
@@ -264,3 +266,93 @@ def test_named_tenants_keep_results_apart_and_share_version_keys(tmp_path: Any, 
         assert read(makers[1]) == ("new", 1)
     finally:
         base.dispose()
+
+
+def test_engines_whose_drivers_return_other_values_keep_their_own_entries(tmp_path: Any, memory_cache: OrmCache) -> None:
+    # (entries hold the driver's raw rows: one engine's DATE values as
+    # date objects, replayed through the other's processors, which parse
+    # strings, failed with TypeError)
+    import sqlite3
+
+    from sqlalchemy import Date
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Event(Base):
+        __tablename__ = "event"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        on: Mapped[datetime.date] = mapped_column(Date)
+
+    path = tmp_path / "events.db"
+    plain = create_engine(f"sqlite:///{path}")
+    native = create_engine(
+        f"sqlite:///{path}", connect_args={"detect_types": sqlite3.PARSE_DECLTYPES}, native_datetime=True
+    )
+    Base.metadata.create_all(plain)
+    when = datetime.date(2024, 1, 2)
+    with sessionmaker(plain).begin() as s:
+        s.add(Event(id=1, on=when))
+    stmt = select(Event).where(Event.id == 1).options(FromCache("default"))
+    for engine in (native, plain, native, plain):
+        factory = sessionmaker(engine)
+        memory_cache.attach(factory)
+        with factory() as s:
+            assert s.scalars(stmt).one().on == when
+    hits = memory_cache.stats()["regions"]["default"]
+    assert (hits["misses"], hits["hits"]) == (2, 2)  # one entry per engine
+    assert keys.row_format(native.dialect) != keys.row_format(plain.dialect)
+    plain.dispose()
+    native.dispose()
+
+
+def test_psycopg2_and_asyncpg_readers_of_one_database_keep_their_own_entries(postgresql_url: str, memory_cache: OrmCache) -> None:
+    # (asyncpg returns INET as an address object, psycopg2 as a string: a
+    # hit on the other's entry gave the wrong type; psycopg2 could not read
+    # asyncpg's ranges at all)
+    import asyncio
+    import ipaddress
+
+    from sqlalchemy.dialects.postgresql import INET
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+    from sqlalchemy.pool import NullPool
+
+    class Base(DeclarativeBase):
+        pass
+
+    table = "ormcache_drivers_" + uuid.uuid4().hex[:8]
+
+    class Host(Base):
+        __tablename__ = table
+        id: Mapped[int] = mapped_column(primary_key=True)
+        ip = mapped_column(INET)
+
+    sync = create_engine(postgresql_url)
+    Base.metadata.create_all(sync)
+    try:
+        with sessionmaker(sync).begin() as s:
+            s.add(Host(id=1, ip="10.0.0.1"))
+        stmt = select(Host).order_by(Host.id).options(FromCache("default"))  # (no parameters: one SQL text)
+        factory = sessionmaker(sync)
+        memory_cache.attach(factory)
+        url = make_url(postgresql_url).set(drivername="postgresql+asyncpg")
+        async_engine = create_async_engine(url, poolclass=NullPool)
+        async_factory = async_sessionmaker(async_engine)
+        memory_cache.attach(async_factory)
+
+        async def read_async() -> Any:
+            async with async_factory() as s:
+                return (await s.scalars(stmt)).one().ip
+
+        with factory() as s:
+            uncached_sync = s.scalars(select(Host)).one().ip
+        for _ in range(2):
+            with factory() as s:
+                ip = s.scalars(stmt).one().ip
+            assert ip == uncached_sync and type(ip) is type(uncached_sync)
+            ip = asyncio.run(read_async())
+            assert ip == ipaddress.ip_address("10.0.0.1") and isinstance(ip, ipaddress.IPv4Address)
+        asyncio.run(async_engine.dispose())
+    finally:
+        Base.metadata.drop_all(sync)
+        sync.dispose()
