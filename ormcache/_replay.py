@@ -309,6 +309,32 @@ def snapshot_is_fresh(context: Any) -> bool:
     return dialect.name in SNAPSHOT_AT_FIRST_READ and _first_statement(context)
 
 
+class _HeldConnection:
+    """What :func:`snapshot_is_fresh` reads of an execution context, for a
+    connection a session holds while nothing runs on it."""
+
+    __slots__ = ("root_connection", "dialect")
+
+    def __init__(self, connection: Any) -> None:
+        self.root_connection = connection
+        self.dialect = connection.dialect
+
+
+def held_snapshot_is_fresh(connection: Any) -> bool:
+    """Whether a session's ``connection`` (held in its transaction) would
+    answer a SELECT run now with every commit made before now: if not (its
+    transaction keeps an older snapshot, at REPEATABLE READ or
+    SERIALIZABLE, or SQLite's read snapshot), an entry may be newer than
+    what its queries see, and is not served there.  A connection SQLAlchemy
+    no longer holds open (closed, invalidated) is left to SQLAlchemy."""
+    if connection.closed or connection.invalidated:
+        return False
+    try:
+        return snapshot_is_fresh(_HeldConnection(connection))
+    except Exception:  # (a driver that cannot say: the database answers)
+        return False
+
+
 #: per engine: does it open SQLite connections in shared-cache mode?
 _shared: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 

@@ -49,7 +49,7 @@ from sqlalchemy.orm.attributes import QueryableAttribute
 from sqlalchemy.orm.query import Query
 from sqlalchemy.sql.base import Executable
 
-from . import _compat, invalidation
+from . import _compat, _replay, invalidation
 from ._loading import make_plan
 from ._replay import CAPTURE, REPLAY, Capture, Replay
 from ._store import Store, out_of_memory
@@ -506,7 +506,7 @@ class OrmCache:
         shard = bind_arguments.get("shard_id", exec_options.get("identity_token"))
 
         fill = self._may_fill(session, (db,), () if shape.opaque else tables)
-        if fill is None:
+        if fill is None or (session.in_transaction() and not self._snapshot_fresh(session, (bind,))):
             self._stats.count(option.region, shape.label, "bypassed")
             return None
         keyed = self._key(orm_context, option, cache_key, shape, db, shard, schema_map)
@@ -524,6 +524,19 @@ class OrmCache:
         else:
             deps = self._keys.deps(option.region, db, tables, shape.opaque)
         return self._lookup(orm_context, store, option, shape, dialect, key, deps, db, fill)
+
+    @staticmethod
+    def _snapshot_fresh(session: Session, binds: Iterable[Any]) -> bool:
+        """Whether the connections the session's transaction holds for
+        ``binds`` see every commit made before now (or it holds none): an
+        entry may be newer than a REPEATABLE READ or SERIALIZABLE
+        transaction's snapshot, and the uncached query would not show it
+        (see :func:`_replay.held_snapshot_is_fresh`)."""
+        for bind in binds:
+            conn = _compat.session_connection(session, bind)
+            if conn is not None and not _replay.held_snapshot_is_fresh(conn):
+                return False
+        return True
 
     def _reads_uncached(self, tables: tuple[str, ...]) -> bool:
         """Whether ``tables`` (as :func:`table_name` gives them) include one
@@ -670,8 +683,13 @@ class OrmCache:
         exec_options = orm_context.execution_options
         if exec_options.get("schema_translate_map") is not None:
             return None
-        if session.get_transaction() is not None and self._translating(session, shard_ids):
-            return None  # a shard's connection translates: cache per shard
+        if session.get_transaction() is not None and (
+            self._translating(session, shard_ids)
+            or not self._snapshot_fresh(session, [b for sid, b in _compat.shard_binds(session).items() if sid in shard_ids])
+        ):
+            # a shard's connection translates, or keeps an older snapshot:
+            # cache per shard
+            return None
         if _autoflushes(orm_context):
             _compat.autoflush(session)
         statement = orm_context.statement

@@ -135,6 +135,20 @@ class TestMariadbMemory(BackendTests):
         assert self.names(rr, 4) == ("committed meanwhile", 1)
         assert self.names(rr, 4) == ("committed meanwhile", 0)
 
+    def test_an_entry_newer_than_the_snapshot_is_not_served(self) -> None:
+        """After its transaction's first read, a REPEATABLE READ session is
+        not served an entry filled after a later commit: the uncached
+        query would answer from its older snapshot, and so does this one."""
+        rr = self.repeatable_read()
+        with rr() as reader:
+            reader.execute(select(Store)).all()  # the snapshot starts here
+            with self.Session() as writer:
+                writer.get_one(Template, 4).name = "committed meanwhile"
+                writer.commit()
+            assert self.names(self.Session, 4) == ("committed meanwhile", 1)  # (filled)
+            assert self.names(self.Session, 4) == ("committed meanwhile", 0)
+            assert reader.get_one(Template, 4, options=[FromCache("default")]).name == "t4"
+
     def test_read_committed_fills_every_miss(self) -> None:
         with self.Session() as s:  # the suite's engine: READ COMMITTED
             s.execute(select(Store)).all()

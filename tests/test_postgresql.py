@@ -58,6 +58,36 @@ class TestPostgresqlRedis(BackendTests):
         names, selects = self.cached_names(stmt)
         assert names == ["committed meanwhile"] and selects == 1
 
+    def test_repeatable_read_transaction_is_not_served_newer_entries(self) -> None:
+        """Inside a REPEATABLE READ transaction that has taken its snapshot,
+        an entry filled after a later commit is newer than what the
+        transaction's queries see: the cached query answers as the uncached
+        one does (a query, its snapshot), for session.get too; a READ
+        COMMITTED transaction is served hits."""
+        from sqlalchemy.orm import sessionmaker
+
+        from ormcache.testing import QueryCounter
+
+        rr = sessionmaker(self.engine.execution_options(isolation_level="REPEATABLE READ"))
+        self.cache.attach(rr)
+        stmt = select(Template).where(Template.id == 1).options(FromCache())
+        with rr() as s:
+            s.execute(text("SELECT 1"))  # the snapshot starts here
+            with self.Session() as w:
+                w.get(Template, 1).name = "committed meanwhile"
+                w.get(Template, 2).name = "committed meanwhile"
+                w.commit()
+            assert self.cached_names(stmt)[0] == ["committed meanwhile"]  # (filled)
+            with self.Session() as c:
+                assert c.get(Template, 2, options=[FromCache()]).name == "committed meanwhile"
+            assert s.scalars(stmt).one().name == "t1"
+            assert s.get(Template, 2, options=[FromCache()]).name == "t2"
+        with self.Session() as s:
+            s.execute(text("SELECT 1"))  # READ COMMITTED, in a transaction
+            with QueryCounter(self.engine) as counter:
+                assert s.scalars(stmt).one().name == "committed meanwhile"
+            assert counter.selects == 0
+
     def test_repeatable_read_first_statement_fills(self) -> None:
         rr = self.engine.execution_options(isolation_level="REPEATABLE READ")
         stmt = select(Template).where(Template.id == 1).options(FromCache())

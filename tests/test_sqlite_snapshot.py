@@ -161,6 +161,44 @@ def test_sqlalchemys_begin_recipe_stores_first_reads_only(tmp_path: Path, memory
         writer.dispose()
 
 
+def test_a_read_snapshot_is_not_served_newer_entries(tmp_path: Path, memory_cache: Any) -> None:
+    """A session whose transaction holds a read snapshot (SQLAlchemy's
+    recipe for real SQLite transactions, WAL) is not served an entry that
+    another session filled after a later commit: the uncached query would
+    read the snapshot, and so does the cached one."""
+    from sqlalchemy import create_engine, select, update
+    from servers import sqlite_begin_recipe
+    from sqlalchemy.orm import sessionmaker
+
+    from ormcache import FromCache
+    from ormcache.testing.fixtures import Base, Template, seed
+
+    url = f"sqlite:///{tmp_path}/held.db"
+    writer = create_engine(url)
+    Base.metadata.create_all(writer)
+    seed(writer)
+    with writer.connect() as c:
+        c.exec_driver_sql("PRAGMA journal_mode=WAL")
+    engine = create_engine(url)
+    sqlite_begin_recipe(engine)
+    maker = sessionmaker(engine)
+    memory_cache.attach(maker)
+    stmt = select(Template).where(Template.id == 1).options(FromCache())
+    try:
+        with maker() as old:
+            old.get(Template, 2)  # its snapshot starts here
+            with writer.begin() as c:
+                c.execute(update(Template).where(Template.id == 1).values(name="new"))
+            for _ in range(2):
+                with maker() as fresh:
+                    assert fresh.scalars(stmt).one().name == "new"  # filled, then a hit
+            assert old.scalars(stmt).one().name == "t1"  # its snapshot's
+            assert old.get(Template, 1, options=[FromCache()]).name == "t1"
+    finally:
+        engine.dispose()
+        writer.dispose()
+
+
 def test_shared_cache_connections_never_store(tmp_path: Path, memory_cache: Any) -> None:
     """Connections of one SQLite shared cache share its read snapshot, which
     SQLite reports only for the connection that took it: another one,
