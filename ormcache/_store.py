@@ -52,8 +52,12 @@ _all_stores: weakref.WeakSet[Store] = weakref.WeakSet()
 
 @atexit.register
 def _last_try() -> None:
-    """At exit, a last attempt at invalidations still lost."""
+    """At exit, a last attempt at invalidations still lost, on connections
+    of this thread made anew (libmemcached refuses every command of a
+    client for a second after one failed, also once the server answers)."""
     for store in list(_retrying):
+        if store._token_writer is not None:
+            store._token_writer.reconnect_this_thread()
         store.flush_lost()
 
 #: dogpile's pylibmc clients (one per thread and backend), weakly: they
@@ -1786,6 +1790,19 @@ class _TokenWriter:
             with self._lock:
                 self._clients.append((os.getpid(), client))
         return client
+
+    def reconnect_this_thread(self) -> None:
+        """Have this thread's memcached client connect again at its next
+        command, its failed servers forgotten (libmemcached disables a
+        server that failed for ``retry_timeout``, a second, and refuses
+        commands meanwhile).  Other threads' clients are left alone: a
+        client is used by its own thread only."""
+        client = getattr(self._local, "client", None)
+        if client is not None and self._local.pid == os.getpid():
+            try:
+                client.disconnect_all()
+            except Exception:
+                pass
 
     def close(self) -> None:
         """Give the connections back (they reconnect when used again)."""

@@ -733,3 +733,81 @@ def test_a_text_protocol_region_merges_without_cas(memcached_url: str) -> None:
             assert writer is not None and writer.can_cas is binary
         finally:
             cache.close()
+
+
+def _start_memcached(port: int) -> Any:
+    """A private memcached on ``port``, in the foreground (its process)."""
+    import socket
+    import subprocess
+    import time
+
+    process = subprocess.Popen(["memcached", "-u", "nobody", "-l", "127.0.0.1", "-p", str(port)])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return process
+        except OSError:
+            time.sleep(0.02)
+    process.kill()
+    raise AssertionError(f"a private memcached did not start on port {port}")
+
+
+def _stop_memcached(process: Any) -> None:
+    process.terminate()
+    process.wait(10)
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_the_last_try_at_exit_reaches_a_memcached_back_within_a_second(tmp_path: Any, binary: bool) -> None:
+    """An invalidation lost in an outage is written once more at exit,
+    also when the process exits within a second of a failed try: the last
+    try used a client that libmemcached kept refusing every command for
+    ``retry_timeout`` (a second) after that failure, though the server
+    answered, and other processes served the old row until it expired."""
+    import shutil
+    import uuid
+
+    from sqlalchemy import create_engine, select, update
+    from sqlalchemy.orm import sessionmaker
+
+    from ormcache import FromCache, OrmCache
+    from ormcache import _store
+    from ormcache.testing.fixtures import Base, Template, seed
+    from servers import closed_port, unavailable
+
+    if shutil.which("memcached") is None:
+        unavailable("memcached binary not found (make services installs it)")
+    port = closed_port()
+    server = _start_memcached(port)
+    settings = {
+        "namespace": "x" + uuid.uuid4().hex[:8],
+        "regions": {"m": {"backend": "memcached", "arguments": {"url": [f"127.0.0.1:{port}"], "binary": binary}}},
+    }
+    writer, reader = OrmCache.from_settings(settings), OrmCache.from_settings(settings)
+    engine = create_engine(f"sqlite:///{tmp_path}/exit.db")
+    Base.metadata.create_all(engine)
+    seed(engine)
+    writes, reads = sessionmaker(engine), sessionmaker(engine)
+    writer.attach(writes)
+    reader.attach(reads)
+    stmt = select(Template).where(Template.id == 1).options(FromCache("m"))
+    try:
+        with reads() as s:
+            assert s.scalars(stmt).one().name == "t1"  # stored
+        _stop_memcached(server)
+        with writes() as s:
+            s.execute(update(Template).where(Template.id == 1).values(name="new"))
+            s.commit()  # its invalidation is lost
+        store = writer._stores["m"]
+        assert store._lost
+        server = _start_memcached(port)  # back: the process exits at once
+        _store._last_try()
+        assert not store._lost
+        with reads() as s:
+            assert s.scalars(stmt).one().name == "new"
+    finally:
+        writer.close()
+        reader.close()
+        engine.dispose()
+        _stop_memcached(server)
