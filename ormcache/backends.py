@@ -39,6 +39,15 @@ class RedisClusterBackend(_DogpileCluster):
         # (a copy as dogpile makes one: dict() would read every name, and
         # the settings could no longer tell a misspelt argument)
         args: Any = arguments.copy()  # type: ignore[attr-defined]
+        # (what dogpile's would refuse at once, checked here: the client is
+        # made on first use, so it would only show as an outage)
+        url = args.get("url")
+        if url is None and not args.get("startup_nodes"):
+            raise KeyError("url")  # (from_settings: "needs the argument 'url'")
+        if url is not None:
+            from redis.connection import parse_url
+
+            parse_url(url)  # ValueError: not a Redis URL
         self._no_retries = bool(args.pop("ormcache_no_retries", False))
         self._client: Any = None
         self._client_lock = threading.Lock()

@@ -638,7 +638,7 @@ def _region_settings(name: str, spec: Any) -> RegionSettings:
         )
     arguments = _server_ttls(name, arguments)
     backend = _backend(name, _interpolate(spec["backend"], name, "backend"))
-    arguments = _redis_numbers(name, backend, arguments)
+    arguments = _backend_arguments(name, backend, _redis_numbers(name, backend, arguments))
     if (
         backend in _NO_SERVER
         and "backend_timeout" in spec
@@ -758,13 +758,38 @@ def _redis_numbers(region: str, backend: str, arguments: Mapping[str, Any]) -> M
             from urllib.parse import urlsplit
 
             path = urlsplit(url).path.strip("/")
-            db = int(path) if path.isdigit() else path or 0
+            db = int(path) if path.isdigit() else 0  # (a bad URL: see _backend_arguments)
         if db != 0:
             raise ConfigurationError(
                 f"a Redis Cluster has database 0 only, not {db!r}; applications that "
                 "share a cluster tell their keys apart by the 'namespace' setting",
                 region=region,
                 key="arguments.url" if "db" not in arguments else "arguments.db",
+            )
+    return checked
+
+
+#: backend arguments that are flags (dogpile's Redis and memcached
+#: backends, pylibmc's protocol): ``"false"`` from ``${NAME}`` or a quoted
+#: TOML value was a true string, the opposite of what it says
+_BACKEND_FLAGS = ("distributed_lock", "thread_local_lock", "binary")
+#: backend arguments that are mappings, merged with ormcache's defaults
+_BACKEND_MAPPINGS = ("behaviors", "connection_kwargs", "sentinel_kwargs")
+
+
+def _backend_arguments(region: str, backend: str, arguments: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``arguments`` with flags as ``bool`` (true/false spellings, as for
+    ormcache's own flags) and mappings checked to be mappings."""
+    checked = dict(arguments)
+    for key in _BACKEND_FLAGS:
+        if key in arguments:
+            checked[key] = _flag(region, f"arguments.{key}", arguments[key])
+    for key in _BACKEND_MAPPINGS:
+        if key in arguments and not isinstance(arguments[key], Mapping):
+            raise ConfigurationError(
+                f"must be a mapping of names to values, not {arguments[key]!r}",
+                region=region,
+                key=f"arguments.{key}",
             )
     return checked
 

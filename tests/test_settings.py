@@ -1023,3 +1023,57 @@ def test_redis_cluster_has_database_zero_only(arguments: dict[str, Any], key: st
         load_settings(regions(c={"backend": "redis_cluster", "arguments": arguments}))
     for fine in ({"url": "redis://127.0.0.1:7000/0"}, {"url": "redis://127.0.0.1:7000", "db": "0"}):
         load_settings(regions(c={"backend": "redis_cluster", "arguments": fine}))
+
+
+@pytest.mark.parametrize(
+    ("backend", "arguments", "key"),
+    [
+        ("memcached", {"url": "127.0.0.1:11211", "behaviors": "tcp_nodelay"}, "arguments.behaviors"),
+        ("memcached", {"url": "127.0.0.1:11211", "behaviors": None}, "arguments.behaviors"),
+        ("redis_cluster", {"url": "redis://127.0.0.1:7000", "connection_kwargs": "x"}, "arguments.connection_kwargs"),
+        ("redis_sentinel", {"sentinels": [["127.0.0.1", 26379]], "sentinel_kwargs": ["x"]}, "arguments.sentinel_kwargs"),
+    ],
+)
+def test_backend_arguments_that_are_mappings(backend: str, arguments: dict[str, Any], key: str) -> None:
+    # (merged with ormcache's defaults: a TypeError traceback, not an error naming them)
+    with pytest.raises(ConfigurationError, match=f"region 'r', setting '{key}': must be a mapping"):
+        load_settings(regions(r={"backend": backend, "arguments": arguments}))
+
+
+def test_backend_flags_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # (a "${NAME}" or quoted value stayed a string: "false" turned the
+    # distributed lock on; "true" made every pylibmc call fail)
+    from ormcache import OrmCache
+
+    monkeypatch.setenv("LOCK", "false")
+    monkeypatch.setenv("BINARY", "true")
+    settings = load_settings(
+        regions(
+            r={"backend": "redis", "arguments": {"url": "redis://127.0.0.1:1/0", "distributed_lock": "${LOCK}"}},
+            m={"backend": "memcached", "arguments": {"url": "127.0.0.1:1", "binary": "${BINARY}"}},
+        )
+    )
+    assert settings.regions["r"].arguments["distributed_lock"] is False
+    assert settings.regions["m"].arguments["binary"] is True
+    cache = OrmCache(settings)
+    assert cache._stores["r"].region.backend.distributed_lock is False
+    cache.close()
+    with pytest.raises(ConfigurationError, match="region 'r', setting 'arguments.thread_local_lock': must be true or false, not 'maybe'"):
+        load_settings(regions(r={"backend": "redis", "arguments": {"thread_local_lock": "maybe"}}))
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"url": "nope"}, r"setting 'arguments': .* ValueError: Redis URL must specify one of the following schemes"),
+        ({"url": "http://127.0.0.1:7000"}, r"setting 'arguments': .* ValueError: Redis URL must specify"),
+        ({}, r"setting 'arguments': .* needs the argument 'url'"),
+    ],
+)
+def test_a_redis_cluster_address_is_checked_when_the_region_is_made(arguments: dict[str, Any], message: str) -> None:
+    # (its client is made on first use: a bad address was an outage for good,
+    # where dogpile's own backend refuses it at once)
+    from ormcache import OrmCache
+
+    with pytest.raises(ConfigurationError, match=f"region 'c', {message}"):
+        OrmCache.from_settings(regions(c={"backend": "redis_cluster", "arguments": arguments}))
