@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.context import QueryContext
 from sqlalchemy.sql.cache_key import CacheKey
 from sqlalchemy.sql.elements import BindParameter
 
@@ -172,6 +173,16 @@ _NO_OPTIONS: Mapping[str, Any] = MappingProxyType({})
 LOAD_OPTION_KEYS = frozenset({"populate_existing", "autoflush", "yield_per", "identity_token"})
 
 
+_DEFAULT_LOAD_OPTIONS = QueryContext.default_load_options
+
+
+def load_options(orm_context: Any) -> Any:
+    """``orm_context.load_options``, also for a textual SELECT (``text()``,
+    ``from_statement(text(...))``), of which SQLAlchemy's property refuses
+    to tell: it cannot know the SQL is a SELECT (the same lookup)."""
+    return orm_context.execution_options.get("_sa_orm_load_options", _DEFAULT_LOAD_OPTIONS)
+
+
 def options_from_listeners(orm_context: Any) -> Mapping[str, Any]:
     """Execution options among :data:`LOAD_OPTION_KEYS` an earlier
     ``do_orm_execute`` listener may have set, with
@@ -186,11 +197,11 @@ def options_from_listeners(orm_context: Any) -> Mapping[str, Any]:
         return updated
     # (a statement's own options are in load_options already: only those
     # that are not, a replaced statement's, count)
-    load_options = orm_context.load_options
+    options = load_options(orm_context)
     differing = {
         k: carried[k]
         for k in LOAD_OPTION_KEYS
-        if k in carried and carried[k] != getattr(load_options, "_" + k, carried[k])
+        if k in carried and carried[k] != getattr(options, "_" + k, carried[k])
     }
     return {**differing, **updated} if differing else updated
 
@@ -207,7 +218,7 @@ def fan_out(orm_context: Any) -> tuple[Any, ...] | None:
     for opt in orm_context._non_compile_orm_options:
         if isinstance(opt, set_shard_id):
             return None
-    if orm_context.load_options._identity_token is not None:
+    if load_options(orm_context)._identity_token is not None:
         return None
     if "_sa_shard_id" in orm_context.execution_options:
         return None

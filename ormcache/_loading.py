@@ -138,7 +138,7 @@ class Plan:
         execution asks for more than the plan does).  ``token``: the
         identity token (shard id) of the rows, if not the execution's;
         ``shard``: the one to use when the execution has none."""
-        load_options = orm_context.load_options
+        load_options = _compat.load_options(orm_context)
         if (
             orm_context.is_relationship_load
             or load_options._populate_existing

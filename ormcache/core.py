@@ -48,6 +48,7 @@ from sqlalchemy.orm import Mapper, ORMExecuteState, Session, scoped_session, ses
 from sqlalchemy.orm.attributes import QueryableAttribute
 from sqlalchemy.orm.query import Query
 from sqlalchemy.sql.base import Executable
+from sqlalchemy.sql.elements import TextClause
 
 from . import _compat, _replay, invalidation
 from ._loading import make_plan
@@ -63,6 +64,7 @@ from .keys import (
     per_thread_database,
     query_key,
     table_name,
+    textual_read,
 )
 from .options import FromCache, RelationshipCache
 from .serialization import SignedSerializer
@@ -449,7 +451,7 @@ class OrmCache:
                 return None  # Session.refresh() and expired attributes
             option = self._cache_all
             cache_all = True
-        elif not orm_context.is_select:
+        elif not orm_context.is_select and not textual_read(orm_context.statement):
             return None
         exec_options = orm_context.execution_options
         if (CAPTURE in exec_options or REPLAY in exec_options) and _answering(exec_options):
@@ -482,7 +484,8 @@ class OrmCache:
             _compat.run_after_routing(orm_context, self._listener or self._do_orm_execute)
             return None
 
-        if _autoflushes(orm_context):
+        if not isinstance(statement, TextClause) and _autoflushes(orm_context):
+            # (SQLAlchemy does not autoflush before a plain text(), nor a hit)
             _compat.autoflush(session)
 
         cache_key = _compat.generate_cache_key(statement)
@@ -1703,7 +1706,7 @@ _sharded_classes: dict[type, bool] = {}
 def _autoflushes(orm_context: ORMExecuteState) -> bool:
     """Whether the execution autoflushes, a listener's say included."""
     return bool(
-        _compat.options_from_listeners(orm_context).get("autoflush", orm_context.load_options._autoflush)
+        _compat.options_from_listeners(orm_context).get("autoflush", _compat.load_options(orm_context)._autoflush)
     )
 
 

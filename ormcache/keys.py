@@ -492,6 +492,33 @@ def _text_from(element: Any) -> bool:
     return False
 
 
+#: words that make a textual statement more than a read wherever they
+#: appear (also as a column's name: such a statement is run, not cached)
+_NOT_ONLY_A_READ = re.compile(
+    r"\b(?:insert|update|delete|merge|upsert|into|call|exec|execute|copy|create|drop|alter|"
+    r"truncate|grant|revoke|nextval|setval|lock)\b",
+    re.IGNORECASE,
+)
+
+
+def textual_read(statement: Any) -> bool:
+    """Whether ``statement``, a ``text()`` or ``select(Model).from_statement(
+    text(...))`` (which SQLAlchemy cannot call a SELECT: the SQL is the
+    user's), is one SELECT (or ``WITH ... SELECT``, ``VALUES``) that does
+    nothing else: no second statement, no ``INTO``, no locking clause, no
+    data-modifying CTE, no ``nextval()``, by :data:`_NOT_ONLY_A_READ`."""
+    element = getattr(statement, "element", statement)  # (FromStatement's)
+    if not isinstance(element, TextClause):
+        return False
+    sql = element.text.strip().rstrip(";").strip()
+    if ";" in sql:
+        return False
+    first = sql.split(None, 1)
+    if not first or first[0].lower().lstrip("(") not in ("select", "with", "values"):
+        return False
+    return _NOT_ONLY_A_READ.search(sql) is None
+
+
 def _traits(core: Any) -> tuple[bool, bool, bool, bool]:
     """Whether the statement is volatile (see :attr:`StatementShape.volatile`),
     whether textual SQL in it (``text()``, ``literal_column()``) may

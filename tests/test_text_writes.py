@@ -156,3 +156,99 @@ def test_a_textual_write_of_a_qualified_parent_follows_its_cascades() -> None:
         parent_id = Column(ForeignKey("tw_cparent.id", ondelete="CASCADE"))
 
     assert {t.name for t in _text_cascades({"other.tw_cparent"})} == {"tw_cchild"}
+
+
+# -- textual SELECTs under FromCache --------------------------------------
+
+READS = [
+    "SELECT * FROM templates WHERE id = :id",
+    "  select name from templates;",
+    "WITH t AS (SELECT * FROM templates) SELECT * FROM t",
+    "(SELECT 1)",
+    "VALUES (1)",
+]
+NOT_ONLY_READS = [
+    "UPDATE templates SET name = 'x' RETURNING *",
+    "INSERT INTO t SELECT 1",
+    "WITH u AS (UPDATE templates SET name = 'x' RETURNING *) SELECT * FROM u",
+    "SELECT * INTO copy FROM templates",
+    "SELECT * FROM templates FOR UPDATE",
+    "SELECT * FROM templates LOCK IN SHARE MODE",
+    "SELECT nextval('s')",
+    "SELECT 1; DELETE FROM templates",
+    "CALL refresh()",
+    "PRAGMA table_info(templates)",
+    "",
+]
+
+
+@pytest.mark.parametrize("sql", READS)
+def test_a_textual_select_is_a_read(sql: str) -> None:
+    from sqlalchemy import select, text
+
+    from ormcache.keys import textual_read
+    from ormcache.testing.fixtures import Template
+
+    assert textual_read(text(sql))
+    assert textual_read(select(Template).from_statement(text(sql)))
+
+
+@pytest.mark.parametrize("sql", NOT_ONLY_READS)
+def test_textual_sql_that_may_do_more_than_read_is_not_one(sql: str) -> None:
+    from sqlalchemy import select, text
+
+    from ormcache.keys import textual_read
+    from ormcache.testing.fixtures import Template
+
+    assert not textual_read(text(sql))
+    assert not textual_read(select(Template).from_statement(text(sql)))
+
+
+def test_textual_selects_with_from_cache_are_cached_and_invalidated(tmp_path: object) -> None:
+    """``select(Model).from_statement(text(...))`` and ``text(...)`` with
+    FromCache: SQLAlchemy cannot call them SELECTs, and they were run
+    uncached without a word.  A textual SELECT is cached, as depending on
+    every write to its database; one that writes (``UPDATE ... RETURNING``)
+    runs every time."""
+    import uuid
+
+    from sqlalchemy import create_engine, select, text, update
+    from sqlalchemy.orm import sessionmaker
+
+    from ormcache import FromCache, OrmCache
+    from ormcache.testing import QueryCounter
+    from ormcache.testing.fixtures import Base, Tag, Template, seed
+
+    engine = create_engine(f"sqlite:///{tmp_path}/text.db")
+    Base.metadata.create_all(engine)
+    seed(engine)
+    cache = OrmCache.from_settings({"namespace": "t" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}})
+    maker = sessionmaker(engine)
+    cache.attach(maker)
+    mapped = select(Template).from_statement(text("SELECT * FROM templates WHERE id = :id")).options(FromCache())
+    plain = text("SELECT name FROM templates WHERE id = :id").options(FromCache())
+
+    def read() -> tuple[str, str, int]:
+        with QueryCounter(engine) as counter, maker() as s:
+            names = s.scalars(mapped, {"id": 1}).one().name, s.execute(plain, {"id": 2}).scalar_one()
+        return (*names, counter.selects)
+
+    assert read() == ("t1", "t2", 2)
+    assert read() == ("t1", "t2", 0)
+    with maker() as s:  # a write to another table: the SQL's tables are not known
+        s.execute(update(Tag).where(Tag.id == 1).values(label="x"))
+        s.commit()
+    assert read() == ("t1", "t2", 2)
+    with maker() as s:
+        s.execute(update(Template).where(Template.id == 1).values(name="new"))
+        s.commit()
+    assert read() == ("new", "t2", 2)
+    writes = select(Template).from_statement(
+        text("UPDATE templates SET name = name || 'x' WHERE id = 3 RETURNING *")
+    ).options(FromCache())
+    for expected in ("t3x", "t3xx"):
+        with maker() as s:
+            assert s.scalars(writes).one().name == expected
+            s.commit()
+    cache.close()
+    engine.dispose()
