@@ -83,7 +83,7 @@ from sqlalchemy.sql import util as sql_util
 
 from . import _compat
 from ._replay import BEGAN, SNAPSHOT_AT_FIRST_READ, replay_or_capture, statement_runs
-from .keys import SEARCH_PATH_MARK, database_id, digest, table_name, table_pk_positions, table_pk_types
+from .keys import RESULT_QUALIFIER, database_id, digest, table_name, table_pk_positions, table_pk_types
 
 log = logging.getLogger("ormcache")
 
@@ -504,7 +504,8 @@ def _db(db: str) -> str:
     if short is None:
         if len(_db_memo) > 10000:  # (in-memory databases of threads come and go)
             _db_memo.clear()
-        short = _db_memo[db] = digest(_server_part(db.partition(SEARCH_PATH_MARK)[0]), 8)
+        qualified = RESULT_QUALIFIER.search(db)
+        short = _db_memo[db] = digest(_server_part(db[: qualified.start()] if qualified else db), 8)
     return short
 
 

@@ -84,7 +84,8 @@ def database_id(bind: Engine | Connection) -> str:
       default port when the URL names none), and for PostgreSQL the
       ``search_path`` its URL sets (``?options=-csearch_path%3Dtenant``):
       two engines whose connections see different tables under one name
-      are two databases.  The user name and password do not count.  A
+      are two databases; and the URL's other session settings
+      (``-c timezone=...``), for result keys only.  The user name and password do not count.  A
       ``search_path`` set otherwise (``connect_args``, a connect event,
       the role's own schema) is not seen: name such databases with the
       execution option below, or use ``schema_translate_map``.
@@ -120,6 +121,11 @@ class _PerThread(threading.local):
 #: what precedes a PostgreSQL URL's ``search_path`` in a database id
 #: (result keys keep it; version keys leave it out, see invalidation)
 SEARCH_PATH_MARK = "#search_path="
+#: a qualifier of a database id that result keys keep and version keys
+#: leave out: ``#search_path=...``, ``#options=...`` (the other settings a
+#: PostgreSQL URL's ``options`` gives its sessions), or one of a name given
+#: with ``ormcache_database`` (``app#timezone=Asia/Tokyo``)
+RESULT_QUALIFIER = re.compile(r"#\w+=")
 #: ports servers listen on when a URL names none, by SQLAlchemy backend name
 _DEFAULT_PORTS = {
     "postgresql": 5432,
@@ -188,8 +194,13 @@ def _compute_database_id(engine: Engine) -> Any:
     targets = sorted((k, str(v)) for k, v in query.items() if k in _TARGET_QUERY_KEYS)
     if targets:
         ident += "?" + "&".join(f"{k}={v}" for k, v in targets)
-    search_path = _url_search_path(url) if backend == "postgresql" else None
-    return f"{ident}{SEARCH_PATH_MARK}{search_path}" if search_path else ident
+    if backend != "postgresql":
+        return ident
+    search_path = _url_search_path(url)
+    if search_path:
+        ident += f"{SEARCH_PATH_MARK}{search_path}"
+    others = _url_session_options(url)
+    return f"{ident}#options={others}" if others else ident
 
 
 def _single(value: Any) -> bool:
@@ -207,6 +218,21 @@ def _memory_id(engine: Engine) -> Any:
                 ident = f"sqlite-mem:{uuid.uuid4().hex}"
             _memory_ids[engine.pool] = ident
         return ident
+
+
+def _url_session_options(url: Any) -> str | None:
+    """The settings other than ``search_path`` a PostgreSQL URL's
+    ``options`` gives its sessions (``-c timezone=Asia/Tokyo``: dates,
+    ``to_char()`` and ``extract()`` come out otherwise), as written and in
+    order; None when there are none."""
+    options = url.query.get("options")
+    if isinstance(options, tuple):
+        options = " ".join(options)
+    if not options:
+        return None
+    rest = re.sub(r"(?:-c\s*|--)?search_path\s*=\s*\S+", " ", str(options))
+    rest = " ".join(rest.split())
+    return rest if rest not in ("", "-c", "--") else None
 
 
 def _url_search_path(url: Any) -> str | None:

@@ -356,3 +356,51 @@ def test_psycopg2_and_asyncpg_readers_of_one_database_keep_their_own_entries(pos
     finally:
         Base.metadata.drop_all(sync)
         sync.dispose()
+
+
+def test_session_settings_in_the_url_keep_results_apart(postgresql_url: str, memory_cache: OrmCache) -> None:
+    """An engine whose URL's ``options`` sets the session time zone reads
+    other values from the same rows (``extract()``, ``to_char()``, offsets):
+    its results are its own, while writes through either engine still
+    invalidate the other's."""
+    from sqlalchemy import DateTime, extract
+    from sqlalchemy.orm import column_property
+
+    class Base(DeclarativeBase):
+        pass
+
+    table = "ormcache_tz_" + uuid.uuid4().hex[:8]
+
+    class Stamp(Base):
+        __tablename__ = table
+        id: Mapped[int] = mapped_column(primary_key=True)
+        at: Mapped[datetime.datetime] = mapped_column(DateTime(timezone=True))
+        hour = column_property(extract("hour", at))
+
+    utc = create_engine(make_url(postgresql_url).update_query_dict({"options": "-c timezone=UTC"}))
+    tokyo = create_engine(make_url(postgresql_url).update_query_dict({"options": "-c timezone=Asia/Tokyo"}))
+    assert database_id(utc) != database_id(tokyo)
+    Base.metadata.create_all(utc)
+    try:
+        with sessionmaker(utc).begin() as s:
+            s.add(Stamp(id=1, at=datetime.datetime(2024, 1, 1, 20, 0, tzinfo=datetime.timezone.utc)))
+        stmt = select(Stamp).where(Stamp.id == 1).options(FromCache("default"))
+        makers = {"utc": sessionmaker(utc), "tokyo": sessionmaker(tokyo)}
+        for maker in makers.values():
+            memory_cache.attach(maker)
+
+        def hours() -> dict[str, int]:
+            found = {}
+            for name, maker in makers.items():
+                with maker() as s:
+                    found[name] = int(s.scalars(stmt).one().hour)
+            return found
+
+        assert hours() == hours() == {"utc": 20, "tokyo": 5}
+        with makers["utc"].begin() as s:
+            s.get_one(Stamp, 1).at = datetime.datetime(2024, 1, 1, 21, 0, tzinfo=datetime.timezone.utc)
+        assert hours() == {"utc": 21, "tokyo": 6}
+    finally:
+        Base.metadata.drop_all(utc)
+        utc.dispose()
+        tokyo.dispose()
