@@ -330,7 +330,16 @@ def held_snapshot_is_fresh(connection: Any) -> bool:
     if connection.closed or connection.invalidated:
         return False
     try:
-        return snapshot_is_fresh(_HeldConnection(connection))
+        if snapshot_is_fresh(_HeldConnection(connection)):
+            return True
+        if connection.dialect.name == "sqlite" and not _shared_cache(connection.engine):
+            # a transaction that has written holds the write lock: nothing
+            # commits meanwhile, and what it wrote itself skips the cache
+            # (read your writes)
+            from ._sqlite import writing
+
+            return writing(connection.connection.dbapi_connection)
+        return False
     except Exception:  # (a driver that cannot say: the database answers)
         return False
 

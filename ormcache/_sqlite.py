@@ -133,6 +133,26 @@ def busy(conn: Any, walk: bool = False) -> bool | None:
     return False
 
 
+#: ``sqlite3_txn_state``'s answer for a transaction that has written
+_TXN_WRITE = 2
+
+
+def writing(conn: Any) -> bool:
+    """Whether pysqlite connection ``conn``'s transaction has written: it
+    holds the database's write lock, so no other connection can commit
+    until it ends, and its snapshot was the latest when it took the lock
+    (SQLite refuses the lock to an older one).  False when this cannot be
+    told (no ``sqlite3_txn_state``).  Called in the thread that uses
+    ``conn``."""
+    if not isinstance(conn, sqlite3.Connection) or _library() is None or _txn_state is None:
+        return False
+    try:
+        db = _handle(conn, _library())
+    except Exception:
+        return False
+    return db is not None and _txn_state(db, None) == _TXN_WRITE
+
+
 def snapshot_free(conn: Any) -> bool:
     """Whether a read on pysqlite connection ``conn`` would now take a new
     snapshot, and so see every transaction committed before it: no

@@ -63,6 +63,7 @@ from .keys import (
     parameter_values,
     per_thread_database,
     query_key,
+    row_format,
     table_name,
     textual_read,
 )
@@ -223,7 +224,9 @@ class OrmCache:
                 # the readers that do depend on every writer's messages
                 store.announce_on(channel_name(settings.namespace, name))
         self._shapes = ShapeCache()
-        self._databases: dict[str, Any] = {}
+        #: the dialects this process cached from, by (database id, their
+        #: row format): a statement's entries to drop, one per format
+        self._databases: dict[tuple[str, str], Any] = {}
         self._groups: dict[Any, _ShardGroup | None] = {}
         self._attached: list[Any] = []
         #: the listener while something is attached, one bound method:
@@ -451,8 +454,10 @@ class OrmCache:
                 return None  # Session.refresh() and expired attributes
             option = self._cache_all
             cache_all = True
-        elif not orm_context.is_select and not textual_read(orm_context.statement):
-            return None
+        else:
+            textual = textual_read(orm_context.statement)
+            if not (orm_context.is_select if textual is None else textual):
+                return None
         exec_options = orm_context.execution_options
         if (CAPTURE in exec_options or REPLAY in exec_options) and _answering(exec_options):
             # the execution that answers a miss or a replay of this listener
@@ -509,14 +514,16 @@ class OrmCache:
         shard = bind_arguments.get("shard_id", exec_options.get("identity_token"))
 
         fill = self._may_fill(session, (db,), () if shape.opaque else tables)
-        if fill is None or (session.in_transaction() and not self._snapshot_fresh(session, (bind,))):
+        if fill is None or (
+            (session.in_transaction() or isinstance(bind, Connection)) and not self._snapshot_fresh(session, (bind,))
+        ):
             self._stats.count(option.region, shape.label, "bypassed")
             return None
         keyed = self._key(orm_context, option, cache_key, shape, db, shard, schema_map)
         if keyed is None:
             return None
         key, pk = keyed
-        self._databases.setdefault(db, dialect)
+        self._databases.setdefault((db, row_format(dialect)), dialect)
         if shard is not None and "shard_id" in bind_arguments:
             self._shard_dbs.setdefault((shard, db))
 
@@ -531,12 +538,15 @@ class OrmCache:
     @staticmethod
     def _snapshot_fresh(session: Session, binds: Iterable[Any]) -> bool:
         """Whether the connections the session's transaction holds for
-        ``binds`` see every commit made before now (or it holds none): an
+        ``binds`` (or the Connection it is bound to) see every commit made
+        before now (or it holds none): an
         entry may be newer than a REPEATABLE READ or SERIALIZABLE
         transaction's snapshot, and the uncached query would not show it
         (see :func:`_replay.held_snapshot_is_fresh`)."""
         for bind in binds:
             conn = _compat.session_connection(session, bind)
+            if conn is None and isinstance(bind, Connection):
+                conn = bind  # (a session bound to a Connection, before it begins)
             if conn is not None and not _replay.held_snapshot_is_fresh(conn):
                 return False
         return True
@@ -746,13 +756,15 @@ class OrmCache:
         group = self._groups.get(memo_key, _MISSING)
         if group is _MISSING:
             group = None
-            dialects = {(type(e.dialect), e.dialect.default_schema_name) for e in engines}
+            # (one dialect replays the merged rows: shards must agree on
+            # what their drivers return, not only on the dialect's class)
+            dialects = {(row_format(e.dialect), e.dialect.default_schema_name) for e in engines}
             if len(dialects) == 1 and not any(
                 e.get_execution_options().get("schema_translate_map") for e in engines
             ):
                 dbs = tuple(database_id(e) for e in engines)
                 for sid, engine, db in zip(shard_ids, engines, dbs):
-                    self._databases.setdefault(db, engine.dialect)
+                    self._databases.setdefault((db, row_format(engine.dialect)), engine.dialect)
                     self._shard_dbs.setdefault((sid, db))
                 merged_db = "shards:" + digest("\n".join(dbs))
                 group = _ShardGroup(dbs, merged_db, engines[0].dialect, digest(repr(shard_ids)))
@@ -1435,13 +1447,17 @@ class OrmCache:
             targets = [(database_id(target), shard, target.dialect)]
             dbs = {targets[0][0]}
         else:
-            targets = [(db, shard, dialect) for db, dialect in self._databases.items()]
+            targets = [(db, shard, dialect) for (db, _), dialect in list(self._databases.items())]
             if not targets:
                 raise ConfigurationError(
                     "invalidate(statement): this process has cached from no database yet, "
                     "so it cannot tell which one the statement's entry belongs to; pass "
                     "session= or bind="
                 )
+        if dbs is not None:
+            # the entries of those databases read through other drivers too
+            known = list(self._databases.items())
+            targets += [(db, part, d) for db, part, _ in list(targets) for (kdb, _), d in known if kdb == db]
         targets += self._shard_targets(dbs, shard)
         for db, part, dialect in dict.fromkeys(targets):
             shape = self._shapes.shape(cache_key, statement, dialect)

@@ -18,6 +18,7 @@ well inside memcached's 250-byte limit.  The private SQLAlchemy calls hide in
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import os
 import re
@@ -400,16 +401,44 @@ def row_format(dialect: Dialect) -> str:
     ``INET`` as a string, psycopg2 as an address; psycopg2 cannot read
     asyncpg's ranges) and :data:`_ROW_FORMAT_SETTINGS`.  Part of every
     result key, so engines that read one database through different
-    drivers or settings never replay each other's rows."""
+    drivers or settings never replay each other's rows.  Kept on the
+    dialect (its settings do not change once it is made)."""
+    found: str | None = getattr(dialect, "_ormcache_rows", None)
+    if found is not None:
+        return found
     cls = type(dialect)
     parts = [f"{cls.__module__}.{cls.__qualname__}"]
     for name in _ROW_FORMAT_SETTINGS:
         value = getattr(dialect, name, None)
         if value is not None and value is not False:
-            if callable(value):
-                value = f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__qualname__)}"
-            parts.append(f"{name}={value}")
-    return " ".join(parts)
+            parts.append(f"{name}={_stable_text(value)}")
+    found = " ".join(parts)
+    try:
+        dialect._ormcache_rows = found  # type: ignore[attr-defined]
+    except AttributeError:
+        pass
+    return found
+
+
+def _stable_text(value: Any) -> str:
+    """``value`` as text that is the same in every process and tells
+    apart values that act differently: a function by its module and
+    qualified name (a lambda or a nested one by where it is written too),
+    a ``functools.partial`` by its function and arguments."""
+    if isinstance(value, functools.partial):
+        arguments = [*map(_stable_text, value.args), *(f"{k}={_stable_text(v)}" for k, v in sorted(value.keywords.items()))]
+        return f"partial({_stable_text(value.func)}, {', '.join(arguments)})"
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return repr(value)
+    name = getattr(value, "__qualname__", None)
+    if name is None:  # (an instance: its repr, unless that is its address)
+        text = repr(value)
+        return text if " at 0x" not in text else f"{type(value).__module__}.{type(value).__qualname__}"
+    text = f"{getattr(value, '__module__', '?')}.{name}"
+    code = getattr(value, "__code__", None)
+    if code is not None and "<" in name:  # <lambda>, <locals>
+        text += f"@{code.co_filename}:{code.co_firstlineno}"
+    return text
 
 
 def _describe(statement: Any, dialect: Dialect, cache_key: Any = None) -> StatementShape:
@@ -519,23 +548,46 @@ def _text_from(element: Any) -> bool:
 
 
 #: words that make a textual statement more than a read wherever they
-#: appear (also as a column's name: such a statement is run, not cached)
+#: appear (also as a column's name: such a statement is run, not cached),
+#: and functions known to change something (sequences, locks, settings,
+#: notifications) in its SELECT list
 _NOT_ONLY_A_READ = re.compile(
     r"\b(?:insert|update|delete|merge|upsert|into|call|exec|execute|copy|create|drop|alter|"
-    r"truncate|grant|revoke|nextval|setval|lock)\b",
+    r"truncate|grant|revoke|nextval|setval|lastval|currval|lock|next\s+value\s+for|"
+    r"\w*(?:advisory|get_lock|release_lock|release_all_locks|notify|set_config|setseed|"
+    r"sleep|last_insert_id|txid_current)\w*)\b",
     re.IGNORECASE,
 )
 
 
-def textual_read(statement: Any) -> bool:
-    """Whether ``statement``, a ``text()`` or ``select(Model).from_statement(
-    text(...))`` (which SQLAlchemy cannot call a SELECT: the SQL is the
-    user's), is one SELECT (or ``WITH ... SELECT``, ``VALUES``) that does
+def _text_wrappers() -> frozenset[type]:
+    from sqlalchemy.orm.context import FromStatement
+    from sqlalchemy.sql.selectable import TextualSelect
+
+    return frozenset({FromStatement, TextualSelect})
+
+
+_TEXT_WRAPPERS = _text_wrappers()
+
+
+def textual_read(statement: Any) -> bool | None:
+    """For SQL written as text, run as a statement of its own (``text()``,
+    ``text().columns()``, ``select(Model).from_statement(text(...))``):
+    whether it is one SELECT (or ``WITH ... SELECT``, ``VALUES``) that does
     nothing else: no second statement, no ``INTO``, no locking clause, no
-    data-modifying CTE, no ``nextval()``, by :data:`_NOT_ONLY_A_READ`."""
-    element = getattr(statement, "element", statement)  # (FromStatement's)
-    if not isinstance(element, TextClause):
-        return False
+    data-modifying CTE, no sequence or other function known to change
+    something, by :data:`_NOT_ONLY_A_READ`.  SQLAlchemy calls the first and
+    the last no SELECT, the second a SELECT: it cannot know.  None for
+    other statements."""
+    element = statement
+    for _ in range(3):  # FromStatement -> TextualSelect -> TextClause
+        if isinstance(element, TextClause):
+            break
+        if element.__class__ not in _TEXT_WRAPPERS:
+            return None
+        element = element.element
+    else:
+        return None
     sql = element.text.strip().rstrip(";").strip()
     if ";" in sql:
         return False

@@ -785,7 +785,9 @@ def _backend_arguments(region: str, backend: str, arguments: Mapping[str, Any]) 
         if key in arguments:
             checked[key] = _flag(region, f"arguments.{key}", arguments[key])
     for key in _BACKEND_MAPPINGS:
-        if key in arguments and not isinstance(arguments[key], Mapping):
+        if key in arguments and arguments[key] is None:
+            del checked[key]  # (None: the backend's default, as dogpile takes it)
+        elif key in arguments and not isinstance(arguments[key], Mapping):
             raise ConfigurationError(
                 f"must be a mapping of names to values, not {arguments[key]!r}",
                 region=region,
@@ -800,23 +802,31 @@ def _whole_port(value: Any) -> int | None:
 
 
 def _sentinels(region: str, sentinels: Any) -> list[tuple[str, int]]:
-    """``sentinels`` as redis-py wants them, ``(host, port)`` pairs; an error
-    naming the bad one otherwise (a wrong one made every read an outage)."""
-    if isinstance(sentinels, (str, bytes)) or not isinstance(sentinels, (list, tuple)):
+    """``sentinels`` as redis-py wants them, ``(host, port)`` pairs, from
+    pairs or ``"host:port"`` strings (a string of several, separated by
+    commas, as an INI file or ``${NAME}`` gives them); an error naming the
+    bad one otherwise (a wrong one made every command fail)."""
+    if isinstance(sentinels, str):
+        sentinels = [part for part in re.split(r"[,\s]+", sentinels) if part]
+    elif not isinstance(sentinels, (list, tuple)):
         sentinels = [sentinels]  # (reported below as not a pair)
     pairs = []
     for item in sentinels:
+        pair = item
+        if isinstance(item, str):
+            host, sep, port_text = item.rpartition(":")
+            pair = (host.strip("[]"), port_text) if sep else item
         port = None
-        if isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str) and item[0]:
-            port = _whole_port(item[1])
+        if isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str) and pair[0]:
+            port = _whole_port(pair[1])
         if port is None:
             raise ConfigurationError(
-                f"must be a list of [host, port] pairs with ports from 1 to 65535, "
-                f"e.g. [[\"10.0.0.1\", 26379]]; {item!r} is not one",
+                f"must be a list of [host, port] pairs (or \"host:port\" strings) with ports "
+                f"from 1 to 65535, e.g. [[\"10.0.0.1\", 26379]]; {item!r} is not one",
                 region=region,
                 key="arguments.sentinels",
             )
-        pairs.append((item[0], port))
+        pairs.append((pair[0], port))
     return pairs
 
 
@@ -885,8 +895,10 @@ def _reply_poll(region: str, value: Any) -> float:
 
 
 def _flag(region: str, key: str, value: Any) -> bool:
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-        value = value.lower() in ("true", "1", "yes", "on")
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        value = value.strip().lower() in ("true", "1", "yes", "on")
+    elif type(value) is int and value in (0, 1):  # (dogpile's INI coercion makes "1" one)
+        value = bool(value)
     if not isinstance(value, bool):
         raise ConfigurationError(f"must be true or false, not {value!r}", region=region, key=key)
     return value

@@ -302,6 +302,18 @@ def test_engines_whose_drivers_return_other_values_keep_their_own_entries(tmp_pa
     hits = memory_cache.stats()["regions"]["default"]
     assert (hits["misses"], hits["hits"]) == (2, 2)  # one entry per engine
     assert keys.row_format(native.dialect) != keys.row_format(plain.dialect)
+    # invalidate(statement) drops the entries of every engine of the database
+    makers = [sessionmaker(native), sessionmaker(plain)]
+    for maker in makers:
+        memory_cache.attach(maker)
+    for target, day in (({}, "2025-01-01"), ({"bind": plain}, "2026-01-01")):
+        with sqlite3.connect(path) as raw:  # (a write behind ormcache's back)
+            raw.execute("UPDATE event SET \"on\" = ?", (day,))
+        raw.close()
+        memory_cache.invalidate(stmt, **target)
+        for maker in makers:
+            with maker() as s:
+                assert s.scalars(stmt).one().on == datetime.date.fromisoformat(day)
     plain.dispose()
     native.dispose()
 
@@ -404,3 +416,23 @@ def test_session_settings_in_the_url_keep_results_apart(postgresql_url: str, mem
         Base.metadata.drop_all(utc)
         utc.dispose()
         tokyo.dispose()
+
+
+def test_row_formats_tell_deserializers_apart() -> None:
+    import decimal
+    import functools
+    import json
+
+    def engine(**kw: Any) -> Any:
+        return create_engine("postgresql+psycopg2://nobody@127.0.0.1:1/nowhere", **kw).dialect
+
+    formats = {
+        keys.row_format(engine()),
+        keys.row_format(engine(json_deserializer=json.loads)),
+        keys.row_format(engine(json_deserializer=functools.partial(json.loads))),
+        keys.row_format(engine(json_deserializer=functools.partial(json.loads, parse_float=decimal.Decimal))),
+        keys.row_format(engine(json_deserializer=lambda text: json.loads(text))),
+        keys.row_format(engine(json_deserializer=lambda text: json.loads(text, parse_float=decimal.Decimal))),
+    }
+    assert len(formats) == 6
+    assert keys.row_format(engine(json_deserializer=json.loads)) == keys.row_format(engine(json_deserializer=json.loads))

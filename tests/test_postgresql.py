@@ -88,6 +88,26 @@ class TestPostgresqlRedis(BackendTests):
                 assert s.scalars(stmt).one().name == "committed meanwhile"
             assert counter.selects == 0
 
+    def test_a_session_joining_a_connections_older_snapshot(self) -> None:
+        """A Session bound to a Connection whose REPEATABLE READ transaction
+        has read ("join an external transaction", as test suites do): its
+        first query, before the session itself begins, is not served an
+        entry newer than that snapshot."""
+        from sqlalchemy.orm import Session
+
+        stmt = select(Template).where(Template.id == 1).options(FromCache())
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            conn.execute(text("SELECT 1 FROM templates"))  # the snapshot starts here
+            with self.Session() as w:
+                w.get(Template, 1).name = "committed meanwhile"
+                w.commit()
+            assert self.cached_names(stmt)[0] == ["committed meanwhile"]  # (filled)
+            with Session(bind=conn) as s:
+                self.cache.attach(s)
+                assert s.scalars(stmt).one().name == "t1"
+            conn.rollback()
+
     def test_repeatable_read_first_statement_fills(self) -> None:
         rr = self.engine.execution_options(isolation_level="REPEATABLE READ")
         stmt = select(Template).where(Template.id == 1).options(FromCache())

@@ -997,7 +997,7 @@ def test_common_mistakes_are_named() -> None:
 
 @pytest.mark.parametrize(
     "sentinels",
-    [[["127.0.0.1", "abc"]], [["127.0.0.1", 70000]], ["127.0.0.1:26379"], [["127.0.0.1"]], [["", 26379]], "127.0.0.1"],
+    [[["127.0.0.1", "abc"]], [["127.0.0.1", 70000]], ["127.0.0.1:x"], [["127.0.0.1"]], [["", 26379]], "127.0.0.1", 26379],
 )
 def test_sentinels_must_be_host_port_pairs(sentinels: Any) -> None:
     # (each made every command fail: the cache silently off for good)
@@ -1010,6 +1010,10 @@ def test_sentinel_ports_given_as_strings_are_numbers() -> None:
         regions(s={"backend": "redis_sentinel", "arguments": {"sentinels": [["10.0.0.1", "26379"], ("10.0.0.2", 26380)]}})
     )
     assert settings.regions["s"].arguments["sentinels"] == [("10.0.0.1", 26379), ("10.0.0.2", 26380)]
+    # "host:port" strings, also several in one (an INI file's, ${NAME})
+    for given in ("10.0.0.1:26379, [::1]:26380", ["10.0.0.1:26379", "[::1]:26380"]):
+        settings = load_settings(regions(s={"backend": "redis_sentinel", "arguments": {"sentinels": given}}))
+        assert settings.regions["s"].arguments["sentinels"] == [("10.0.0.1", 26379), ("::1", 26380)]
 
 
 @pytest.mark.parametrize(
@@ -1029,7 +1033,6 @@ def test_redis_cluster_has_database_zero_only(arguments: dict[str, Any], key: st
     ("backend", "arguments", "key"),
     [
         ("memcached", {"url": "127.0.0.1:11211", "behaviors": "tcp_nodelay"}, "arguments.behaviors"),
-        ("memcached", {"url": "127.0.0.1:11211", "behaviors": None}, "arguments.behaviors"),
         ("redis_cluster", {"url": "redis://127.0.0.1:7000", "connection_kwargs": "x"}, "arguments.connection_kwargs"),
         ("redis_sentinel", {"sentinels": [["127.0.0.1", 26379]], "sentinel_kwargs": ["x"]}, "arguments.sentinel_kwargs"),
     ],
@@ -1060,6 +1063,20 @@ def test_backend_flags_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     cache.close()
     with pytest.raises(ConfigurationError, match="region 'r', setting 'arguments.thread_local_lock': must be true or false, not 'maybe'"):
         load_settings(regions(r={"backend": "redis", "arguments": {"thread_local_lock": "maybe"}}))
+    # 1 and 0 (dogpile's INI coercion makes numbers of them), None for a mapping
+    flat = settings_from_config(
+        {"ormcache.r.backend": "redis", "ormcache.r.arguments.distributed_lock": "0"},
+        "ormcache.",
+    )
+    assert flat.regions["r"].arguments["distributed_lock"] is False
+    given = load_settings(
+        regions(
+            r={"backend": "redis", "arguments": {"distributed_lock": 1, "connection_kwargs": None}},
+            m={"backend": "memcached", "arguments": {"binary": 0, "behaviors": None}},
+        )
+    )
+    assert given.regions["r"].arguments == {"distributed_lock": True}
+    assert given.regions["m"].arguments == {"binary": False}
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, inspect, select
+from sqlalchemy import Integer, create_engine, inspect, select
 from sqlalchemy.ext.horizontal_shard import ShardedSession, set_shard_id
 from sqlalchemy.orm import sessionmaker
 
@@ -493,5 +493,57 @@ def test_an_unknown_shard_names_a_few_of_many(tmp_path: Any) -> None:
         assert "'s000', 's001'" in message and message.endswith("'s009' and 91 more")
     finally:
         cache.close()
+        for engine in engines.values():
+            engine.dispose()
+
+
+def test_shards_whose_drivers_return_other_values(tmp_path: Any, memory_cache: OrmCache) -> None:
+    """Shards whose engines read DATE columns differently (one with
+    ``native_datetime``): a statement run on both is cached per shard, each
+    replayed through its own engine's dialect (a merged entry, replayed
+    through the first shard's, failed on the other's rows)."""
+    import datetime
+
+    from sqlalchemy import Date
+    from sqlalchemy.orm import DeclarativeBase, mapped_column
+
+    class B(DeclarativeBase):
+        pass
+
+    class Day(B):
+        __tablename__ = "days"
+        id = mapped_column(Integer, primary_key=True)
+        on = mapped_column(Date)
+
+    engines = {
+        "plain": create_engine(f"sqlite:///{tmp_path}/plain.db"),
+        "native": create_engine(
+            f"sqlite:///{tmp_path}/native.db",
+            connect_args={"detect_types": sqlite3.PARSE_DECLTYPES},
+            native_datetime=True,
+        ),
+    }
+    for i, engine in enumerate(engines.values(), start=1):
+        B.metadata.create_all(engine)
+        with sessionmaker(engine).begin() as s:
+            s.add(Day(id=i, on=datetime.date(2024, 1, i)))
+    maker = sessionmaker(
+        class_=ShardedSession,
+        shards=engines,
+        shard_chooser=lambda *a, **k: "plain",
+        identity_chooser=lambda *a, **k: list(engines),
+        execute_chooser=lambda ctx: list(engines),
+    )
+    memory_cache.attach(maker)
+    stmt = select(Day).order_by(Day.id).options(FromCache())
+    try:
+        for _ in range(3):
+            with maker() as s:
+                assert sorted((d.id, d.on) for d in s.scalars(stmt)) == [
+                    (1, datetime.date(2024, 1, 1)),
+                    (2, datetime.date(2024, 1, 2)),
+                ]
+        assert memory_cache.stats()["regions"]["default"]["hits"] >= 2
+    finally:
         for engine in engines.values():
             engine.dispose()

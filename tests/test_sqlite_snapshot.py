@@ -199,6 +199,40 @@ def test_a_read_snapshot_is_not_served_newer_entries(tmp_path: Path, memory_cach
         writer.dispose()
 
 
+def test_a_transaction_that_has_written_is_served_hits_of_other_tables(tmp_path: Path, memory_cache: Any) -> None:
+    """A SQLite transaction that has written holds the write lock: nothing
+    commits meanwhile, so entries of the tables it did not write are
+    served (those it wrote skip the cache: read your writes)."""
+    from sqlalchemy import create_engine, select
+    from sqlalchemy.orm import sessionmaker
+
+    from ormcache import FromCache
+    from ormcache.testing import QueryCounter
+    from ormcache.testing.fixtures import Base, Tag, Template, seed
+
+    engine = create_engine(f"sqlite:///{tmp_path}/written.db")
+    Base.metadata.create_all(engine)
+    seed(engine)
+    maker = sessionmaker(engine)
+    memory_cache.attach(maker)
+    stmt = select(Template).where(Template.id == 1).options(FromCache())
+    tags = select(Tag).order_by(Tag.id).options(FromCache())
+    try:
+        with maker() as s:
+            s.scalars(stmt).one()
+            s.scalars(tags).all()
+        with maker() as s, QueryCounter(engine) as counter:
+            s.add(Tag(id=99, label="new"))
+            s.flush()  # the write lock, held
+            assert s.scalars(stmt).one().name == "t1"
+            assert counter.selects == 0  # served
+            assert [t.id for t in s.scalars(tags)][-1] == 99  # its own write: the database
+            assert counter.selects == 1
+            s.rollback()
+    finally:
+        engine.dispose()
+
+
 def test_shared_cache_connections_never_store(tmp_path: Path, memory_cache: Any) -> None:
     """Connections of one SQLite shared cache share its read snapshot, which
     SQLite reports only for the connection that took it: another one,

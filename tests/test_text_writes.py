@@ -179,6 +179,12 @@ NOT_ONLY_READS = [
     "CALL refresh()",
     "PRAGMA table_info(templates)",
     "",
+    "SELECT NEXT VALUE FOR s",
+    "SELECT pg_advisory_xact_lock(1)",
+    "SELECT GET_LOCK('a', 1)",
+    "SELECT pg_notify('c', 'x')",
+    "SELECT set_config('a.b', 'c', false)",
+    "SELECT pg_sleep(1)",
 ]
 
 
@@ -191,6 +197,8 @@ def test_a_textual_select_is_a_read(sql: str) -> None:
 
     assert textual_read(text(sql))
     assert textual_read(select(Template).from_statement(text(sql)))
+    assert textual_read(text(sql).columns(Template.id))
+    assert textual_read(select(Template).where(Template.id == 1)) is None  # (not textual)
 
 
 @pytest.mark.parametrize("sql", NOT_ONLY_READS)
@@ -200,8 +208,11 @@ def test_textual_sql_that_may_do_more_than_read_is_not_one(sql: str) -> None:
     from ormcache.keys import textual_read
     from ormcache.testing.fixtures import Template
 
-    assert not textual_read(text(sql))
-    assert not textual_read(select(Template).from_statement(text(sql)))
+    assert textual_read(text(sql)) is False
+    assert textual_read(select(Template).from_statement(text(sql))) is False
+    # (SQLAlchemy calls a text() given its columns a SELECT: the SQL is not looked at)
+    assert textual_read(text(sql).columns(Template.id)) is False
+    assert textual_read(select(Template).from_statement(text(sql).columns(Template.id))) is False
 
 
 def test_textual_selects_with_from_cache_are_cached_and_invalidated(tmp_path: object) -> None:
@@ -249,6 +260,21 @@ def test_textual_selects_with_from_cache_are_cached_and_invalidated(tmp_path: ob
     for expected in ("t3x", "t3xx"):
         with maker() as s:
             assert s.scalars(writes).one().name == expected
+            s.commit()
+    # the same given its columns, which SQLAlchemy takes for a SELECT
+    columns = text("UPDATE templates SET name = name || 'y' WHERE id = 4 RETURNING id, name").columns(
+        Template.id, Template.name
+    )
+    for expected in ("t4y", "t4yy"):
+        with maker() as s:
+            assert s.execute(columns.options(FromCache())).one().name == expected
+            s.commit()
+    for expected in ("t4yyz", "t4yyzz"):
+        with maker() as s:
+            stmt = select(Template).from_statement(
+                text("UPDATE templates SET name = name || 'z' WHERE id = 4 RETURNING id, name").columns(Template.id, Template.name)
+            )
+            assert s.scalars(stmt.options(FromCache())).one().name == expected
             s.commit()
     cache.close()
     engine.dispose()
