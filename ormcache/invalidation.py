@@ -1072,7 +1072,13 @@ _NOT_CODE_MYSQL = re.compile(_QUOTED + r"|--(?=\s)[^\n]*|/\*.*?\*/|#[^\n]*", re.
 #: (MySQL's UPDATE a, b / UPDATE a JOIN b write several tables)
 _UPDATE_ALIAS = re.compile(rf"^\s*(?:(?:as\s+)?{_IDENT}\s*)?(?:\bset\b|$)", re.IGNORECASE | re.DOTALL)
 _DML_WORD = re.compile(r"\b(?:insert|update|delete|merge|replace|truncate)\b", re.IGNORECASE)
-_EXPLAIN_WRITE = re.compile(r"\banaly[sz]e\b.*\b(?:insert|update|delete|merge)\b", re.IGNORECASE | re.DOTALL)
+_EXPLAIN_WRITE = re.compile(
+    r"\banaly[sz]e\b.*\b(?:insert|update|delete|merge|replace|execute)\b", re.IGNORECASE | re.DOTALL
+)
+#: a statement an ANALYZE runs that may write
+_RUNS_A_WRITE = re.compile(r"\b(?:insert|update|delete|merge|replace|execute|call)\b", re.IGNORECASE)
+#: statements that run others they hold (MariaDB)
+_RUNS_ANOTHER = re.compile(r"\s*(?:begin\s+not\s+atomic|set\s+statement)\b", re.IGNORECASE)
 
 
 _EXECUTABLE_COMMENT = re.compile(r"/\*M?!\d*(.*?)\*/", re.DOTALL)
@@ -1148,6 +1154,12 @@ def _statement_tables(sql: str, default_schema: str | None) -> set[str]:
     if word == "explain":
         # EXPLAIN ANALYZE runs the statement (PostgreSQL)
         return {UNKNOWN} if _EXPLAIN_WRITE.search(stripped) else set()
+    if word == "analyze" and _RUNS_A_WRITE.search(stripped):
+        return {UNKNOWN}  # MariaDB's ANALYZE [FORMAT=JSON] UPDATE ... runs it
+    if _RUNS_ANOTHER.match(stripped):
+        # MariaDB's BEGIN NOT ATOMIC ... END (a compound statement, split
+        # at its semicolons here) and SET STATEMENT ... FOR <statement>
+        return {UNKNOWN}
     if word in _TEXT_READ:
         return set()
     if word == "with":
@@ -1279,6 +1291,7 @@ def _written_by(context: Any, statement: str, conn: Connection) -> set[str] | No
     }
     if ctes:
         written |= named
+    found = _mapped_tables(found)
     if context.isdelete or ctes:
         cascaded = _cascades(found, True, None)
         if ctes:  # of either kind
@@ -1365,6 +1378,23 @@ def _replaces_on_conflict(table: Any) -> bool:
     except Exception:
         pass
     return found
+
+
+def _mapped_tables(found: list[Any]) -> list[Any]:
+    """``found`` with the mapped tables of the name of each table that has
+    no ``MetaData`` (a lightweight ``table()``, as alembic data migrations
+    write them): their foreign keys tell what the write cascades to."""
+    bare = {
+        bare_table(t.name.lower())
+        for t in found
+        if getattr(t, "metadata", None) is None and getattr(t, "name", None)
+    }
+    if not bare:
+        return found
+    from ._compat import mapped_metadata
+
+    mapped = [t for metadata in mapped_metadata() for t in metadata.tables.values() if bare_table(t.name.lower()) in bare]
+    return [*found, *(t for t in mapped if t not in found)]
 
 
 def _text_cascades(names: set[str]) -> set[Any]:

@@ -21,6 +21,16 @@ CASES = [
     ("/* UPDATE a */ SELECT 1", set()),
     ("EXPLAIN SELECT * FROM a", set()),
     ("EXPLAIN UPDATE a SET x = 1", set()),  # planned, not run
+    # statements that run the statements they hold (found by review)
+    ("EXPLAIN ANALYZE EXECUTE p", {UNKNOWN}),  # PostgreSQL: a prepared UPDATE, run
+    ("ANALYZE UPDATE a SET x = 1", {UNKNOWN}),  # MariaDB: runs it
+    ("ANALYZE FORMAT=JSON DELETE FROM a", {UNKNOWN}),
+    ("ANALYZE a", set()),  # statistics
+    ("ANALYZE TABLE a", set()),
+    ("BEGIN NOT ATOMIC UPDATE a SET x = 1; END", {UNKNOWN}),  # MariaDB compound statement
+    ("SET STATEMENT max_statement_time=60 FOR UPDATE a SET x = 1", {UNKNOWN}),
+    ("BEGIN", set()),
+    ("SET x = 1", set()),
     # two-phase commit's own statements (MySQL XA, PostgreSQL), and
     # preparing a statement (it runs when EXECUTEd)
     ("XA START 'x'", set()),
@@ -156,6 +166,58 @@ def test_a_textual_write_of_a_qualified_parent_follows_its_cascades() -> None:
         parent_id = Column(ForeignKey("tw_cparent.id", ondelete="CASCADE"))
 
     assert {t.name for t in _text_cascades({"other.tw_cparent"})} == {"tw_cchild"}
+
+
+def test_core_writes_of_a_lightweight_table_follow_the_mapped_cascades(tmp_path: object) -> None:
+    """``delete(table("parent", column("id")))`` (alembic data migrations
+    write tables so) has no MetaData to read foreign keys from: the mapped
+    table of its name tells the cascades, as for textual writes (the
+    children's entries were served stale)."""
+    import uuid
+
+    from sqlalchemy import Column, ForeignKey, Integer, column, create_engine, delete, event, select, table, update
+    from sqlalchemy.orm import DeclarativeBase, sessionmaker
+
+    from ormcache import FromCache, OrmCache
+
+    class LBase(DeclarativeBase):
+        pass
+
+    class LParent(LBase):
+        __tablename__ = "tw_lparent"
+        id = Column(Integer, primary_key=True)
+
+    class LChild(LBase):
+        __tablename__ = "tw_lchild"
+        id = Column(Integer, primary_key=True)
+        parent_id = Column(ForeignKey("tw_lparent.id", ondelete="CASCADE", onupdate="CASCADE"))
+
+    engine = create_engine(f"sqlite:///{tmp_path}/light.db")
+    event.listen(engine, "connect", lambda conn, _: conn.execute("PRAGMA foreign_keys=ON"))
+    LBase.metadata.create_all(engine)
+    with sessionmaker(engine).begin() as s:
+        s.add_all([LParent(id=1), LParent(id=2)])
+        s.flush()
+        s.add_all([LChild(id=10, parent_id=1), LChild(id=20, parent_id=2)])
+    cache = OrmCache.from_settings({"namespace": "l" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}})
+    maker = sessionmaker(engine)
+    cache.attach(maker)
+    children = select(LChild.id, LChild.parent_id).order_by(LChild.id).options(FromCache())
+
+    def read() -> list[tuple[int, int]]:
+        with maker() as s:
+            return [tuple(r) for r in s.execute(children)]
+
+    light = table("tw_lparent", column("id"))
+    assert read() == read() == [(10, 1), (20, 2)]
+    with engine.begin() as conn:
+        conn.execute(update(light).where(light.c.id == 2).values(id=5))
+    assert read() == [(10, 1), (20, 5)]
+    with engine.begin() as conn:
+        conn.execute(delete(light).where(light.c.id == 1))
+    assert read() == [(20, 5)]
+    cache.close()
+    engine.dispose()
 
 
 # -- textual SELECTs under FromCache --------------------------------------
