@@ -60,6 +60,9 @@ class Subscriber:
         #: not put its (maybe older) tokens into ``tokens``
         self.generation = 0
         self.healthy = False
+        #: when the thread last ran (``time.monotonic()``): at least every
+        #: BEAT_EVERY seconds while it is well; see :meth:`current`
+        self.beat = 0.0
         self._warned = 0.0
         #: guards ``tokens`` with ``generation``: a read's tokens must not
         #: overwrite a message's that came between its check and its write
@@ -82,6 +85,16 @@ class Subscriber:
         self._forget()
         if not self._stop.is_set():
             self._start()
+
+    def current(self) -> bool:
+        """Whether ``tokens`` can be trusted now: subscribed, and the thread
+        ran within :data:`STALE_AFTER` seconds.  A thread that could not run
+        (its process busy in a loop that takes the GIL back at once each
+        time it lets it go, as a pool's psycopg2 ``rollback`` at every
+        check-in does: the waiting thread never gets it) may have messages
+        waiting unread for seconds; its process's hits are then validated
+        against Redis until it runs again."""
+        return self.healthy and time.monotonic() - self.beat < STALE_AFTER
 
     def remember(self, generation: int, keys: list[str], tokens: list[Any]) -> None:
         """Keep tokens read from Redis, unless a message came meanwhile."""
@@ -147,8 +160,13 @@ class Subscriber:
                 heard = time.monotonic()  # from the server, last
                 pinged = heard
                 while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=PING_EVERY)
-                    now = time.monotonic()
+                    last = self.beat
+                    message = pubsub.get_message(timeout=BEAT_EVERY)
+                    now = self.beat = time.monotonic()
+                    if now - last > LIVENESS / 2 and last:
+                        # this thread could not run for a while (its process
+                        # kept the GIL): the server's silence is not known
+                        heard = max(heard, now - PING_EVERY)
                     if message is None:
                         # a connection that died silently (a partition, a
                         # half-open socket after a failover) raises nothing:
@@ -196,6 +214,11 @@ class Subscriber:
 #: nothing came from the server for LIVENESS seconds
 PING_EVERY = 0.25
 LIVENESS = 1.0
+#: the subscription's thread wakes at least this often, and its tokens are
+#: not trusted when it has not run for STALE_AFTER seconds (see
+#: Subscriber.current)
+BEAT_EVERY = 0.02
+STALE_AFTER = 0.08
 
 _subscribers: weakref.WeakSet[Subscriber] = weakref.WeakSet()
 

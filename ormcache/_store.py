@@ -429,7 +429,7 @@ class Store:
         l1 = self.l1
         subscriber = self.subscriber
         if l1 is not None and subscriber is not None:
-            if subscriber.healthy:
+            if subscriber.current():
                 entry = l1.get(keys[0], NO_VALUE)
                 if entry is not NO_VALUE:
                     local = subscriber.tokens

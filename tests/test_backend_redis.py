@@ -170,6 +170,72 @@ def test_relaxed_l1_sees_writes_from_other_processes(
         engine.dispose()
 
 
+def test_relaxed_l1_of_a_process_whose_subscription_thread_cannot_run(
+    redis_url: str, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """A message that came while the subscription's thread could not run
+    (its process kept the GIL: a PostgreSQL reader served hits 1-3 s stale
+    so) is not waited for: once the thread has not run for STALE_AFTER
+    seconds, hits are validated against Redis and see the write.  The
+    thread is held here in its handling of the message."""
+    import threading
+    import time
+    import uuid
+
+    from sqlalchemy import create_engine, select
+    from sqlalchemy.orm import sessionmaker
+
+    import ormcache.invalidation as inv
+    from ormcache import FromCache, OrmCache, _pubsub
+    from ormcache.testing.fixtures import Base, Template, seed
+
+    engine = create_engine(f"sqlite:///{tmp_path}/held.db")
+    Base.metadata.create_all(engine)
+    seed(engine)
+    region = {"backend": "redis", "l1": {"max_entries": 100, "mode": "relaxed"}, "arguments": {"url": redis_url}}
+    settings = {"namespace": "rh" + uuid.uuid4().hex[:8], "regions": {"r": region}}
+    reader_cache = OrmCache.from_settings(settings)
+    writer_cache = OrmCache.from_settings({**settings, "regions": {"r": {"backend": "redis", "arguments": {"url": redis_url}}}})
+    readers, writers = sessionmaker(engine), sessionmaker(engine)
+    reader_cache.attach(readers)
+    writer_cache.attach(writers)
+    inv.unregister(reader_cache)  # the reader hears of writes only over pub/sub
+    subscriber = reader_cache._stores["r"].subscriber
+    deadline = time.monotonic() + 5
+    while not subscriber.healthy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release = threading.Event()
+    apply = _pubsub.Subscriber.apply
+
+    def held(self: Any, mapping: dict[str, str]) -> None:
+        release.wait(10)  # (the thread cannot run on)
+        apply(self, mapping)
+
+    stmt = select(Template).where(Template.id == 1).options(FromCache("r"))
+    try:
+        for _ in range(2):
+            with readers() as s:
+                assert s.scalars(stmt).one().name == "t1"
+        monkeypatch.setattr(_pubsub.Subscriber, "apply", held)
+        with writers() as s:
+            s.get_one(Template, 1).name = "written elsewhere"
+            s.commit()
+        started = time.monotonic()
+        while True:
+            with readers() as s:
+                if s.scalars(stmt).one().name == "written elsewhere":
+                    break
+            assert time.monotonic() - started < 2.0, "served stale while the thread could not run"
+            time.sleep(0.001)
+        assert time.monotonic() - started < _pubsub.STALE_AFTER + 0.5
+        assert not release.is_set()  # (seen before the message was taken in)
+    finally:
+        release.set()
+        reader_cache.close()
+        writer_cache.close()
+        engine.dispose()
+
+
 class TestRedisRelaxedL1(TestRedis):
     """The whole suite with a relaxed L1 (tokens over pub/sub): one process
     sees its own writes at once."""
