@@ -27,6 +27,7 @@ from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import Column
+from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.engine.cursor import MD_INDEX, MD_PROCESSOR
 from sqlalchemy.engine.result import IteratorResult
 from sqlalchemy.orm import Mapper, ORMExecuteState, RelationshipProperty
@@ -37,7 +38,7 @@ from . import _compat
 from ._compat import entity_result_metadata
 from .options import FromCache
 
-__all__ = ["Plan", "eligible_mapper", "make_plan"]
+__all__ = ["ColumnsPlan", "Plan", "eligible_columns", "eligible_mapper", "make_columns_plan", "make_plan"]
 
 #: relationship loaders that leave a new object's attribute unloaded (as
 #: the plan does); "noload" sets it to None, loaded, which the plan does not
@@ -221,6 +222,95 @@ def _tuple_getter(indexes: list[int]) -> Any:
         index = indexes[0]
         return lambda row: (row[index],)
     return itemgetter(*indexes)
+
+
+def eligible_columns(statement: Any) -> bool:
+    """Whether ``statement`` selects columns only (``select(Model.a,
+    func.count(...))``), no entity, with ormcache's options only: its rows
+    need no ORM loading, only each column's result processor
+    (:class:`ColumnsPlan`; a Core statement's is only made if its result
+    is the ORM's, see :func:`make_columns_plan`)."""
+    try:
+        options = statement._with_options
+        descriptions = statement.column_descriptions
+        statement.selected_columns  # noqa: B018
+    except AttributeError:
+        return False
+    if not _plain_options(options) or not descriptions:
+        return False
+    for description in descriptions:
+        expr = description.get("expr")
+        if expr is None or expr is description.get("entity") or isinstance(expr, type):
+            return False
+        element = expr.__clause_element__() if hasattr(expr, "__clause_element__") else expr
+        if not isinstance(element, ColumnElement):
+            return False  # (an aliased entity, a Bundle, ...)
+    return True
+
+
+class ColumnsPlan:
+    """How to build the result of a statement of columns from its raw
+    rows, as :meth:`Result.freeze` would keep it, without checking a
+    connection out of the pool (a replay does: with ``pool_pre_ping`` a
+    round trip to the database per hit)."""
+
+    __slots__ = ("metadata", "attributes", "scalars", "extract")
+
+    def __init__(self, frozen: Any, extract: list[tuple[int, Any]]) -> None:
+        self.metadata = frozen.metadata
+        self.attributes = frozen._attributes
+        self.scalars = frozen._source_supports_scalars
+        self.extract = extract
+
+    def data(self, rows: Any) -> list[Any]:
+        extract = self.extract
+        if self.scalars:
+            ((i, proc),) = extract
+            return [proc(raw[i]) if proc else raw[i] for raw in rows]
+        return [tuple([proc(raw[i]) if proc else raw[i] for i, proc in extract]) for raw in rows]
+
+    def build(
+        self, orm_context: ORMExecuteState, rows: Any, token: Any = None, shard: Any = None
+    ) -> IteratorResult[Any] | None:
+        """The result, or None when the execution asks for more than the
+        plan knows (options a listener set, ``yield_per``)."""
+        load_options = _compat.load_options(orm_context)
+        if (
+            load_options._only_return_tuples
+            or load_options._yield_per
+            or not _compat.LOAD_OPTION_KEYS.isdisjoint(_compat.options_from_listeners(orm_context))
+            or not _plain_options(getattr(orm_context.statement, "_with_options", ()))
+        ):
+            return None
+        result: IteratorResult[Any] = IteratorResult(self.metadata, iter(self.data(rows)))
+        result._attributes = self.attributes
+        result._source_supports_scalars = self.scalars
+        return result
+
+
+def make_columns_plan(statement: Any, result: Any, rows: Any) -> tuple[ColumnsPlan | None, Any]:
+    """A plan from the result of a (replayed) execution of ``rows``, or
+    None when it cannot be made or would not give the same rows; and a
+    result to return in place of ``result``, which this reads."""
+    # (not a Core statement's: its result is SQLAlchemy's CursorResult,
+    # with rowcount, context and cursor, which a plan's result has not)
+    raw = getattr(result, "raw", None)
+    keymap = getattr(getattr(raw, "_metadata", None), "_keymap", None)
+    if keymap is None:
+        return None, result
+    extract = []
+    for column in statement.selected_columns:
+        rec = keymap.get(column)
+        if rec is None or rec[MD_INDEX] is None:
+            return None, result
+        extract.append((rec[MD_INDEX], rec[MD_PROCESSOR]))
+    frozen = result.freeze()
+    plan: ColumnsPlan | None = ColumnsPlan(frozen, extract)
+    try:
+        same = plan.data(rows) == [row if plan.scalars else tuple(row) for row in frozen.data]  # type: ignore[union-attr]
+    except Exception:
+        same = False
+    return (plan if same else None), frozen()
 
 
 def make_plan(mapper: Mapper[Any], result: Any) -> Plan | None:

@@ -51,7 +51,7 @@ from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.elements import TextClause
 
 from . import _compat, _replay, invalidation
-from ._loading import make_plan
+from ._loading import make_columns_plan, make_plan
 from ._replay import CAPTURE, REPLAY, Capture, Replay
 from ._store import Store, out_of_memory
 from .exc import BackendError, CacheKeyError, ConfigurationError, UnknownRegionError
@@ -864,7 +864,8 @@ class OrmCache:
             )
             for sid, piece in pieces
         ]
-        if plan is None:
+        if plan is None and shape.mapper is not None:
+            # (a plan of columns is made by a hit on one database)
             shape.set_plan(dialect, make_plan(shape.mapper, results[0]))
         return results[0].merge(*results[1:]) if len(results) > 1 else results[0]
 
@@ -1016,7 +1017,11 @@ class OrmCache:
             execution_options={REPLAY: Replay(entry[_DESCRIPTION], rows)}
         )
         if plan is None:
-            shape.set_plan(dialect, make_plan(shape.mapper, result))
+            if shape.mapper is not None:
+                shape.set_plan(dialect, make_plan(shape.mapper, result))
+            else:
+                made, result = make_columns_plan(orm_context.statement, result, rows)
+                shape.set_plan(dialect, made)
         return result
 
     def _miss(

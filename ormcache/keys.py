@@ -274,6 +274,9 @@ class StatementShape:
     tables: tuple[tuple[str, str | None], ...]
     #: the mapper the fast hit path can build (see ``_loading``), or None
     mapper: Any = None
+    #: selects columns only: the fast hit path builds its rows
+    #: (``_loading.ColumnsPlan``)
+    columns: bool = False
     #: fast-path plans by ``id(dialect)``: (a weak reference to the
     #: dialect, a ``_loading.Plan`` or False when the statement turned out
     #: not to fit); see :meth:`plan`
@@ -316,7 +319,7 @@ class StatementShape:
         when the statement does not fit, None when not made yet.  Kept by
         the dialect's id, checked to be that dialect still: a new engine's
         dialect may take a freed one's address."""
-        if self.mapper is None:
+        if self.mapper is None and not self.columns:
             return False
         found = self.plans.get(id(dialect))
         if found is None or found[0]() is not dialect:
@@ -461,7 +464,7 @@ def _describe(statement: Any, dialect: Dialect, cache_key: Any = None) -> Statem
         },
         key=lambda t: (t[0], t[1] or ""),
     )
-    from ._loading import eligible_mapper
+    from ._loading import eligible_columns, eligible_mapper
 
     volatile, opaque, locking, textual = _traits(core)
     shape = StatementShape(
@@ -470,6 +473,7 @@ def _describe(statement: Any, dialect: Dialect, cache_key: Any = None) -> Statem
         sql=str(compiled) + _bind_types(cache_key) + "\n-- rows: " + row_format(dialect),
         tables=tuple(tables),
         mapper=eligible_mapper(statement),
+        columns=eligible_columns(statement),
         volatile=volatile,
         opaque=opaque,
         locking=locking,

@@ -403,3 +403,84 @@ def test_a_statements_own_load_options_keep_the_fast_path(env: Any, monkeypatch:
         with Session() as s:
             s.scalars(stmt).one()
     assert built and all(built[-3:])
+
+
+# -- statements of columns ------------------------------------------------
+
+
+class Reading(Base):
+    __tablename__ = "fp_reading"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("fp_owner.id"))
+    taken: Mapped[Any] = mapped_column(__import__("sqlalchemy").DateTime)
+    amount: Mapped[Any] = mapped_column(__import__("sqlalchemy").Numeric(10, 2))
+    data: Mapped[Any] = mapped_column(__import__("sqlalchemy").JSON, nullable=True)
+    note: Mapped[str | None] = mapped_column(NoneAsEmpty(50), nullable=True)
+
+
+def _columns_statements() -> dict[str, Any]:
+    from sqlalchemy import func
+
+    return {
+        "columns": select(Reading.id, Reading.taken, Reading.amount, Reading.data, Reading.note).order_by(Reading.id),
+        "one column": select(Reading.taken).order_by(Reading.id),
+        "aggregate": select(func.count(Reading.id), func.sum(Reading.amount)),
+        "grouped": select(Reading.owner_id, func.max(Reading.taken).label("last")).group_by(Reading.owner_id),
+        "core": select(Reading.__table__.c.amount, Reading.__table__.c.note).order_by(Reading.__table__.c.id),
+    }
+
+
+@pytest.mark.parametrize("name", list(_columns_statements()))
+def test_statements_of_columns_hit_without_a_connection(tmp_path: Any, name: str) -> None:
+    """A statement of columns (an aggregate for a dashboard, say) is
+    served from its rows and each column's result processor, as SQLAlchemy
+    would give them: it was replayed through a connection checked out of
+    the pool, which with ``pool_pre_ping`` cost a round trip to the
+    database on every hit."""
+    import datetime
+    import decimal
+
+    engine = create_engine(f"sqlite:///{tmp_path}/columns.db", pool_pre_ping=True)
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all([Owner(id=1), Owner(id=2)])
+        s.add_all(
+            [
+                Reading(id=1, owner_id=1, taken=datetime.datetime(2024, 1, 2, 3, 4), amount=decimal.Decimal("1.50"), data={"a": [1]}),
+                Reading(id=2, owner_id=2, taken=datetime.datetime(2024, 2, 3, 4, 5), amount=decimal.Decimal("2.25"), note="n"),
+            ]
+        )
+        s.commit()
+    cache = OrmCache.from_settings({"namespace": "fc" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}})
+    maker = sessionmaker(engine)
+    cache.attach(maker)
+    stmt = _columns_statements()[name]
+    checkouts: list[int] = []
+    event.listen(engine, "checkout", lambda *a: checkouts.append(1))
+    try:
+        with maker() as s:
+            expected = s.execute(stmt).all()  # uncached
+            keys = list(s.execute(stmt).keys())
+        for i in range(HITS + 1):
+            del checkouts[:]
+            with maker() as s:
+                result = s.execute(stmt.options(FromCache()))
+                assert list(result.keys()) == keys
+                rows = result.all()
+            assert rows == expected
+            assert [[type(v) for v in row] for row in rows] == [[type(v) for v in row] for row in expected]
+            if i >= 2:
+                # no connection on a hit; a Core statement (of no mapped
+                # class) keeps its CursorResult (rowcount, context): replayed
+                assert checkouts == ([1] if name == "core" else [])
+        with maker() as s:
+            assert s.scalars(stmt.options(FromCache())).all() == [row[0] for row in expected]
+            assert s.execute(stmt.options(FromCache())).mappings().all() == [row._mapping for row in expected]
+        with maker() as s:  # a write: the next read is the database's
+            s.get_one(Reading, 1).amount = decimal.Decimal("9.00")
+            s.commit()
+        with maker() as s:
+            assert s.execute(stmt.options(FromCache())).all() == s.execute(stmt).all()
+    finally:
+        cache.close()
+        engine.dispose()
