@@ -109,6 +109,11 @@ class ReplayCursor:
     def close(self) -> None:
         self._rows = ()
 
+    async def _async_soft_close(self) -> None:
+        """What SQLAlchemy's asyncio layer (2.0.44+) asks of a cursor whose
+        CursorResult it hands on: its rows are in memory, nothing to free."""
+        return None
+
     def __iter__(self) -> Any:
         return iter(self.fetchall())
 

@@ -286,3 +286,41 @@ def test_a_plain_session_in_the_event_loop_never_waits_for_a_task(
         faulthandler.cancel_dump_traceback_later()
         cache.close()
         sync_engine.dispose()
+
+
+def test_async_statements_whose_result_is_a_cursor_result(tmp_path: Any) -> None:
+    """Core statements, unions and text through an AsyncSession: their
+    result is SQLAlchemy's CursorResult, whose cursor the asyncio layer
+    asks to close softly; ormcache's cursors of cached or fetched rows did
+    not say how, and the miss and every hit failed."""
+    from sqlalchemy import text, union_all
+
+    url = f"sqlite+aiosqlite:///{tmp_path}/core.db"
+    sync = create_engine(f"sqlite:///{tmp_path}/core.db")
+    Base.metadata.create_all(sync)
+    seed(sync)
+    sync.dispose()
+    cache = OrmCache.from_settings({"namespace": "ac" + uuid.uuid4().hex[:8], "regions": {"default": {"backend": "memory"}}})
+    table = Template.__table__
+    statements = [
+        select(table.c.id).where(table.c.id <= 2).order_by(table.c.id),
+        union_all(select(Template.id).where(Template.id == 1), select(Template.id).where(Template.id == 2)),
+        text("SELECT id FROM templates WHERE id <= 2 ORDER BY id"),
+    ]
+
+    async def scenario() -> None:
+        engine = create_async_engine(url)
+        maker = async_sessionmaker(engine)
+        cache.attach(maker)
+        try:
+            for stmt in statements:
+                for _ in range(3):
+                    async with maker() as s:
+                        rows = (await s.execute(stmt.options(FromCache()))).all()
+                    assert sorted(rows) == [(1,), (2,)]
+        finally:
+            await engine.dispose()
+
+    asyncio.run(scenario())
+    assert cache.stats()["regions"]["default"]["hits"] == 6
+    cache.close()
