@@ -537,7 +537,7 @@ def _aliased_table(alias: Any) -> tuple[Any, Any]:
     """(name, schema) of the table an alias (of an alias...) reads."""
     element = alias
     while isinstance(element, Alias):
-        element = element.element
+        element = getattr(element, "element")  # noqa: B009
     return getattr(element, "name", None), getattr(element, "schema", None)
 
 
@@ -583,13 +583,13 @@ def textual_read(statement: Any) -> bool | None:
     something, by :data:`_NOT_ONLY_A_READ`.  SQLAlchemy calls the first and
     the last no SELECT, the second a SELECT: it cannot know.  None for
     other statements."""
-    element = statement
+    element: Any = statement
     for _ in range(3):  # FromStatement -> TextualSelect -> TextClause
         if isinstance(element, TextClause):
             break
         if element.__class__ not in _TEXT_WRAPPERS:
             return None
-        element = element.element
+        element = getattr(element, "element")  # noqa: B009
     else:
         return None
     sql = element.text.strip().rstrip(";").strip()
