@@ -55,6 +55,28 @@ def _plain_options(options: Any) -> bool:
     return True
 
 
+def _plain_execution(orm_context: ORMExecuteState, load_options: Any) -> bool:
+    """Whether the execution asks for nothing a plan leaves out: no
+    ``tuples()`` or ``yield_per``, no load options an earlier listener set
+    (SQLAlchemy's own run applies them), and ormcache's options only
+    (user-defined options are not part of SQLAlchemy's cache key, so not of
+    the statement's shape: one that propagates to the objects' loads, a
+    tenant filter for their lazy loads, needs SQLAlchemy's loader)."""
+    return not (
+        load_options._only_return_tuples
+        or load_options._yield_per
+        or not _compat.LOAD_OPTION_KEYS.isdisjoint(_compat.options_from_listeners(orm_context))
+        or not _plain_options(getattr(orm_context.statement, "_with_options", ()))
+    )
+
+
+def _raw_keymap(result: Any) -> Any:
+    """The keymap of the DBAPI result under an ORM ``result`` (column ->
+    record of its index and result processor), or None (a Core
+    statement's result is itself the CursorResult: no plan is made of it)."""
+    return getattr(getattr(getattr(result, "raw", None), "_metadata", None), "_keymap", None)
+
+
 def eligible_mapper(statement: Any) -> Mapper[Any] | None:
     """The mapper of a statement the fast path can serve, else None.
     Depends on the statement's structure only."""
@@ -144,11 +166,8 @@ class Plan:
             orm_context.is_relationship_load
             or load_options._populate_existing
             or load_options._refresh_state is not None
-            or load_options._only_return_tuples
-            or load_options._yield_per
-            or not _compat.LOAD_OPTION_KEYS.isdisjoint(_compat.options_from_listeners(orm_context))
+            or not _plain_execution(orm_context, load_options)
         ):
-            # (options a listener set: SQLAlchemy's own run applies them)
             return None
         session = orm_context.session
         if session.dispatch.loaded_as_persistent:
@@ -156,12 +175,6 @@ class Plan:
         dispatch = self.mapper.class_manager.dispatch
         if dispatch.load or dispatch.refresh:
             return None  # a listener registered since the plan was made
-        if not _plain_options(getattr(orm_context.statement, "_with_options", ())):
-            # user-defined options are not part of SQLAlchemy's cache key,
-            # so not of the statement's shape: one that propagates to the
-            # objects' loads (a tenant filter for their lazy loads) needs
-            # SQLAlchemy's loader to carry it
-            return None
         if token is None:
             token = load_options._identity_token
             if token is None:
@@ -274,13 +287,7 @@ class ColumnsPlan:
     ) -> IteratorResult[Any] | None:
         """The result, or None when the execution asks for more than the
         plan knows (options a listener set, ``yield_per``)."""
-        load_options = _compat.load_options(orm_context)
-        if (
-            load_options._only_return_tuples
-            or load_options._yield_per
-            or not _compat.LOAD_OPTION_KEYS.isdisjoint(_compat.options_from_listeners(orm_context))
-            or not _plain_options(getattr(orm_context.statement, "_with_options", ()))
-        ):
+        if not _plain_execution(orm_context, _compat.load_options(orm_context)):
             return None
         result: IteratorResult[Any] = IteratorResult(self.metadata, iter(self.data(rows)))
         result._attributes = self.attributes
@@ -294,8 +301,7 @@ def make_columns_plan(statement: Any, result: Any, rows: Any) -> tuple[ColumnsPl
     result to return in place of ``result``, which this reads."""
     # (not a Core statement's: its result is SQLAlchemy's CursorResult,
     # with rowcount, context and cursor, which a plan's result has not)
-    raw = getattr(result, "raw", None)
-    keymap = getattr(getattr(raw, "_metadata", None), "_keymap", None)
+    keymap = _raw_keymap(result)
     if keymap is None:
         return None, result
     extract = []
@@ -315,8 +321,7 @@ def make_columns_plan(statement: Any, result: Any, rows: Any) -> tuple[ColumnsPl
 
 def make_plan(mapper: Mapper[Any], result: Any) -> Plan | None:
     """A plan from the ORM result of a (replayed) execution, or None."""
-    raw = getattr(result, "raw", None)
-    keymap = getattr(getattr(raw, "_metadata", None), "_keymap", None)
+    keymap = _raw_keymap(result)
     if keymap is None:
         return None
     try:
